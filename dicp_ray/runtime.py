@@ -1,0 +1,89 @@
+"""Starting or joining Ray, and the provenance every artifact records (versions, git revision, seeds).
+
+``init_ray(resources)`` is the one place dicp_ray starts Ray: with ``resources.address`` (or ``RAY_ADDRESS``)
+it joins that cluster; otherwise it starts an embedded local instance sized by ``resources.num_cpus``.
+An unreachable address fails fast with a clear message instead of hanging.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from dicp_ray.config import ResourcesConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterUnreachableError(RuntimeError):
+    """The Ray address given with --address / RAY_ADDRESS does not answer."""
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when a host:port address does not accept TCP connections (ray.init would retry for long)."""
+    if address in ("auto", "local") or address.startswith(("ray://", "http://", "https://")):
+        hostport = address.split("://", 1)[-1]
+        if address in ("auto", "local"):
+            return
+    else:
+        hostport = address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachableError(f"--address {address!r} is not host:port (e.g. 127.0.0.1:6379 or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ClusterUnreachableError(
+            f"cannot reach the Ray cluster at {address!r} ({err}); start one with `ray start --head` "
+            "or drop --address to run locally") from None
+
+
+def init_ray(resources: ResourcesConfig, *, log_to_driver: bool = True) -> dict[str, Any]:
+    """Start or join Ray once per process; returns the cluster's resources. Safe to call repeatedly."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray Train's controller polls workers every 2 s by default, which makes every report() slow.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        ray.init(num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus,
+                 include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False)
+    return ray.cluster_resources()
+
+
+def git_revision() -> str | None:
+    """The checkout's commit (with '-dirty' when modified), or None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+def provenance() -> dict[str, Any]:
+    """Library versions, host and git revision, recorded in manifests, checkpoints and results."""
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("dicp_ray", "ray", "torch", "gymnasium", "numpy", "pyarrow", "metaworld"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return {"versions": versions, "python": platform.python_version(), "host": platform.node(),
+            "git_revision": git_revision()}
