@@ -19,18 +19,18 @@ from dicp_ray.config import ResourcesConfig
 logger = logging.getLogger(__name__)
 
 
-class ClusterUnreachableError(RuntimeError):
+class ClusterUnreachableError(ConnectionError):
     """The Ray address given with --address / RAY_ADDRESS does not answer."""
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast when a host:port address does not accept TCP connections (ray.init would retry for long)."""
-    if address in ("auto", "local") or address.startswith(("ray://", "http://", "https://")):
-        hostport = address.split("://", 1)[-1]
-        if address in ("auto", "local"):
-            return
-    else:
-        hostport = address
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when a cluster address does not accept TCP connections (ray.init would retry for long).
+
+    "auto"/"local" are left to Ray; "ray://host:port", "http://host:port" and "host:port" are probed.
+    """
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterUnreachableError(f"--address {address!r} is not host:port (e.g. 127.0.0.1:6379 or auto)")
@@ -54,7 +54,7 @@ def init_ray(resources: ResourcesConfig, *, log_to_driver: bool = True) -> dict[
         return ray.cluster_resources()
     address = resources.address or os.environ.get("RAY_ADDRESS")
     if address:
-        _check_reachable(address)
+        check_reachable(address)
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
         ray.init(num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus,

@@ -1,0 +1,144 @@
+"""`dicp-ray <stage>`: the command line for every stage, with one shape for all of them.
+
+    dicp-ray validate --config tune_configs/demo.yaml [--set plan.depth=4]
+    dicp-ray collect  --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
+    dicp-ray train    --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
+    dicp-ray evaluate --checkpoint PATH [--config FILE] [--set k=v ...] [--output DIR]
+    dicp-ray pipeline --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
+    dicp-ray sweep    --config tune_configs/sweeps/plan_darkroom.yaml [--checkpoint PATH] [--output DIR]
+    dicp-ray envs     (a few episodes of each grid world with a random and an oracle policy)
+
+The config is loaded and validated before anything imports Ray; a bad config, a missing dataset or checkpoint,
+an unwritable output directory or an unreachable --address exits with status 2 and a one-line message naming
+the problem and the fix, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dicp_ray.config import ConfigError, ExperimentConfig, load_config, replace
+
+logger = logging.getLogger("dicp_ray")
+
+STAGES = ("validate", "collect", "train", "evaluate", "pipeline", "sweep", "envs")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicp-ray", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        if stage == "envs":
+            continue
+        p.add_argument("--config", required=stage not in ("evaluate",), help="experiment YAML (tune_configs/)")
+        p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="K=V",
+                       help="override a config value, e.g. --set plan.beam_width=5 train.num_steps=100")
+        p.add_argument("--output", default=None, help="output directory (default: runs/<config name>)")
+        p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+        if stage in ("evaluate", "sweep"):
+            p.add_argument("--checkpoint", default=None, help="trained model.pt (evaluate: required)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"resources.address={args.address}")
+    if args.config is None:  # evaluate without --config: the checkpoint's own config
+        from dicp_ray.model import load_checkpoint
+
+        _, payload = load_checkpoint(args.checkpoint)
+        from dicp_ray.config import config_from_dict, apply_overrides
+
+        return config_from_dict(apply_overrides(payload["config"], overrides))
+    return load_config(args.config, overrides)
+
+
+def _output_dir(args: argparse.Namespace, config: ExperimentConfig) -> Path:
+    out = Path(args.output or Path("runs") / config.name).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--output {out} is not writable ({err.strerror}): choose another directory") from None
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.stage == "envs":
+        from dicp_ray.envs.demo import print_env_returns
+
+        print_env_returns()
+        return 0
+    if args.stage == "evaluate" and not args.checkpoint:
+        raise ConfigError("evaluate needs --checkpoint PATH (a model.pt written by `dicp-ray train`)")
+    if getattr(args, "checkpoint", None) and not Path(args.checkpoint).is_file():
+        raise ConfigError(f"--checkpoint {args.checkpoint} does not exist: pass the model.pt from a train run")
+    config = _load(args)
+    if args.stage == "validate":
+        print(f"{args.config}: OK ({config.env.name}, variant {config.model.variant}, "
+              f"world_model={config.model.world_model}, k={config.context_len}, depth={config.plan_depth})")
+        return 0
+    out = _output_dir(args, config)
+    if config.resources.address:
+        from dicp_ray.runtime import check_reachable
+
+        check_reachable(config.resources.address)
+    return _dispatch(args, config, out)
+
+
+def _dispatch(args: argparse.Namespace, config: ExperimentConfig, out: Path) -> int:
+    if args.stage == "collect":
+        from dicp_ray.collect import collect_histories
+
+        print(collect_histories(config, str(out / "dataset")))
+    elif args.stage == "train":
+        from dicp_ray.train import train_model
+
+        for seed in config.env.split_seeds:
+            print(train_model(config, str(out / "dataset"), str(out / "train" / f"split_{seed}"), seed))
+    elif args.stage == "evaluate":
+        from dicp_ray.evaluate import format_results_table, run_evaluations
+
+        from dicp_ray.model import load_checkpoint
+
+        _, payload = load_checkpoint(args.checkpoint)
+        seed = int(payload.get("split_seed", config.env.split_seeds[0]))
+        summary = run_evaluations(config, {seed: args.checkpoint}, str(out / "eval"))
+        print(format_results_table(summary))
+    elif args.stage == "pipeline":
+        from dicp_ray.pipeline import run_pipeline
+
+        run_pipeline(config, out)
+    elif args.stage == "sweep":
+        from dicp_ray.tune import run_sweep
+
+        run_sweep(config, out, checkpoint=args.checkpoint)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run(args)
+    except (ConfigError, FileNotFoundError, ValueError, PermissionError, ConnectionError) as err:
+        if args.verbose if hasattr(args, "verbose") else False:
+            raise
+        print(f"dicp-ray {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dicp-ray {args.stage}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+if __name__ == "__main__":
+    sys.exit(main())

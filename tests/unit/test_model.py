@@ -1,0 +1,288 @@
+"""Unit tests for dicp_ray.model: shapes, causality, KV cache exactness, losses, checkpoints."""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from dicp_ray.model import (
+    DICPTransformer,
+    KVCache,
+    ModelSpec,
+    count_parameters,
+    flops_per_token,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+SMALL = dict(num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, context_len=8)
+
+
+def make_spec(**kw) -> ModelSpec:
+    return ModelSpec(**{**SMALL, **kw})
+
+
+def make_batch(spec: ModelSpec, B=3, T=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D, A = spec.obs_dim, spec.num_actions
+
+    def actions(*shape):
+        if spec.discrete_actions:
+            return torch.randint(0, A, shape, generator=g)
+        return torch.randn(*shape, A, generator=g, dtype=dtype)
+
+    batch = {
+        "ctx_obs": torch.randint(0, 9, (B, T, D), generator=g).to(dtype),
+        "ctx_action": actions(B, T),
+        "ctx_reward": torch.randint(0, 2, (B, T), generator=g).to(dtype),
+        "ctx_next_obs": torch.randint(0, 9, (B, T, D), generator=g).to(dtype),
+        "query_obs": torch.randint(0, 9, (B, D), generator=g).to(dtype),
+    }
+    if spec.world_model:
+        batch["query_action"] = actions(B)
+    n_act = (B,) if spec.layout == "ad" else (B, T + 1)
+    targets = {"target_action": actions(*n_act)}
+    if spec.reward_classes:
+        targets["target_reward"] = torch.randint(0, spec.reward_classes, (B,), generator=g)
+    else:
+        targets["target_reward"] = torch.rand(B, generator=g, dtype=dtype) * 12 - 1  # some outside [0, 10]
+    if spec.num_obs_classes:
+        targets["target_next_obs"] = torch.randint(0, spec.num_obs_classes, (B,), generator=g)
+    else:
+        targets["target_next_obs"] = torch.randn(B, D, generator=g, dtype=dtype)
+    return batch, targets
+
+
+def variant(layout, discrete, world_model):
+    if discrete:
+        return make_spec(layout=layout, world_model=world_model)
+    return make_spec(layout=layout, world_model=world_model, discrete_actions=False, num_actions=3,
+                     obs_dim=4, num_obs_classes=None, reward_classes=None)
+
+
+VARIANTS = [(lay, disc, wm) for lay in ("ad", "dpt") for disc in (True, False) for wm in (True, False)]
+
+
+@pytest.mark.parametrize("layout,discrete,world_model", VARIANTS)
+@pytest.mark.parametrize("T", [0, 5])
+def test_shapes_and_losses(layout, discrete, world_model, T):
+    spec = variant(layout, discrete, world_model)
+    model = DICPTransformer(spec)
+    B, A, D = 3, spec.num_actions, spec.obs_dim
+    batch, targets = make_batch(spec, B=B, T=T)
+    preds, losses = model(batch, targets)
+    act_shape = (B, A) if layout == "ad" else (B, T + 1, A)
+    if discrete:
+        assert preds["action_logits"].shape == act_shape
+    else:
+        assert preds["action_mean"].shape == act_shape
+        assert preds["action_log_std"].shape == act_shape
+        assert preds["action_log_std"].min() >= -5 and preds["action_log_std"].max() <= 2
+    if world_model:
+        if discrete:
+            assert preds["reward_logits"].shape == (B, 2)
+            assert preds["next_obs_logits"].shape == (B, 81)
+            assert {"acc_action", "acc_reward", "acc_next_obs"} <= losses.keys()
+        else:
+            assert preds["reward"].shape == (B,)
+            assert preds["reward"].min() >= 0 and preds["reward"].max() <= spec.reward_max
+            assert preds["next_obs"].shape == (B, D)
+        expected = losses["loss_action"] + losses["loss_reward"] + losses["loss_next_obs"]
+        torch.testing.assert_close(losses["loss"], expected)
+    else:
+        assert not any(k.startswith(("reward", "next_obs")) for k in preds)
+        assert set(losses) <= {"loss", "loss_action", "acc_action"}
+        torch.testing.assert_close(losses["loss"], losses["loss_action"])
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model(batch)[1] is None
+
+
+def test_world_model_weight_scales_world_losses():
+    spec = make_spec()
+    model = DICPTransformer(spec).eval()
+    batch, targets = make_batch(spec)
+    _, losses = model(batch, targets, world_model_weight=0.25)
+    expected = losses["loss_action"] + 0.25 * (losses["loss_reward"] + losses["loss_next_obs"])
+    torch.testing.assert_close(losses["loss"], expected)
+
+
+def test_regression_reward_gradient_flows_outside_clip_range():
+    spec = variant("ad", False, True)
+    model = DICPTransformer(spec)
+    with torch.no_grad():
+        model.head_reward.bias.fill_(50.0)  # raw prediction far above reward_max
+    batch, targets = make_batch(spec)
+    targets["target_reward"] = torch.zeros(3)
+    _, losses = model(batch, targets)
+    losses["loss_reward"].backward()
+    assert model.head_reward.bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["ad", "dpt"])
+def test_causality(layout):
+    spec = make_spec(layout=layout, dropout=0.0, attn_dropout=0.0)
+    model = DICPTransformer(spec).double().eval()
+    batch, _ = make_batch(spec, T=6, dtype=torch.float64)
+    tokens = model.embed_batch(batch)
+    h, _ = model.encode(tokens)
+    for j in range(tokens.shape[1]):
+        changed = tokens.clone()
+        changed[:, j] += torch.randn_like(changed[:, j])
+        h2, _ = model.encode(changed)
+        torch.testing.assert_close(h2[:, :j], h[:, :j], atol=1e-12, rtol=0)
+        assert not torch.allclose(h2[:, j], h[:, j])
+    # The query action comes after every action-reading position, so it never changes them.
+    other = dict(batch, query_action=(batch["query_action"] + 1) % spec.num_actions)
+    p1, p2 = model(batch)[0], model(other)[0]
+    torch.testing.assert_close(p1["action_logits"], p2["action_logits"], atol=1e-12, rtol=0)
+    assert not torch.allclose(p1["reward_logits"], p2["reward_logits"])
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_kv_cache_matches_full_forward(discrete):
+    spec = variant("ad", discrete, True)
+    model = DICPTransformer(spec).double().eval()
+    torch.manual_seed(1)
+    B, T, N, E = 2, 7, 3, spec.embed_dim
+    ctx = torch.randn(B, T, E, dtype=torch.float64)
+    new = torch.randn(B, 4, E, dtype=torch.float64)
+    full, full_cache = model.encode(torch.cat([ctx, new], dim=1))
+    h_ctx, cache = model.encode(ctx)
+    assert isinstance(cache, KVCache) and cache.length == T and cache.batch_size == B
+    torch.testing.assert_close(h_ctx, full[:, :T], atol=1e-10, rtol=0)
+    # one token at a time and a chunk at once must both match
+    h_chunk, c_chunk = model.encode(new, cache)
+    torch.testing.assert_close(h_chunk, full[:, T:], atol=1e-10, rtol=0)
+    c = cache
+    for i in range(new.shape[1]):
+        h_i, c = model.encode(new[:, i:i + 1], c)
+        torch.testing.assert_close(h_i[:, 0], full[:, T + i], atol=1e-10, rtol=0)
+    for (k1, v1), (k2, v2) in zip(c.layers, full_cache.layers):
+        torch.testing.assert_close(k1, k2, atol=1e-10, rtol=0)
+        torch.testing.assert_close(v1, v2, atol=1e-10, rtol=0)
+    # expand: context encoded once, N different continuations per task (row b*N+j <- task b)
+    beams = torch.randn(B * N, 3, E, dtype=torch.float64)
+    h_beams, big = model.encode(beams, cache.expand(N))
+    assert big.length == T + 3 and big.batch_size == B * N
+    ref, _ = model.encode(torch.cat([ctx.repeat_interleave(N, 0), beams], dim=1))
+    torch.testing.assert_close(h_beams, ref[:, T:], atol=1e-10, rtol=0)
+    # index_select keeps surviving beams; extending them must match the full sequence too
+    keep = torch.tensor([5, 0, 0, 2])
+    step = torch.randn(len(keep), 1, E, dtype=torch.float64)
+    h_next, _ = model.encode(step, big.index_select(keep))
+    ref2, _ = model.encode(torch.cat([ctx.repeat_interleave(N, 0)[keep], beams[keep], step], dim=1))
+    torch.testing.assert_close(h_next[:, 0], ref2[:, -1], atol=1e-10, rtol=0)
+
+
+def test_forward_equals_pieces_with_cache():
+    """The planner's path (embed pieces + cache + predict) reproduces forward() exactly."""
+    spec = make_spec(layout="ad")
+    model = DICPTransformer(spec).double().eval()
+    batch, _ = make_batch(spec, T=6, dtype=torch.float64)
+    preds, _ = model(batch)
+    ctx = model.embed_transitions(batch["ctx_obs"], batch["ctx_action"], batch["ctx_reward"],
+                                  batch["ctx_next_obs"])
+    _, cache = model.encode(ctx)
+    q = torch.cat([model.embed_query_obs(batch["query_obs"]),
+                   model.embed_query_action(batch["query_action"])], dim=1)
+    h, _ = model.encode(q, cache)
+    torch.testing.assert_close(model.action_head(h[:, 0]), preds["action_logits"], atol=1e-10, rtol=0)
+    out = model.predict(h[:, 1])
+    torch.testing.assert_close(out["reward_logits"], preds["reward_logits"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.next_obs_head(h[:, 1]), preds["next_obs_logits"], atol=1e-10, rtol=0)
+
+
+def test_overfits_tiny_batch():
+    torch.manual_seed(0)
+    spec = make_spec(dropout=0.0, attn_dropout=0.0)
+    model = DICPTransformer(spec)
+    batch, targets = make_batch(spec, B=8, T=6)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(100):
+        _, losses = model(batch, targets)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        first = losses["loss"].item() if first is None else first
+    assert losses["loss"].item() < 0.3 * first
+    assert losses["acc_next_obs"] == 1.0 and losses["acc_action"] == 1.0
+
+
+def test_eval_is_deterministic_and_train_uses_dropout():
+    spec = make_spec()
+    model = DICPTransformer(spec)
+    batch, _ = make_batch(spec)
+    model.eval()
+    a, b = model(batch)[0], model(batch)[0]
+    assert torch.equal(a["action_logits"], b["action_logits"])
+    model.train()
+    torch.manual_seed(0)
+    c = model(batch)[0]
+    assert not torch.allclose(c["action_logits"], a["action_logits"])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    spec = make_spec(layout="dpt", obs_scale=0.125)
+    model = DICPTransformer(spec).eval()
+    path = tmp_path / "sub" / "model.pt"
+    save_checkpoint(str(path), model, {"step": 7, "metrics": {"loss": 1.5}})
+    assert path.exists() and not os.path.exists(str(path) + ".tmp")
+    loaded, payload = load_checkpoint(str(path))
+    assert loaded.spec == spec and not loaded.training
+    assert payload["step"] == 7 and payload["metrics"] == {"loss": 1.5}
+    batch, _ = make_batch(spec)
+    for key, value in model(batch)[0].items():
+        assert torch.equal(value, loaded(batch)[0][key])
+    torch.load(str(path), weights_only=True)  # plain contents only
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(str(path), model, {"state_dict": {}})
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError):
+        load_checkpoint(str(garbage))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="not a dicp_ray checkpoint"):
+        load_checkpoint(str(foreign))
+    model = DICPTransformer(make_spec())
+    good = tmp_path / "good.pt"
+    save_checkpoint(str(good), model, {})
+    payload = torch.load(good, weights_only=True)
+    for name, change in [("version", {"format_version": 99}),
+                         ("unknown", {"model_spec": {**payload["model_spec"], "bogus": 1}}),
+                         ("mismatch", {"model_spec": {**payload["model_spec"], "embed_dim": 32}})]:
+        bad = tmp_path / f"{name}.pt"
+        torch.save({**payload, **change}, bad)
+        with pytest.raises(ValueError):
+            load_checkpoint(str(bad))
+
+
+def test_spec_validation():
+    with pytest.raises(NotImplementedError, match="idt"):
+        ModelSpec(layout="idt")
+    with pytest.raises(ValueError):
+        ModelSpec(layout="foo")
+    with pytest.raises(ValueError):
+        ModelSpec(embed_dim=30, num_heads=4)
+    with pytest.raises(ValueError):
+        ModelSpec(embed_dim=12, num_heads=4)  # head_dim 3 is odd
+    with pytest.raises(ValueError):
+        ModelSpec(reward_classes=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ModelSpec().layout = "dpt"
+
+
+def test_parameter_and_flop_counts():
+    model = DICPTransformer(ModelSpec())
+    n = count_parameters(model)
+    assert 40_000 < n < 80_000  # paper-size grid model: ~50K parameters
+    assert flops_per_token(model, 10) == 2 * n + 4 * 4 * 10 * 32
+    assert flops_per_token(model) > flops_per_token(model, 10)
