@@ -1,0 +1,105 @@
+"""The whole DICP pipeline, laptop to cluster: collect -> train (one model per split seed) -> evaluate.
+
+    dicp-ray pipeline --config tune_configs/demo.yaml --output runs/demo
+    dicp-ray pipeline --config tune_configs/darkroom.yaml --address auto      # on a Ray cluster
+
+Each stage is skipped when its valid output already exists (complete dataset manifest, model.pt for the
+config, evaluation summary for the checkpoints), so re-running after a crash continues where it stopped.
+The resolved config and provenance are written once to ``<output>/run.json``; re-using an output directory
+with a different config is refused (so results never mix). Output layout::
+
+    <output>/run.json                      resolved config, seeds, versions, git revision
+    <output>/dataset/                      Arrow shards + manifest.json + source_returns.png + tb/
+    <output>/train/split_<s>/model.pt      self-describing checkpoint (+ tb/, ray_train/)
+    <output>/eval/summary.{json,csv}       per-episode returns with 95% CIs; learning_curves.png
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dicp_ray.config import ConfigError, ExperimentConfig
+
+logger = logging.getLogger(__name__)
+
+# Settings that do not change what a stage produces, so a re-run may differ in them.
+_RUNTIME_ONLY = {"resources", "sweep"}
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON via a temp file + fsync + rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({k: v for k, v in config_dict.items() if k not in _RUNTIME_ONLY}, default=str))
+
+
+def record_run(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
+    """Write run.json once; refuse an output directory that holds a run of a different config."""
+    from dicp_ray.runtime import provenance
+
+    path = output_dir / "run.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if _comparable(previous["config"]) != _comparable(config.to_dict()):
+            raise ConfigError(f"--output {output_dir} holds a run with a different config ({path}); use a new "
+                              "--output directory, or the same config to resume that run")
+        return previous
+    run = {"config": config.to_dict(), "provenance": provenance(), "started_at": time.time()}
+    write_json_atomic(path, run)
+    return run
+
+
+def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Run collect -> train -> evaluate, skipping finished stages; returns the evaluation summary."""
+    from dicp_ray.collect import collect_histories
+    from dicp_ray.data import dataset_is_complete
+    from dicp_ray.evaluate import format_results_table, run_evaluations
+    from dicp_ray.runtime import init_ray
+    from dicp_ray.train import train_model
+
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record_run(config, output_dir)
+    init_ray(config.resources)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    dataset_dir = output_dir / "dataset"
+    if dataset_is_complete(str(dataset_dir)):
+        logger.info("collect: complete dataset found at %s, skipping", dataset_dir)
+    else:  # collect_histories keeps finished shards and re-collects only missing or corrupt ones
+        collect_histories(config, str(dataset_dir))
+    timings["collect_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    checkpoints = {seed: train_model(config, str(dataset_dir), str(output_dir / "train" / f"split_{seed}"), seed)
+                   for seed in config.env.split_seeds}
+    timings["train_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    summary = run_evaluations(config, checkpoints, str(output_dir / "eval"))
+    timings["evaluate_s"] = time.perf_counter() - start
+
+    write_json_atomic(output_dir / "timings.json", timings)
+    table = format_results_table(summary)
+    print(table)
+    print(f"\nplot: {output_dir / 'eval' / 'learning_curves.png'}   "
+          f"stage wall times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()))
+    return summary

@@ -1,0 +1,138 @@
+"""Configs: every shipped YAML validates; every bad input fails early with a message naming key, value and fix."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicp_ray.config import ConfigError, config_from_dict, load_config, replace
+
+ROOT = Path(__file__).resolve().parents[2]
+YAMLS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_loads_and_validates(path):
+    config = load_config(path)
+    assert config.context_len >= config.env.horizon
+    assert path.read_text().lstrip().startswith("#"), "each config opens with a comment saying what it runs"
+
+
+def test_defaults_are_the_papers():
+    config = config_from_dict({})
+    assert (config.collect.num_streams, config.collect.lr, config.collect.num_epochs) == (100, 3e-4, 20)
+    assert (config.model.num_layers, config.model.embed_dim, config.train.batch_size) == (4, 32, 512)
+    assert config.context_len == 80 and config.plan_depth == 8 and config.plan.beam_width == 10
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nplan: {beam_width: 4}\n")
+    config = load_config(path, ["plan.depth=3", "eval.modes=[policy]", "train.lr=1e-3", "model.world_model=false"])
+    assert config.plan.depth == 3 and config.plan.beam_width == 4 and config.eval.modes == ("policy",)
+    assert config.train.lr == 1e-3 and config.model.world_model is False
+
+
+def test_replace_returns_validated_copy():
+    config = config_from_dict({})
+    assert replace(config, {"plan.depth": 2}).plan.depth == 2
+    with pytest.raises(ConfigError, match="plan.depth"):
+        replace(config, {"plan.depth": 0})
+
+
+BAD = {
+    "unknown section": ({"plann": {}}, "did you mean 'plan'"),
+    "unknown key": ({"plan": {"beam_widht": 3}}, "did you mean 'beam_width'"),
+    "int as string": ({"plan": {"beam_width": "ten"}}, "plan.beam_width = 'ten' has the wrong type"),
+    "bool as int": ({"model": {"world_model": 1}}, "model.world_model = 1 has the wrong type"),
+    "float for int": ({"train": {"num_steps": 1.5}}, "train.num_steps = 1.5 has the wrong type"),
+    "list expected": ({"env": {"split_seeds": 3}}, "env.split_seeds = 3 has the wrong type"),
+    "section not mapping": ({"plan": 5}, "section 'plan' must be a mapping"),
+    "beam width zero": ({"plan": {"beam_width": 0}}, "plan.beam_width = 0 is out of range"),
+    "beam width negative": ({"plan": {"beam_width": -2}}, "plan.beam_width = -2 is out of range"),
+    "depth zero": ({"plan": {"depth": 0}}, "plan.depth = 0 is out of range"),
+    "depth beyond horizon": ({"plan": {"depth": 21}}, "must be in [1, horizon = 20]"),
+    "context too short": ({"model": {"context_episodes": 0}}, "model.context_episodes = 0"),
+    "train ratio 1": ({"env": {"train_ratio": 1.0}}, "env.train_ratio = 1.0 is out of range"),
+    "train ratio 0": ({"env": {"train_ratio": 0.0}}, "must be in (0, 1)"),
+    "unknown env": ({"env": {"name": "Darkrom"}}, "did you mean 'Darkroom'"),
+    "no split seeds": ({"env": {"split_seeds": []}}, "needs at least one seed"),
+    "duplicate split seeds": ({"env": {"split_seeds": [1, 1]}}, "seeds must be distinct"),
+    "zero streams": ({"collect": {"num_streams": 0}}, "collect.num_streams = 0"),
+    "negative lr": ({"train": {"lr": -1.0}}, "train.lr = -1.0 is out of range"),
+    "zero batch": ({"train": {"batch_size": 0}}, "train.batch_size = 0"),
+    "batch not divisible": ({"train": {"batch_size": 513, "num_workers": 2}}, "divisible by train.num_workers"),
+    "dropout 1": ({"model": {"dropout": 1.0}}, "model.dropout = 1.0"),
+    "heads do not divide": ({"model": {"embed_dim": 30, "num_heads": 4}}, "must be divisible by model.num_heads"),
+    "unknown variant": ({"model": {"variant": "ada"}}, "did you mean 'ad'"),
+    "idt not yet": ({"model": {"variant": "idt"}}, "not implemented yet"),
+    "plan without world model": ({"model": {"world_model": False}}, "planning needs the world model"),
+    "unknown eval mode": ({"eval": {"modes": ["planning"]}}, "did you mean 'plan'"),
+    "sac on grid": ({"collect": {"algorithm": "sac"}}, "needs a continuous-action env"),
+    "unknown algorithm": ({"collect": {"algorithm": "dqn"}}, "collect.algorithm = 'dqn' is not known"),
+    "minibatch too big": ({"collect": {"minibatch_size": 5000}}, "must be <= rollout_steps * num_streams"),
+    "history shorter than window": ({"collect": {"env_steps_per_task": 2000}}, "at least one training window"),
+    "partial episodes": ({"collect": {"env_steps_per_task": 100_100}}, "not whole episodes"),
+    "sweep key unknown": ({"sweep": {"grid": {"plan.widht": [1]}}}, "sweep.grid.plan.widht"),
+    "sweep values empty": ({"sweep": {"grid": {"plan.depth": []}}}, "non-empty list"),
+    "bad device": ({"eval": {"device": "tpu"}}, "eval.device = 'tpu' is not known"),
+    "zero cpus": ({"resources": {"num_cpus": 0}}, "resources.num_cpus = 0"),
+    "max test tasks zero": ({"env": {"max_test_tasks": 0}}, "env.max_test_tasks = 0"),
+}
+
+
+@pytest.mark.parametrize("data,message", BAD.values(), ids=BAD.keys())
+def test_bad_config_catalogue(data, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert message in str(err.value)
+
+
+def test_bad_override_syntax(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(path, ["plan.depth"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("plan: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dicp_ray.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_bad_config_exits_2_without_traceback():
+    result = _cli("collect", "--config", "tune_configs/smoke.yaml", "--set", "plan.beam_width=0")
+    assert result.returncode == 2
+    assert "plan.beam_width = 0 is out of range" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_is_refused_before_ray_is_imported():
+    code = ("import sys; from dicp_ray.cli import main; "
+            "rc = main(['pipeline', '--config', 'tune_configs/smoke.yaml', '--set', 'env.name=Nope']); "
+            "print(rc, 'ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+
+
+def test_cli_unwritable_output_and_unreachable_address(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _cli("collect", "--config", "tune_configs/smoke.yaml", "--output", str(blocker / "sub"))
+    assert result.returncode == 2 and "is not writable" in result.stderr
+    result = _cli("pipeline", "--config", "tune_configs/smoke.yaml", "--output", str(tmp_path / "o"),
+                  "--address", "127.0.0.1:1")
+    assert result.returncode == 2 and "cannot reach the Ray cluster" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_validate_ok():
+    result = _cli("validate", "--config", "tune_configs/demo.yaml")
+    assert result.returncode == 0 and "OK" in result.stdout
