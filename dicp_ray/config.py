@@ -343,18 +343,36 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config, apply overrides, validate; raises ConfigError on any problem."""
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config; a top-level ``base: other.yaml`` (relative to this file) is loaded first and
+    this file's sections are merged over it key by key, so sweep configs can extend a pipeline config."""
     import yaml
 
-    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist: pass --config with a YAML from tune_configs/")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' includes itself through 'base:'")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-    return config_from_dict(apply_overrides(data, list(overrides)))
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml(path.parent / str(base), (*seen, path.resolve()))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config, apply overrides, validate; raises ConfigError on any problem."""
+    return config_from_dict(apply_overrides(_read_yaml(Path(path)), list(overrides)))
 
 
 def replace(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:

@@ -27,8 +27,9 @@ from dicp_ray.config import ConfigError, ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
-# Settings that do not change what a stage produces, so a re-run may differ in them.
-_RUNTIME_ONLY = {"resources", "sweep"}
+# The sections that decide what the collect and train stages store; a run directory is tied to them, while
+# planner, evaluation, sweep and resource settings may change between re-runs on the same directory.
+_ARTIFACT_SECTIONS = ("env", "collect", "model", "train")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -47,7 +48,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps({k: v for k, v in config_dict.items() if k not in _RUNTIME_ONLY}, default=str))
+    return json.loads(json.dumps({k: config_dict[k] for k in _ARTIFACT_SECTIONS}, default=str))
 
 
 def record_run(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def record_run(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     if path.exists():
         previous = json.loads(path.read_text())
         if _comparable(previous["config"]) != _comparable(config.to_dict()):
-            raise ConfigError(f"--output {output_dir} holds a run with a different config ({path}); use a new "
+            raise ConfigError(f"--output {output_dir} holds a run with a different env/collect/model/train config ({path}); use a new "
                               "--output directory, or the same config to resume that run")
         return previous
     run = {"config": config.to_dict(), "provenance": provenance(), "started_at": time.time()}
@@ -66,13 +67,32 @@ def record_run(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     return run
 
 
-def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Run collect -> train -> evaluate, skipping finished stages; returns the evaluation summary."""
+def collect_stage(config: ExperimentConfig, output_dir: Path) -> Path:
+    """Collect histories into <output>/dataset unless a complete dataset is already there."""
     from dicp_ray.collect import collect_histories
     from dicp_ray.data import dataset_is_complete
+
+    dataset_dir = output_dir / "dataset"
+    if dataset_is_complete(str(dataset_dir)):
+        logger.info("collect: complete dataset found at %s, skipping", dataset_dir)
+    else:  # collect_histories keeps finished shards and re-collects only missing or corrupt ones
+        collect_histories(config, str(dataset_dir))
+    return dataset_dir
+
+
+def train_stage(config: ExperimentConfig, output_dir: Path) -> dict[int, str]:
+    """One model per split seed; train_model returns an existing valid model.pt without retraining."""
+    from dicp_ray.train import train_model
+
+    dataset_dir = output_dir / "dataset"
+    return {seed: train_model(config, str(dataset_dir), str(output_dir / "train" / f"split_{seed}"), seed)
+            for seed in config.env.split_seeds}
+
+
+def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Run collect -> train -> evaluate, skipping finished stages; returns the evaluation summary."""
     from dicp_ray.evaluate import format_results_table, run_evaluations
     from dicp_ray.runtime import init_ray
-    from dicp_ray.train import train_model
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -81,16 +101,11 @@ def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, 
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    dataset_dir = output_dir / "dataset"
-    if dataset_is_complete(str(dataset_dir)):
-        logger.info("collect: complete dataset found at %s, skipping", dataset_dir)
-    else:  # collect_histories keeps finished shards and re-collects only missing or corrupt ones
-        collect_histories(config, str(dataset_dir))
+    collect_stage(config, output_dir)
     timings["collect_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    checkpoints = {seed: train_model(config, str(dataset_dir), str(output_dir / "train" / f"split_{seed}"), seed)
-                   for seed in config.env.split_seeds}
+    checkpoints = train_stage(config, output_dir)
     timings["train_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -98,8 +113,7 @@ def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, 
     timings["evaluate_s"] = time.perf_counter() - start
 
     write_json_atomic(output_dir / "timings.json", timings)
-    table = format_results_table(summary)
-    print(table)
-    print(f"\nplot: {output_dir / 'eval' / 'learning_curves.png'}   "
-          f"stage wall times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()))
+    print(format_results_table(summary))
+    print(f"\nplot: {output_dir / 'eval' / 'learning_curves.png'}   stage wall times: "
+          + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()))
     return summary

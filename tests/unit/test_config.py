@@ -136,3 +136,13 @@ def test_cli_unwritable_output_and_unreachable_address(tmp_path):
 def test_cli_validate_ok():
     result = _cli("validate", "--config", "tune_configs/demo.yaml")
     assert result.returncode == 0 and "OK" in result.stdout
+
+
+def test_base_include_merges_sections(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: p\nplan: {beam_width: 4, depth: 2}\ntrain: {lr: 0.5}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nname: c\nplan: {depth: 3}\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config.name, config.plan.beam_width, config.plan.depth, config.train.lr) == ("c", 4, 3, 0.5)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")

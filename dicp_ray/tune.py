@@ -1,0 +1,147 @@
+"""Ray Tune sweeps: planning depth x beam width on trained checkpoints, and training hyper-parameters with ASHA.
+
+    dicp-ray sweep --config tune_configs/sweeps/plan_darkroom.yaml --output runs/darkroom
+    dicp-ray sweep --config tune_configs/sweeps/plan_smoke.yaml --checkpoint runs/smoke/train/split_0/model.pt
+
+A planning sweep (``sweep.kind: plan``) runs one Tune trial per grid point of ``sweep.grid`` (dotted config keys,
+e.g. ``plan.depth`` and ``plan.beam_width``); each trial evaluates DICP planning on every test task of every
+split seed and reports ``return_final`` (mean return over the last 10% of in-context episodes) and
+``return_mean`` (over all episodes). Without ``--checkpoint`` the sweep first runs (or reuses) the pipeline's
+collect and train stages in ``--output``. Results stay in Tune's own format (``<output>/tune/<name>``, with
+TensorBoard event files per trial); a table is printed and written as CSV, and two-key grids get a heat map.
+A failing trial does not stop the sweep, and re-running the same command resumes it (finished trials are kept).
+
+A training sweep (``sweep.kind: train``) trains one model per grid point in-process and stops poor trials early
+with ASHA on the held-out loss; the best trial's checkpoint is reported.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dicp_ray.config import ExperimentConfig, config_from_dict, replace
+
+logger = logging.getLogger(__name__)
+
+PLAN_METRIC = "return_final"
+TRAIN_METRIC = "heldout/loss"
+
+
+def _plan_trial(params: dict[str, Any], *, base: dict[str, Any], checkpoints: dict[int, str]) -> None:
+    """One Tune trial: evaluate planning with these settings on every split's test tasks."""
+    import numpy as np
+    from ray import tune
+
+    from dicp_ray.evaluate import evaluate_in_context
+
+    config = replace(config_from_dict(base), params)
+    curves = []
+    for seed, checkpoint in checkpoints.items():
+        result = evaluate_in_context(checkpoint, config, output_dir=None, mode="plan", split_seed=seed)
+        curves.append(np.asarray(result["return_mean_per_episode"], dtype=float))
+    curve = np.mean(curves, axis=0)  # (episodes,)
+    tail = max(1, len(curve) // 10)
+    tune.report({PLAN_METRIC: float(curve[-tail:].mean()), "return_mean": float(curve.mean()),
+                 "return_first": float(curve[0]), "num_episodes": len(curve)})
+
+
+def _tuner(trainable, config: ExperimentConfig, storage: Path, name: str, metric: str, mode: str,
+           param_space: dict[str, Any], scheduler=None):
+    """Build a Tuner, or restore the same sweep when it ran before (finished trials are kept)."""
+    from ray import tune
+
+    path = storage / name
+    if tune.Tuner.can_restore(str(path)):
+        logger.info("sweep: resuming %s", path)
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True, restart_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
+                                    max_concurrent_trials=config.sweep.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+    )
+
+
+def run_plan_sweep(config: ExperimentConfig, output_dir: Path, checkpoints: dict[int, str]) -> Any:
+    """Grid over planner settings; returns Tune's ResultGrid."""
+    from ray import tune
+
+    grid = config.sweep.grid or {"plan.depth": (1, 2, 4, 8), "plan.beam_width": (1, 5, 10)}
+    param_space = {key: tune.grid_search(list(values)) for key, values in grid.items()}
+    trainable = tune.with_resources(
+        tune.with_parameters(_plan_trial, base=config.to_dict(), checkpoints=checkpoints),
+        {"cpu": config.sweep.cpus_per_trial})
+    tuner = _tuner(trainable, config, output_dir / "tune", f"plan_{config.name}", PLAN_METRIC, "max", param_space)
+    results = tuner.fit()
+    report_sweep(results, list(grid), PLAN_METRIC, output_dir / "sweep")
+    return results
+
+
+def report_sweep(results: Any, keys: list[str], metric: str, out: Path) -> str:
+    """Print and save the sweep table (CSV) and, for two-key grids, a heat map PNG."""
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    frame = results.get_dataframe()
+    columns = {f"config/{k}": k for k in keys}
+    present = [c for c in columns if c in frame.columns]
+    table = frame[present + [c for c in (metric, "return_mean", "return_first") if c in frame.columns]]
+    table = table.rename(columns=columns).sort_values(by=[columns[c] for c in present])
+    table.to_csv(out / "sweep_results.csv", index=False)
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    if results.num_errors:
+        text += f"\n{results.num_errors} trial(s) failed; their errors are in the Tune trial directories."
+    print(text)
+    if len(keys) == 2 and metric in table.columns:
+        _heatmap(pd.pivot_table(table, index=keys[0], columns=keys[1], values=metric), metric,
+                 out / "sweep_heatmap.png")
+    return text
+
+
+def _heatmap(matrix, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 0.8 * matrix.shape[0] + 2))
+    image = ax.imshow(matrix.values, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns])
+    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
+    ax.set_xlabel(matrix.columns.name)
+    ax.set_ylabel(matrix.index.name)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{matrix.values[i, j]:.1f}", ha="center", va="center", color="white")
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(f"DICP planning sweep: {metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(config: ExperimentConfig, output_dir: str | Path, checkpoint: str | None = None) -> Any:
+    """Entry point of `dicp-ray sweep`: a planning or a training sweep, per ``sweep.kind``."""
+    from dicp_ray.pipeline import collect_stage, record_run, train_stage
+    from dicp_ray.runtime import init_ray
+
+    output_dir = Path(output_dir).resolve()
+    init_ray(config.resources)
+    if config.sweep.kind == "train":
+        from dicp_ray.train_sweep import run_train_sweep
+
+        record_run(config, output_dir)
+        return run_train_sweep(config, output_dir, collect_stage(config, output_dir))
+    if checkpoint is not None:
+        from dicp_ray.model import load_checkpoint
+
+        _, payload = load_checkpoint(checkpoint)
+        checkpoints = {int(payload.get("split_seed", config.env.split_seeds[0])): str(Path(checkpoint).resolve())}
+    else:
+        record_run(config, output_dir)
+        collect_stage(config, output_dir)
+        checkpoints = train_stage(config, output_dir)
+    return run_plan_sweep(config, output_dir, checkpoints)
