@@ -1,0 +1,121 @@
+"""Static facts about the three grid worlds (specs, cell encoding) and their train/test task splits.
+
+`GRID_SPECS` is the single table other stages read (horizon, task count, default planning depth, ...), so
+nothing downstream hard-codes these numbers. `split_tasks` turns a split seed into disjoint, covering
+train/test task-id lists: shuffle 0..N-1 with `np.random.default_rng(split_seed).permutation(N)` and take
+the first `round(N * ratio)` as train. This module imports only numpy, so config validation and data code
+can use it without gymnasium.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["GRID_SIZE", "GridSpec", "GRID_SPECS", "cell_index", "cell_obs", "grid_spec", "split_tasks"]
+
+GRID_SIZE = 9  # every grid world is GRID_SIZE x GRID_SIZE; cell (x, y) has index x * GRID_SIZE + y
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Static description of one grid-world family.
+
+    Attributes:
+        name: short name used in configs (``"Darkroom"``, ...).
+        env_id: the Gymnasium id registered by ``import dicp_ray.envs``.
+        num_tasks: number of task ids (valid ids are ``0 .. num_tasks - 1``).
+        horizon: episode length; episodes always end by truncation at this step.
+        train_ratio: default fraction of tasks used for training.
+        obs_dim: observation length (the agent cell ``(x, y)``).
+        num_actions: size of the discrete action space.
+        num_cells: number of grid cells, i.e. classes of the next-observation target.
+        default_plan_depth: default beam-search depth of the planner for this env.
+    """
+
+    name: str
+    env_id: str
+    num_tasks: int
+    horizon: int
+    train_ratio: float
+    obs_dim: int = 2
+    num_actions: int = 5
+    num_cells: int = 81
+    default_plan_depth: int = 8
+
+
+GRID_SPECS: dict[str, GridSpec] = {
+    "Darkroom": GridSpec("Darkroom", "dicp_ray/Darkroom-v0", 81, 20, 0.9, default_plan_depth=8),
+    "DarkKeyToDoor": GridSpec(
+        "DarkKeyToDoor", "dicp_ray/DarkKeyToDoor-v0", 81 * 81, 50, 0.95, default_plan_depth=16
+    ),
+    "DarkroomPermuted": GridSpec(
+        "DarkroomPermuted", "dicp_ray/DarkroomPermuted-v0", 120, 50, 0.9, default_plan_depth=16
+    ),
+}
+
+
+def cell_index(obs: Any) -> int | np.ndarray:
+    """Map cell(s) ``(x, y)`` (shape ``(..., 2)``) to index ``x * 9 + y``; an int for a single cell."""
+    arr = np.asarray(obs)
+    if arr.shape[-1:] != (2,):
+        raise ValueError(f"cell_index expects shape (..., 2), got {arr.shape}")
+    if arr.dtype.kind == "f":  # dataset observations are float32 copies of integer cells
+        arr = np.rint(arr)
+    idx = arr[..., 0].astype(np.int64) * GRID_SIZE + arr[..., 1].astype(np.int64)
+    return int(idx) if idx.ndim == 0 else idx
+
+
+def cell_obs(cell: Any) -> np.ndarray:
+    """Inverse of `cell_index`: index(es) ``c`` -> int64 array ``(..., 2)`` of ``(c // 9, c % 9)``."""
+    c = np.asarray(cell)
+    if c.dtype.kind not in "iu" or np.any(c < 0) or np.any(c >= GRID_SIZE * GRID_SIZE):
+        raise ValueError(f"cell index must be an integer in 0..{GRID_SIZE ** 2 - 1}, got {cell!r}")
+    c = c.astype(np.int64)
+    return np.stack([c // GRID_SIZE, c % GRID_SIZE], axis=-1)
+
+
+def grid_spec(name: str) -> GridSpec:
+    """Return the `GridSpec` for `name`, raising a ValueError that lists the valid names otherwise."""
+    try:
+        return GRID_SPECS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown grid world {name!r}; valid names are {sorted(GRID_SPECS)}"
+        ) from None
+
+
+def split_tasks(
+    name: str, split_seed: int, train_ratio: float | None = None
+) -> tuple[list[int], list[int]]:
+    """Split the task ids of grid world `name` into (train_ids, test_ids).
+
+    The ids 0..N-1 are shuffled with ``np.random.default_rng(split_seed).permutation(N)`` and the first
+    ``round(N * train_ratio)`` become train ids, the rest test ids. Both lists are returned sorted, as
+    plain Python ints. The result depends only on (name, split_seed, train_ratio).
+
+    Args:
+        name: one of ``GRID_SPECS`` (``"Darkroom"``, ``"DarkKeyToDoor"``, ``"DarkroomPermuted"``).
+        split_seed: non-negative integer seed of the shuffle.
+        train_ratio: fraction of train tasks in the open interval (0, 1); defaults to the spec's ratio.
+
+    Raises:
+        ValueError: unknown name, invalid seed, a ratio outside (0, 1), or one leaving a side empty.
+    """
+    spec = grid_spec(name)
+    if isinstance(split_seed, bool) or not isinstance(split_seed, numbers.Integral) or split_seed < 0:
+        raise ValueError(f"split_seed must be a non-negative integer, got {split_seed!r}")
+    ratio = spec.train_ratio if train_ratio is None else train_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"train_ratio must be a number in the open interval (0, 1), got {ratio!r}")
+    order = np.random.default_rng(int(split_seed)).permutation(spec.num_tasks)
+    num_train = int(round(spec.num_tasks * float(ratio)))
+    if not 0 < num_train < spec.num_tasks:
+        raise ValueError(
+            f"train_ratio={ratio!r} leaves an empty train or test split for {name} ({spec.num_tasks} tasks)"
+        )
+    train = sorted(int(i) for i in order[:num_train])
+    test = sorted(int(i) for i in order[num_train:])
+    return train, test
