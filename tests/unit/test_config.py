@@ -146,3 +146,23 @@ def test_base_include_merges_sections(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_config_env_table_agrees_with_the_envs():
+    # config.py stays import-light (no gymnasium), so it keeps its own small copy of the env table.
+    from dicp_ray.config import GRID_ENVS
+    from dicp_ray.envs import GRID_SPECS
+
+    for name, (num_tasks, horizon, ratio, depth) in GRID_ENVS.items():
+        spec = GRID_SPECS[name]
+        assert (spec.num_tasks, spec.horizon, spec.train_ratio, spec.default_plan_depth) == (
+            num_tasks, horizon, ratio, depth)
+
+
+def test_envs_command_prints_random_and_oracle_returns():
+    result = _cli("envs")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert set(rows) == {"Darkroom", "DarkKeyToDoor", "DarkroomPermuted"}
+    for row in rows.values():
+        assert float(row[4]) == float(row[5]) > float(row[3])  # oracle reaches the maximum, random does not
