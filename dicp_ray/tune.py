@@ -39,7 +39,7 @@ def _plan_trial(params: dict[str, Any], *, base: dict[str, Any], checkpoints: di
     curves = []
     for seed, checkpoint in checkpoints.items():
         result = evaluate_in_context(checkpoint, config, output_dir=None, mode="plan", split_seed=seed)
-        curves.append(np.asarray(result["return_mean_per_episode"], dtype=float))
+        curves.append(np.asarray(result["return_mean"], dtype=float))
     curve = np.mean(curves, axis=0)  # (episodes,)
     tail = max(1, len(curve) // 10)
     tune.report({PLAN_METRIC: float(curve[-tail:].mean()), "return_mean": float(curve.mean()),
