@@ -18,6 +18,8 @@ How it is used
         cache = cache.expand(n)                                   # row b*n+j is a copy of row b
         h, cache2 = model.encode(new_tokens, cache)               # (B*n, L, E), RoPE continues at T
         out = model.predict(h[:, -1])                             # dict of head outputs
+        # or pack n branches into one row each (no cache copies) with explicit positions and mask:
+        h, _ = model.encode(packed, ctx_cache, positions=pos, attn_mask=tree_mask)
 
 What to expect
     ``encode(a)`` followed by ``encode(b, cache)`` equals ``encode(cat(a, b))`` up to float rounding
@@ -119,13 +121,12 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def rope_cos_sin(head_dim: int, start: int, length: int, device, dtype):
-    """cos/sin tables (length, head_dim) for positions start..start+length-1 (computed in float64)."""
-    dims = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64)
+def rope_cos_sin(head_dim: int, positions: torch.Tensor, dtype):
+    """cos/sin tables (..., head_dim) for integer positions (...,) (angles computed in float64)."""
+    dims = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64)
     inv_freq = 1.0 / (10000.0 ** (dims / head_dim))        # (hd/2,)
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float64)
-    angles = torch.outer(pos, inv_freq)                      # (L, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)             # (L, hd)
+    angles = positions.to(torch.float64)[..., None] * inv_freq   # (..., hd/2)
+    angles = torch.cat([angles, angles], dim=-1)             # (..., hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -143,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(spec.embed_dim, spec.embed_dim, bias=False)
         self.resid_drop = nn.Dropout(spec.dropout)
 
-    def forward(self, x, cos, sin, past: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x, cos, sin, past: tuple[torch.Tensor, torch.Tensor] | None, mask=None):
         B, L, E = x.shape
         q, k, v = (t.view(B, L, self.h, self.hd).transpose(1, 2)
                    for t in self.qkv(x).split(E, dim=2))            # each (B, H, L, hd)
@@ -152,11 +153,11 @@ class CausalSelfAttention(nn.Module):
         if past_len:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+L, hd)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if past_len == 0:
+        if past_len == 0 and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            # SDPA's is_causal aligns the mask top-left; with a cache new query i sits at P+i, so build it.
-            mask = torch.ones(L, past_len + L, dtype=torch.bool, device=x.device).tril(diagonal=past_len)
+            if mask is None:  # SDPA's is_causal aligns top-left; with a cache new query i sits at P+i
+                mask = torch.ones(L, past_len + L, dtype=torch.bool, device=x.device).tril(diagonal=past_len)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, L, E)
         return self.resid_drop(self.proj(y)), (k, v)
@@ -180,8 +181,8 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.RMSNorm(spec.embed_dim), nn.RMSNorm(spec.embed_dim)
         self.attn, self.mlp = CausalSelfAttention(spec), SwiGLU(spec)
 
-    def forward(self, x, cos, sin, past):
-        a, kv = self.attn(self.norm1(x), cos, sin, past)
+    def forward(self, x, cos, sin, past, mask=None):
+        a, kv = self.attn(self.norm1(x), cos, sin, past, mask)
         x = x + a
         return x + self.mlp(self.norm2(x)), kv
 
@@ -259,18 +260,38 @@ class DICPTransformer(nn.Module):
         return torch.cat(parts, dim=1)
 
     # -- backbone --------------------------------------------------------------
-    def encode(self, tokens: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def encode(self, tokens: torch.Tensor, cache: KVCache | None = None,
+               positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
         """Run new tokens (B, L, E) on top of `cache` -> (final-normed hidden (B, L, E), extended cache).
 
-        New tokens attend to every cached token and causally to each other; RoPE positions
-        continue at cache.length, so splitting a sequence across calls gives the same result.
+        By default new tokens attend to every cached token and causally to each other, and RoPE
+        positions continue at cache.length, so splitting a sequence across calls gives the same result.
+        `positions` (L,) | (B, L) long overrides each new token's RoPE position; `attn_mask` (bool,
+        broadcastable to (B, 1, L, cache.length + L), True = may attend; columns are cached then new
+        tokens) replaces the default mask, e.g. to pack several branches sharing the cache into one
+        row. Every query must see at least one key. The returned cache holds all new keys/values, so
+        a later default-mask call sees every one of them.
         """
+        B, L, _ = tokens.shape
         start = cache.length if cache is not None else 0
-        cos, sin = rope_cos_sin(self.spec.head_dim, start, tokens.shape[1], tokens.device, tokens.dtype)
+        if positions is None:
+            positions = torch.arange(start, start + L, device=tokens.device)
+        elif positions.dtype.is_floating_point or positions.shape not in ((L,), (B, L)):
+            raise ValueError(f"positions must be integer (L,) or (B, L) = ({B}, {L}), got "
+                             f"{positions.dtype} {tuple(positions.shape)}")
+        full = (B, 1, L, start + L)
+        if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.dim() > 4 or any(
+                m not in (1, f) for m, f in zip(attn_mask.shape[::-1], full[::-1]))):
+            raise ValueError(f"attn_mask must be bool and broadcastable to {full}, "
+                             f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+        cos, sin = rope_cos_sin(self.spec.head_dim, positions, tokens.dtype)  # (L, hd) | (B, L, hd)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]                            # (B, 1, L, hd)
         x = self.drop(tokens)
         new_layers = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cos, sin, cache.layers[i] if cache is not None else None)
+            x, kv = block(x, cos, sin, cache.layers[i] if cache is not None else None, attn_mask)
             new_layers.append(kv)
         return self.norm(x), KVCache(new_layers)
 

@@ -32,10 +32,9 @@ from functools import partial
 from typing import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dicp_ray.model import DICPTransformer, apply_rope, rope_cos_sin
+from dicp_ray.model import DICPTransformer
 
 
 @dataclass(frozen=True)
@@ -172,9 +171,9 @@ def _cached_world_logits(model, ctx_tokens: Tensor, d: int, past: Context, q_obs
 
     ctx_tokens (B, k-1, E) are the embedded real transitions, `first_prefix` optionally their cache
     (the depth-1 prefix, already built for the policy). tree=True packs every beam and candidate of a
-    task into one row with tree positions and mask (DICPTransformer only: no cache copies); otherwise
-    the public encode API with cache.expand (any model with that API). Returns reward logits (M*A', C)
-    and next-obs logits (M*A', num_obs_classes).
+    task into one row via encode's `positions` / `attn_mask` (no cache copies; DICPTransformer);
+    otherwise plain causal encode with cache.expand (any model with the basic encode(tokens, cache)
+    API, e.g. the tests' oracle). Returns reward logits (M*A', C) and next-obs logits (M*A', C').
     """
     (M, A), B = actions.shape, ctx_tokens.shape[0]
     # Sliding window: depth d sees real c_{d-1}..c_{k-2}; its RoPE positions restart at 0.
@@ -185,7 +184,8 @@ def _cached_world_logits(model, ctx_tokens: Tensor, d: int, past: Context, q_obs
     if tree:
         E, Kc = beam_tokens.shape[-1], M // B
         tokens = torch.cat([beam_tokens.reshape(B, Kc * d, E), q_act.reshape(B, Kc * A, E)], dim=1)
-        h = _tree_encode(model, tokens, prefix, *_tree_layout(prefix.length, Kc, d, A, tokens.device))
+        positions, mask = _tree_layout(prefix.length, Kc, d, A, tokens.device)
+        h = model.encode(tokens, prefix, positions=positions, attn_mask=mask)[0]
         h = h[:, Kc * d:].reshape(M * A, E)                               # the query-action tokens
     else:
         _, cache = model.encode(beam_tokens, prefix.expand(M // B))       # length k per beam
@@ -206,23 +206,6 @@ def _tree_layout(P: int, Kc: int, d: int, A: int, device) -> tuple[Tensor, Tenso
     sees = (beam[:, None] == beam[None, :]) & ~is_action[None, :] & (step[None, :] <= step[:, None])
     sees |= torch.eye(len(beam), dtype=torch.bool, device=device)
     return P + step, torch.cat([torch.ones(len(beam), P, dtype=torch.bool, device=device), sees], dim=1)
-
-
-def _tree_encode(model, tokens: Tensor, prefix, positions: Tensor, mask: Tensor) -> Tensor:
-    """DICPTransformer.encode (eval mode) for tokens (B, L, E) on top of `prefix` with explicit RoPE
-    positions and attention mask. It mirrors model.py's block; the cached == reference tests guard it."""
-    cos, sin = rope_cos_sin(model.spec.head_dim, 0, int(positions.max()) + 1, tokens.device, tokens.dtype)
-    cos, sin, x = cos[positions], sin[positions], tokens                       # (L, hd) each
-    for block, (past_k, past_v) in zip(model.blocks, prefix.layers):
-        attn, h = block.attn, block.norm1(x)
-        B, L, E = h.shape
-        q, k, v = (t.view(B, L, attn.h, attn.hd).transpose(1, 2) for t in attn.qkv(h).split(E, dim=2))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                 # (B, H, L, hd)
-        y = F.scaled_dot_product_attention(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2),
-                                           attn_mask=mask)
-        x = x + attn.proj(y.transpose(1, 2).reshape(B, L, E))
-        x = x + block.mlp(block.norm2(x))
-    return model.norm(x)
 
 
 def _reference_world_logits(model, context: Context, d: int, past: Context, q_obs: Tensor, actions: Tensor):

@@ -176,6 +176,74 @@ def test_kv_cache_matches_full_forward(discrete):
     torch.testing.assert_close(h_next[:, 0], ref2[:, -1], atol=1e-10, rtol=0)
 
 
+def _block_causal(sizes, prefix: int = 0) -> torch.Tensor:
+    """(L, prefix+L) mask: every token sees the prefix and, causally, only its own segment."""
+    seg = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    sees = (seg[:, None] == seg[None, :]) & torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
+    return torch.cat([torch.ones(len(seg), prefix, dtype=torch.bool), sees], dim=1)
+
+
+def test_encode_explicit_positions_and_causal_mask_equal_the_default():
+    model = DICPTransformer(make_spec()).double().eval()
+    torch.manual_seed(2)
+    B, T, L, E = 2, 6, 4, model.spec.embed_dim
+    ctx, new = torch.randn(B, T, E, dtype=torch.float64), torch.randn(B, L, E, dtype=torch.float64)
+    h_ref, c_ref = model.encode(ctx)                                 # SDPA is_causal path
+    h, c = model.encode(ctx, positions=torch.arange(T), attn_mask=torch.ones(T, T, dtype=torch.bool).tril())
+    torch.testing.assert_close(h, h_ref, atol=1e-12, rtol=0)
+    new_ref, _ = model.encode(new, c_ref)                            # cached default: positions T..
+    causal = torch.ones(L, T + L, dtype=torch.bool).tril(diagonal=T)
+    for pos, mask in [(torch.arange(T, T + L), None), (None, causal),
+                      (torch.arange(T, T + L).expand(B, L), causal[None, None].expand(B, 1, L, T + L))]:
+        h_new, c_new = model.encode(new, c, positions=pos, attn_mask=mask)
+        torch.testing.assert_close(h_new, new_ref, atol=1e-12, rtol=0)
+        assert c_new.length == T + L
+    # RoPE sees only relative positions: shifting every position by the same amount changes nothing
+    shifted, _ = model.encode(ctx, positions=torch.arange(T) + 5)
+    torch.testing.assert_close(shifted, h_ref, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="positions"):
+        model.encode(new, c, positions=torch.arange(L + 1))
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.encode(new, c, attn_mask=torch.ones(L, L, dtype=torch.bool))   # missing the cached columns
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.encode(new, c, attn_mask=causal.double())
+
+
+def test_encode_tree_mask_equals_encoding_each_branch_separately():
+    """Branches packed into one row (positions restart per branch, block-causal mask) give the same
+    hidden states as encoding each branch on its own, with and without a shared cached prefix."""
+    model = DICPTransformer(make_spec()).double().eval()
+    torch.manual_seed(3)
+    B, T, E, sizes = 2, 5, model.spec.embed_dim, [3, 1, 2]
+    ctx = torch.randn(B, T, E, dtype=torch.float64)
+    branches = [torch.randn(B, n, E, dtype=torch.float64) for n in sizes]
+    packed, positions = torch.cat(branches, dim=1), torch.cat([torch.arange(n) for n in sizes])
+    _, cache = model.encode(ctx)
+    h_tree, c_tree = model.encode(packed, cache, positions=T + positions, attn_mask=_block_causal(sizes, T))
+    h_flat, _ = model.encode(packed, positions=positions, attn_mask=_block_causal(sizes))  # no cache
+    assert c_tree.length == T + sum(sizes)
+    for i, (branch, h) in enumerate(zip(branches, torch.split(h_tree, sizes, dim=1))):
+        torch.testing.assert_close(h, model.encode(branch, cache)[0], atol=1e-10, rtol=0)
+        torch.testing.assert_close(torch.split(h_flat, sizes, dim=1)[i], model.encode(branch)[0],
+                                   atol=1e-10, rtol=0)
+    # A deeper tree: a shared trunk of 2 tokens, then two children that each see the trunk only.
+    trunk, kids = torch.randn(B, 2, E, dtype=torch.float64), torch.randn(B, 2, E, dtype=torch.float64)
+    mask = torch.ones(4, T + 4, dtype=torch.bool)
+    mask[:, T:] = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    h, _ = model.encode(torch.cat([trunk, kids], dim=1), cache, positions=T + torch.tensor([0, 1, 2, 2]),
+                        attn_mask=mask)
+    for j in range(2):
+        ref, _ = model.encode(torch.cat([trunk, kids[:, j:j + 1]], dim=1), cache)
+        torch.testing.assert_close(h[:, [0, 1, 2 + j]], ref, atol=1e-10, rtol=0)
+    # Per-row positions and masks: row 0 packs the branches, row 1 is the plain causal continuation.
+    L = sum(sizes)
+    pos2 = torch.stack([T + positions, torch.arange(T, T + L)])
+    mask2 = torch.stack([_block_causal(sizes, T), torch.ones(L, T + L, dtype=torch.bool).tril(T)])[:, None]
+    h2, _ = model.encode(packed, cache, positions=pos2, attn_mask=mask2)
+    torch.testing.assert_close(h2[0], h_tree[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(h2[1], model.encode(packed, cache)[0][1], atol=1e-10, rtol=0)
+
+
 def test_forward_equals_pieces_with_cache():
     """The planner's path (embed pieces + cache + predict) reproduces forward() exactly."""
     spec = make_spec(layout="ad")
