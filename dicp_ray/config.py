@@ -153,7 +153,7 @@ class PlanConfig:
     use_cache: bool = True
     """Reuse a key-value cache of the real context (False = the release's full re-encoding; same actions)."""
     second_half_only: bool = False
-    """Continuous only: plan only in the second half of each episode, as the authors' release does."""
+    """Plan only in the second half of each episode, as the authors' release does for Meta-World."""
 
 
 @dataclass(frozen=True)
