@@ -1,0 +1,238 @@
+"""Ray Train distillation (dicp_ray.train) on a tiny real Darkroom dataset.
+
+The dataset holds 6 tasks (4 train + 2 test tasks of split seed 0) x 2 streams x 10 episodes of the real
+env, acted by a policy that mixes random and oracle actions (more oracle in later episodes, like a
+learner). The first tests run without Ray; the TorchTrainer runs use 2 CPU workers, a 1-layer model and
+20-40 steps (about 20-35 s each on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dicp_ray import data
+from dicp_ray.config import ConfigError, ExperimentConfig, config_from_dict
+from dicp_ray.envs import DarkroomVectorEnv, cell_index, split_tasks
+from dicp_ray.model import DICPTransformer, load_checkpoint
+from dicp_ray.train import (CRASH_ENV_VAR, build_optimizer, model_spec_from_config, train_model, train_step,
+                            windows_to_batch)
+
+NUM_STREAMS, NUM_EPISODES = 2, 10
+TRAIN_IDS, TEST_IDS = split_tasks("Darkroom", 0)
+
+
+def _tiny_config(model: dict | None = None, **train) -> ExperimentConfig:
+    return config_from_dict({
+        "env": {"name": "Darkroom"},
+        "model": {"context_episodes": 2, "num_layers": 1, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
+                  "dropout": 0.0, "attn_dropout": 0.0, **(model or {})},
+        "train": {"num_steps": 20, "batch_size": 16, "lr": 3e-3, "num_workers": 2, "log_every_steps": 5,
+                  "checkpoint_every_steps": 10, "eval_batches": 1, **train},
+        "resources": {"num_cpus": 2}})
+
+
+def _histories(task_id: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """NUM_STREAMS histories of NUM_EPISODES Darkroom episodes, rows sorted by (stream, episode, step)."""
+    env = DarkroomVectorEnv(num_envs=NUM_STREAMS, task_id=task_id)
+    rows = {k: [] for k in ("episode", "step", "obs", "action", "reward", "next_obs", "optimal_action")}
+    for episode in range(NUM_EPISODES):
+        obs, _ = env.reset()
+        for step in range(env.horizon):
+            oracle = env.optimal_actions()
+            explore = rng.random(NUM_STREAMS) >= episode / NUM_EPISODES
+            action = np.where(explore, rng.integers(0, 5, NUM_STREAMS), oracle)
+            next_obs, reward, _, _, _ = env.step(action)
+            index = (np.full(NUM_STREAMS, episode), np.full(NUM_STREAMS, step))
+            values = (*index, obs, action, reward, next_obs, oracle)
+            for key, value in zip(rows, values):
+                rows[key].append(value)
+            obs = next_obs
+    n = NUM_STREAMS * NUM_EPISODES * env.horizon
+    cols = {k: np.stack(v, axis=1).reshape(n, *np.shape(v[0])[1:]) for k, v in rows.items()}  # stream-major
+    cols.update(stream=np.repeat(np.arange(NUM_STREAMS), n // NUM_STREAMS), terminated=np.zeros(n, bool),
+                truncated=cols["step"] == env.horizon - 1)
+    return cols
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> str:
+    task_ids = sorted(TRAIN_IDS[:4] + TEST_IDS[:2])
+    path = str(tmp_path_factory.mktemp("train_data") / "dataset")
+    rng = np.random.default_rng(0)
+    sidecars = [data.write_shard(path, t, _histories(t, rng), {}) for t in task_ids]
+    data.write_manifest(path, env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete",
+                        task_ids=task_ids, shards=sidecars, collect_config={}, seeds={}, provenance={},
+                        fingerprint="test", complete=True)
+    return path
+
+
+@pytest.fixture
+def fast_reports(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # Train V2 copies it to its controller
+
+
+# ------------------------------------------------------------------------------------------ no Ray
+def _windows(batch_size: int = 3, k: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    cells = rng.integers(0, 9, (2, batch_size, k, 2)).astype(np.float32)
+    return {"obs": cells[0], "action": rng.integers(0, 5, (batch_size, k)), "next_obs": cells[1],
+            "reward": rng.integers(0, 2, (batch_size, k)).astype(np.float32),
+            "optimal_action": rng.integers(0, 5, (batch_size, k)), "task_id": np.arange(batch_size)}
+
+
+@pytest.mark.parametrize("layout", ["ad", "dpt"])
+def test_windows_to_batch_splits_context_and_query(layout):
+    w = _windows()
+    batch, targets = windows_to_batch(w, layout, world_model=True)
+    assert batch["ctx_obs"].shape == (3, 4, 2) and batch["ctx_obs"].dtype == torch.float32
+    assert batch["ctx_action"].shape == (3, 4) and batch["ctx_action"].dtype == torch.long
+    assert batch["ctx_reward"].shape == (3, 4) and batch["ctx_next_obs"].shape == (3, 4, 2)
+    np.testing.assert_array_equal(batch["ctx_next_obs"].numpy(), w["next_obs"][:, :-1])
+    np.testing.assert_array_equal(batch["query_obs"].numpy(), w["obs"][:, -1])
+    np.testing.assert_array_equal(batch["query_action"].numpy(), w["action"][:, -1])
+    if layout == "ad":  # the action the source took in the query state
+        np.testing.assert_array_equal(targets["target_action"].numpy(), w["action"][:, -1])
+    else:  # a* of the query state at every one of the T + 1 action positions
+        np.testing.assert_array_equal(targets["target_action"].numpy(),
+                                      np.repeat(w["optimal_action"][:, -1:], 5, axis=1))
+    np.testing.assert_array_equal(targets["target_reward"].numpy(), w["reward"][:, -1].astype(int))
+    np.testing.assert_array_equal(targets["target_next_obs"].numpy(), cell_index(w["next_obs"][:, -1]))
+    assert all(t.dtype == torch.long for t in targets.values())
+
+
+def test_windows_to_batch_without_world_model_has_no_query_action():
+    batch, targets = windows_to_batch(_windows(), "ad", world_model=False)
+    assert "query_action" not in batch and set(targets) == {"target_action"}
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch, as in a Ray worker: 2 threads on 2 busy cores can be 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", ["ad", "dpt"])
+def test_loss_falls_in_process(dataset_dir, variant, one_thread):
+    config = _tiny_config(model={"variant": variant}, num_steps=60, lr=1e-2)
+    dataset = data.HistoryDataset.open(dataset_dir, task_ids=TRAIN_IDS[:4])
+    spec = model_spec_from_config(config, dataset)
+    assert (spec.obs_dim, spec.num_actions, spec.context_len, spec.obs_scale) == (2, 5, 40, 1 / 8)
+    assert (spec.num_obs_classes, spec.reward_classes, spec.layout) == (81, 2, variant)
+    torch.manual_seed(0)
+    model = DICPTransformer(spec)
+    optimizer, scheduler = build_optimizer(model, config.train)
+    sampler = data.WindowSampler(dataset, config.context_len, seed=0)
+    losses = []
+    for _ in range(config.train.num_steps):
+        batch, targets = windows_to_batch(sampler.sample(32), spec.layout, spec.world_model)
+        losses.append(float(train_step(model, optimizer, scheduler, batch, targets, config.train)["loss"]))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses  # measured: 0.53-0.70
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # cosine decayed to 0
+
+
+def test_use_gpu_without_cuda_fails_before_ray(dataset_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="use_gpu"):
+        train_model(_tiny_config(use_gpu=True), dataset_dir, str(tmp_path / "out"), 0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_of_another_env_is_refused_before_ray(dataset_dir, tmp_path):
+    config = config_from_dict({**_tiny_config().to_dict(), "env": {"name": "DarkroomPermuted"},
+                               "model": {"context_episodes": 1}})
+    with pytest.raises(ConfigError, match="env.name"):
+        train_model(config, dataset_dir, str(tmp_path / "out"), 0)
+
+
+# ------------------------------------------------------------------------------------------ Ray Train
+@pytest.fixture(scope="module")
+def trained_run(ray_local, dataset_dir, tmp_path_factory):
+    """One real 2-worker run of 20 steps -> (output dir, its model.pt, a copy of the step-20 model.pt)."""
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    out = tmp_path_factory.mktemp("train_run") / "split_0"
+    path = train_model(_tiny_config(), dataset_dir, str(out), split_seed=0)
+    snapshot = out.parent / "model_step20.pt"
+    snapshot.write_bytes(open(path, "rb").read())
+    return out, path, snapshot
+
+
+def _final_state(out) -> dict:
+    checkpoints = sorted((out / "ray_train").glob("*/checkpoint_*/state.pt"))
+    return torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
+
+
+@pytest.mark.ray
+def test_two_worker_run_writes_self_describing_model_and_tensorboard(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, path, snapshot = trained_run
+    assert path == str(out / "model.pt")
+    model, payload = load_checkpoint(str(snapshot))
+    assert (payload["step"], payload["env_name"], payload["split_seed"]) == (20, "Darkroom", 0)
+    assert payload["variant"] == "ad" and payload["world_model"] is True and payload["resumed_at_steps"] == []
+    assert len(payload["dataset_id"]) == 64 and payload["config"]["train"]["num_workers"] == 2
+    assert payload["provenance"]["versions"]["torch"] and payload["run_identity"]["split_seed"] == 0
+    assert payload["train_task_ids"] == TRAIN_IDS[:4] and payload["test_task_ids"] == TEST_IDS
+    assert model.spec.context_len == 40 and model.spec.layout == "ad"
+    tb = EventAccumulator(str(out / "tb"))
+    tb.Reload()
+    expected = {f"train/{k}" for k in ("loss", "loss_action", "loss_reward", "loss_next_obs", "acc_action",
+                                       "acc_reward", "acc_next_obs", "lr", "samples_per_s", "tokens_per_s")}
+    expected |= {"heldout/loss", "heldout/acc_action", "heldout/acc_reward", "heldout/acc_next_obs"}
+    assert expected <= set(tb.Tags()["scalars"]), expected - set(tb.Tags()["scalars"])
+    assert [e.step for e in tb.Scalars("train/loss")][:4] == [5, 10, 15, 20]
+    assert [e.step for e in tb.Scalars("heldout/loss")][:2] == [10, 20]
+
+
+@pytest.mark.ray
+def test_rerun_of_a_finished_config_reuses_model_without_ray(trained_run, dataset_dir):
+    out, path, _ = trained_run
+    config = _tiny_config(num_steps=load_checkpoint(path)[1]["step"])
+    mtime = os.path.getmtime(path)
+    assert train_model(config, dataset_dir, str(out), split_seed=0) == path
+    assert os.path.getmtime(path) == mtime
+    os.remove(path)  # the finished Ray run still holds it: copied back, no training
+    assert train_model(config, dataset_dir, str(out), split_seed=0) == path
+    assert load_checkpoint(path)[1]["step"] == config.train.num_steps
+
+
+@pytest.mark.ray
+def test_output_dir_of_another_config_or_fewer_steps_is_refused(trained_run, dataset_dir):
+    out, _, _ = trained_run
+    for other in (_tiny_config(model={"embed_dim": 32}), _tiny_config(lr=1e-3)):
+        with pytest.raises(ConfigError, match="different config"):
+            train_model(other, dataset_dir, str(out), split_seed=0)
+    with pytest.raises(ConfigError, match="raise train.num_steps"):
+        train_model(_tiny_config(num_steps=5), dataset_dir, str(out), split_seed=0)
+
+
+@pytest.mark.ray
+def test_more_steps_resume_the_run_with_optimizer_state(trained_run, dataset_dir, fast_reports):
+    out, _, _ = trained_run
+    assert _final_state(out)["step"] == 20
+    path = train_model(_tiny_config(num_steps=40), dataset_dir, str(out), split_seed=0)
+    _, payload = load_checkpoint(path)
+    assert payload["step"] == 40 and payload["resumed_at_steps"] == [20]
+    state = _final_state(out)
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {40.0}  # 20 restored + 20 new; a fresh optimizer would count 20
+    assert state["scheduler"]["last_epoch"] == 40
+
+
+@pytest.mark.ray
+def test_crash_mid_training_resumes_from_last_checkpoint(ray_local, dataset_dir, tmp_path, fast_reports,
+                                                         monkeypatch):
+    monkeypatch.setenv(CRASH_ENV_VAR, "15")  # read by train_model, passed to the ranks
+    out = tmp_path / "split_0"
+    path = train_model(_tiny_config(), dataset_dir, str(out), split_seed=0)
+    _, payload = load_checkpoint(path)
+    assert payload["step"] == 20 and payload["resumed_at_steps"] == [10]  # FailureConfig retry from step 10
+    assert (out / "ray_train" / ".test_crash_at_15").exists()
+    assert {float(s["step"]) for s in _final_state(out)["optimizer"]["state"].values()} == {20.0}
