@@ -399,7 +399,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- launcher
-def _task_ids(config: ExperimentConfig, split_seed: int, dataset) -> tuple[list[int], list[int], list[int]]:
+def split_task_ids(config: ExperimentConfig, split_seed: int,
+                   dataset) -> tuple[list[int], list[int], list[int]]:
     """(train ids used, all test ids, test ids in the data for held-out metrics)."""
     train_ids, test_ids = split_tasks(config.env.name, split_seed, config.env.train_ratio)
     if config.env.max_train_tasks is not None:
@@ -446,7 +447,7 @@ def _loop_config(config: ExperimentConfig, dataset_dir: str, output_dir: Path, s
 
     dataset = HistoryDataset.open(dataset_dir, verify=False)  # shards are hashed only before training
     _check_dataset(config, dataset)
-    train_ids, test_ids, heldout_ids = _task_ids(config, split_seed, dataset)
+    train_ids, test_ids, heldout_ids = split_task_ids(config, split_seed, dataset)
     _check_windows(config, dataset, train_ids)
     ds_id, crash = dataset_id(dataset), os.environ.get(CRASH_ENV_VAR)
     return {"config": config, "output_dir": str(output_dir), "split_seed": split_seed, "dataset_id": ds_id,

@@ -25,7 +25,7 @@ from dicp_ray.config import ExperimentConfig, config_from_dict, replace
 logger = logging.getLogger(__name__)
 
 PLAN_METRIC = "return_final"
-TRAIN_METRIC = "heldout/loss"
+TRAIN_METRIC = "heldout/loss_action"  # comparable across world-model weights
 
 
 def _plan_trial(params: dict[str, Any], *, base: dict[str, Any], checkpoints: dict[int, str]) -> None:
@@ -80,6 +80,69 @@ def run_plan_sweep(config: ExperimentConfig, output_dir: Path, checkpoints: dict
     return results
 
 
+def _train_trial(params: dict[str, Any], *, base: dict[str, Any], dataset_dir: str, split_seed: int) -> None:
+    """One Tune trial: train in-process, reporting held-out losses at every checkpoint interval (ASHA rungs)."""
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    from dicp_ray.data import HistoryDataset, WindowSampler
+    from dicp_ray.model import DICPTransformer, save_checkpoint
+    from dicp_ray.train import (build_optimizer, evaluate_batches, model_spec_from_config, split_task_ids,
+                                train_step, windows_to_batch)
+
+    torch.set_num_threads(1)
+    config = replace(config_from_dict(base), params)
+    t, m, k = config.train, config.model, config.context_len
+    torch.manual_seed(t.seed)
+    dataset = HistoryDataset.open(dataset_dir, verify=False)
+    train_ids, _, heldout_ids = split_task_ids(config, split_seed, dataset)
+    if not heldout_ids:
+        raise ValueError("a training sweep needs held-out histories: collect with collect.include_test_tasks=true")
+    model = DICPTransformer(model_spec_from_config(config, dataset))
+    optimizer, scheduler = build_optimizer(model, t)
+    sampler = WindowSampler(HistoryDataset.open(dataset_dir, task_ids=train_ids), k, seed=t.seed)
+    heldout_sampler = WindowSampler(HistoryDataset.open(dataset_dir, task_ids=heldout_ids), k, seed=t.seed + 1)
+    heldout = [windows_to_batch(heldout_sampler.sample(t.batch_size), m.variant, m.world_model)
+               for _ in range(t.eval_batches)]
+    for step in range(1, t.num_steps + 1):
+        train_step(model, optimizer, scheduler, *windows_to_batch(sampler.sample(t.batch_size), m.variant,
+                                                                  m.world_model), t)
+        if step % t.checkpoint_every_steps and step != t.num_steps:
+            continue
+        metrics = {f"heldout/{key}": value for key, value in
+                   evaluate_batches(model, heldout, t.world_model_weight).items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(f"{tmp}/model.pt", model, {"env_name": config.env.name, "split_seed": split_seed,
+                                                       "variant": m.variant, "world_model": m.world_model,
+                                                       "step": step, "config": config.to_dict()})
+            tune.report({**metrics, "step": step}, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def run_train_sweep(config: ExperimentConfig, output_dir: Path, dataset_dir: Path) -> Any:
+    """Training hyper-parameters on the first split seed, ASHA early stopping on the held-out action loss."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    grid = config.sweep.grid or {"train.lr": (1e-3, 3e-3, 1e-2), "train.world_model_weight": (0.5, 1.0)}
+    param_space = {key: tune.grid_search(list(values)) for key, values in grid.items()}
+    rungs = max(1, config.train.num_steps // config.train.checkpoint_every_steps)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rungs, grace_period=1, reduction_factor=2)
+    trainable = tune.with_resources(
+        tune.with_parameters(_train_trial, base=config.to_dict(), dataset_dir=str(dataset_dir),
+                             split_seed=config.env.split_seeds[0]), {"cpu": config.sweep.cpus_per_trial})
+    tuner = _tuner(trainable, config, output_dir / "tune", f"train_{config.name}", TRAIN_METRIC, "min",
+                   param_space, scheduler)
+    results = tuner.fit()
+    report_sweep(results, list(grid), TRAIN_METRIC, output_dir / "sweep")
+    best = results.get_best_result(metric=TRAIN_METRIC, mode="min")
+    if best.checkpoint is not None:
+        print(f"best trial: {best.config}  {TRAIN_METRIC} = {best.metrics.get(TRAIN_METRIC):.4f}\n"
+              f"best checkpoint: {best.checkpoint.path}/model.pt")
+    return results
+
+
 def report_sweep(results: Any, keys: list[str], metric: str, out: Path) -> str:
     """Print and save the sweep table (CSV) and, for two-key grids, a heat map PNG."""
     import pandas as pd
@@ -88,7 +151,8 @@ def report_sweep(results: Any, keys: list[str], metric: str, out: Path) -> str:
     frame = results.get_dataframe()
     columns = {f"config/{k}": k for k in keys}
     present = [c for c in columns if c in frame.columns]
-    table = frame[present + [c for c in (metric, "return_mean", "return_first") if c in frame.columns]]
+    extra = (metric, "return_mean", "return_first", "heldout/acc_reward", "heldout/acc_next_obs", "step")
+    table = frame[present + [c for c in extra if c in frame.columns]]
     table = table.rename(columns=columns).sort_values(by=[columns[c] for c in present])
     table.to_csv(out / "sweep_results.csv", index=False)
     text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}")
@@ -131,8 +195,6 @@ def run_sweep(config: ExperimentConfig, output_dir: str | Path, checkpoint: str 
     output_dir = Path(output_dir).resolve()
     init_ray(config.resources)
     if config.sweep.kind == "train":
-        from dicp_ray.train_sweep import run_train_sweep
-
         record_run(config, output_dir)
         return run_train_sweep(config, output_dir, collect_stage(config, output_dir))
     if checkpoint is not None:
