@@ -195,7 +195,7 @@ def run_sweep(config: ExperimentConfig, output_dir: str | Path, checkpoint: str 
     output_dir = Path(output_dir).resolve()
     init_ray(config.resources)
     if config.sweep.kind == "train":
-        record_run(config, output_dir)
+        # Only the dataset is shared with a pipeline run here; the trials' model/train settings vary.
         return run_train_sweep(config, output_dir, collect_stage(config, output_dir))
     if checkpoint is not None:
         from dicp_ray.model import load_checkpoint
