@@ -1,0 +1,423 @@
+"""Stage 1: learning histories. One RLlib PPO learner per task, each a Ray task writing its own shard.
+
+Run it with ``dicp-ray collect --config tune_configs/<env>.yaml --output DIR`` or from Python::
+
+    collect_histories(load_config("tune_configs/smoke.yaml"), "runs/smoke/dataset")
+
+Each learner steps ``collect.num_streams`` copies of its task in lockstep (the batched ``GridVectorEnv``
+plugged into RLlib through ``gym_env_vectorize_mode="vector_entry_point"``), updates PPO every
+``collect.rollout_steps`` steps per stream, and records every finished episode of every stream, in order,
+with ``HistoryRecorder`` (an ``on_episode_end`` callback). When its ``env_steps_per_task`` are done it writes
+``shards/task_XXXXX.arrow`` + sidecar itself (the driver never holds histories) and returns the sidecar,
+which carries a per-update mean-return curve. The driver keeps a bounded number of learners in flight,
+shows a progress bar, logs ``collect/*`` scalars to ``DIR/tb``, plots ``DIR/source_returns.png`` and
+writes the manifest last. Re-running the same command resumes: shards whose sidecar and sha256 check out
+are kept, anything else is deleted and re-collected. Learners are seeded (``collect.seed + task_id``) and
+RLlib with no remote EnvRunners is bit-reproducible, so a resumed dataset equals an uninterrupted one.
+At the paper's Darkroom settings (100K steps per task) expect a stream's first 10% of episodes to
+return ~0.2-0.3 and its last 10% the task's maximum (13-14 on the tasks measured), at ~600-800 env
+steps/s per learner per core (benchmarks/bench_collect.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import ray
+import torch
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.tune.registry import register_env
+
+from dicp_ray import data, envs
+from dicp_ray.config import ExperimentConfig
+from dicp_ray.runtime import init_ray, provenance
+
+logger = logging.getLogger(__name__)
+
+_EPISODES_ATTR = "dicp_ray_episodes"      # where HistoryRecorder leaves episodes on its EnvRunner
+_SAMPLES_ATTR = "dicp_ray_sample_steps"   # env steps of every sample() call, for the alignment check
+# Collect settings that change which tasks run or how, but never the content of a task's shard.
+_NOT_IN_FINGERPRINT = ("include_test_tasks", "num_cpus_per_learner", "max_retries")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RLlib side: env creator, PPO config, history-recording callback
+# ----------------------------------------------------------------------------------------------------------
+
+class _GridEnvCreator:
+    """RLlib env creator: the batched GridVectorEnv when RLlib asks for ``num_envs``, else a single env.
+
+    Observations are cast to float32 for the RLModule; the values (cells 0..8) stay exact.
+    """
+
+    def __init__(self, env_id: str):
+        self.env_id = env_id
+
+    def __call__(self, ctx: dict) -> gym.Env | gym.vector.VectorEnv:
+        if "num_envs" in ctx:  # gym_env_vectorize_mode="vector_entry_point"
+            vector_env = gym.make_vec(self.env_id, num_envs=ctx["num_envs"], task_id=ctx["task_id"],
+                                      vectorization_mode="vector_entry_point")
+            return gym.wrappers.vector.DtypeObservation(vector_env, np.float32)
+        return gym.wrappers.DtypeObservation(gym.make(self.env_id, task_id=ctx["task_id"]), np.float32)
+
+
+class SB3InitPPOModule(DefaultPPOTorchRLModule):
+    """RLlib's default PPO module (separate actor and critic MLPs) initialised like SB3's ``MlpPolicy``.
+
+    Orthogonal weights with gain sqrt(2) in the hidden layers, 0.01 for the policy logits and 1 for the
+    value output, zero biases. RLlib's default (torch's) init gives a visibly non-uniform first policy
+    (e.g. 0.27 vs 0.15 per action) that drifts every stream the same way. Measured on the four Darkroom
+    corner goals (tasks 0, 8, 72, 80; paper settings, 100K steps, seed 0): default init never saw a reward
+    on 2 of 4, this init reached the maximum return 13 on 4 of 4 (SB3 itself: 3 of 4 above 10).
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        for net, gain in ((self.encoder, math.sqrt(2)), (self.pi, 0.01), (getattr(self, "vf", None), 1.0)):
+            for layer in net.modules() if net is not None else ():
+                if isinstance(layer, torch.nn.Linear):
+                    torch.nn.init.orthogonal_(layer.weight, gain)
+                    torch.nn.init.zeros_(layer.bias)
+
+
+def build_learner_config(config: ExperimentConfig, task_id: int, *,
+                         vectorize_mode: str = "vector_entry_point") -> PPOConfig:
+    """RLlib PPO config that learns like the paper's SB3 PPO (SPEC §3 mapping) on task ``task_id``.
+
+    One update = one ``sample()`` of ``rollout_steps`` steps of every stream (the streams run in lockstep
+    and never terminate early), checked per learner by ``_updates_aligned``. Known difference from SB3:
+    RLlib normalises advantages over the whole train batch, SB3 per minibatch.
+    ``vectorize_mode``: "vector_entry_point" (the numpy-batched GridVectorEnv, default; its sampling is
+    ~1.3-2x faster) or "sync" (Gymnasium's SyncVectorEnv over single envs); both give identical histories.
+    """
+    c = config.collect
+    if c.algorithm == "sac":
+        raise NotImplementedError("collect.algorithm = 'sac' is the Meta-World source algorithm and is not "
+                                  "implemented yet; use collect.algorithm = 'ppo'")
+    if c.algorithm != "ppo":
+        raise ValueError(f"unknown collect.algorithm {c.algorithm!r}: use ppo")
+    spec = envs.grid_spec(config.env.name)
+    rllib_env = f"dicp_ray_grid_{spec.name}"
+    register_env(rllib_env, _GridEnvCreator(spec.env_id))
+    return (
+        PPOConfig()
+        .environment(rllib_env, env_config={"task_id": int(task_id)})
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=c.num_streams,
+                     rollout_fragment_length=c.rollout_steps, batch_mode="truncate_episodes",
+                     gym_env_vectorize_mode=vectorize_mode)
+        .learners(num_learners=0)
+        .training(lr=c.lr, gamma=c.gamma, lambda_=c.gae_lambda, clip_param=c.clip_param,
+                  vf_clip_param=float("inf"), vf_loss_coeff=c.vf_loss_coeff, entropy_coeff=c.entropy_coeff,
+                  grad_clip=c.grad_clip, grad_clip_by="global_norm", use_kl_loss=False,
+                  num_epochs=c.num_epochs, minibatch_size=c.minibatch_size,
+                  train_batch_size_per_learner=c.rollout_steps * c.num_streams)
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=SB3InitPPOModule),
+                   model_config=DefaultModelConfig(fcnet_hiddens=list(c.hidden_sizes),
+                                                   fcnet_activation="tanh", vf_share_layers=False))
+        .callbacks(HistoryRecorder)
+        .debugging(seed=c.seed + int(task_id), log_level="WARN")
+    )
+
+
+class HistoryRecorder(RLlibCallback):
+    """Keeps every finished episode of every stream (``env_index``), in the order the episodes ended.
+
+    ``on_episode_end`` fires once per episode, inside the EnvRunner, before RLlib numpy-izes and drops it,
+    with the earlier chunks of an episode that spanned several ``sample()`` calls. Observations include the
+    true final observation RLlib logs at truncation (not the reset observation of the next episode).
+    """
+
+    def on_episode_end(self, *, episode, prev_episode_chunks=None, env_runner=None, env_index: int,
+                       **kwargs) -> None:
+        chunks = [*(prev_episode_chunks or []), episode]
+        # With num_learners=0 the learner got the SAME chunk objects, and PPO's GAE connector appended an
+        # artificial bootstrap step to each: keep only a chunk's real steps, up to where the next one starts.
+        lengths = [b.t_started - a.t_started for a, b in zip(chunks, chunks[1:])] + [len(episode)]
+
+        def steps(getter, dtype=None) -> np.ndarray:
+            return np.concatenate([np.asarray(getter(ch), dtype)[:n] for ch, n in zip(chunks, lengths)])
+
+        obs = steps(lambda ch: ch.get_observations(), np.float32)
+        final_obs = np.asarray(episode.get_observations(-1), np.float32)  # the true last cell, not a reset
+        record = {
+            "obs": obs, "next_obs": np.concatenate([obs[1:], final_obs[None]]),
+            "action": steps(lambda ch: ch.get_actions()),
+            "reward": steps(lambda ch: ch.get_rewards(), np.float32),
+            "policy_version": steps(lambda ch: ch.get_extra_model_outputs("weights_seq_no"), np.int64),
+            "terminated": bool(episode.is_terminated), "truncated": bool(episode.is_truncated),
+        }
+        env_runner.__dict__.setdefault(_EPISODES_ATTR, []).append((int(env_index), record))
+
+    def on_sample_end(self, *, env_runner=None, samples=(), **kwargs) -> None:
+        env_runner.__dict__.setdefault(_SAMPLES_ATTR, []).append(int(sum(len(ep) for ep in samples)))
+
+
+def _drain(env_runner: Any, attr: str) -> list:
+    items = env_runner.__dict__.get(attr, [])
+    env_runner.__dict__[attr] = []
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One learner: train, check update alignment, turn episodes into shard columns, write the shard
+# ----------------------------------------------------------------------------------------------------------
+
+def _episodes_to_columns(env_name: str, task_id: int, streams: list[list[dict]]) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {k: [] for k in ("stream", "episode", "step", "obs", "action", "reward",
+                                               "next_obs", "terminated", "truncated")}
+    for stream, episodes in enumerate(streams):
+        for index, ep in enumerate(episodes):
+            n = len(ep["reward"])
+            last = np.arange(n) == n - 1
+            parts["stream"].append(np.full(n, stream, np.int32))
+            parts["episode"].append(np.full(n, index, np.int32))
+            parts["step"].append(np.arange(n, dtype=np.int32))
+            parts["terminated"].append(last & ep["terminated"])
+            parts["truncated"].append(last & ep["truncated"])
+            for key in ("obs", "action", "reward", "next_obs"):
+                parts[key].append(ep[key])
+    columns = {k: np.concatenate(v) for k, v in parts.items()}
+    columns["action"] = columns["action"].astype(np.int64)
+    columns["optimal_action"] = _oracle_labels(env_name, task_id, columns)
+    return columns
+
+
+def _oracle_labels(env_name: str, task_id: int, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Oracle action in every ``obs``; the Key-to-Door key/door state comes from the episode's rewards."""
+    reward = columns["reward"].astype(np.float64)
+    earned_before = np.cumsum(reward) - reward                      # return up to, excluding, each step
+    first_row = np.flatnonzero(columns["step"] == 0)
+    earned_before -= np.repeat(earned_before[first_row], np.diff(np.r_[first_row, reward.size]))
+    key_game = env_name == "DarkKeyToDoor"                          # +1 key, then +1 door: 2 = both paid
+    has_key = key_game & (earned_before > 0.5)
+    door_done = key_game & (earned_before > 1.5)
+    return np.asarray(envs.optimal_action(env_name, task_id, columns["obs"].astype(np.int64), has_key,
+                                          door_done), np.int64)
+
+
+def _keep_budget(streams: list[list[dict]], steps_per_stream: int) -> list[list[dict]]:
+    """Drop episodes beyond ``steps_per_stream`` steps (the last update may overshoot the budget)."""
+    kept = []
+    for episodes in streams:
+        lengths = np.cumsum([len(ep["reward"]) for ep in episodes])
+        kept.append(episodes[:int(np.searchsorted(lengths, steps_per_stream, side="right"))])
+    return kept
+
+
+def _updates_aligned(streams: list[list[dict]], sample_steps: list[int], rollout_steps: int,
+                     num_streams: int) -> bool:
+    """Every update sampled exactly ``rollout_steps`` consecutive steps of every stream.
+
+    Step t of a stream must have been taken by policy version t // rollout_steps (RLlib's weights_seq_no
+    grows by one per update), and every ``sample()`` call must have returned rollout_steps * num_streams.
+    """
+    if any(steps != rollout_steps * num_streams for steps in sample_steps):
+        return False
+    for episodes in streams:
+        versions = np.concatenate([ep["policy_version"] for ep in episodes])
+        if not np.array_equal(versions, np.arange(versions.size) // rollout_steps):
+            return False
+    return True
+
+
+def learn_task(config: ExperimentConfig, task_id: int, dataset_dir: str) -> dict:
+    """Train one PPO learner on ``task_id``, write its shard + sidecar, return the sidecar (in-process)."""
+    torch.set_num_threads(1)
+    c = config.collect
+    steps_per_stream = c.env_steps_per_task // c.num_streams
+    num_updates = math.ceil(steps_per_stream / c.rollout_steps)
+    start = time.perf_counter()
+    algo = build_learner_config(config, task_id).build_algo()
+    try:
+        streams: list[list[dict]] = [[] for _ in range(c.num_streams)]
+        curve: dict[str, list] = {"env_steps": [], "return_mean": []}
+        for update in range(num_updates):
+            algo.train()
+            finished = _drain(algo.env_runner, _EPISODES_ATTR)
+            for stream, record in finished:
+                streams[stream].append(record)
+            returns = [float(record["reward"].sum()) for _, record in finished]
+            curve["env_steps"].append((update + 1) * c.rollout_steps * c.num_streams)
+            curve["return_mean"].append(float(np.mean(returns)) if returns else None)
+        streams = _keep_budget(streams, steps_per_stream)
+        aligned = _updates_aligned(streams, _drain(algo.env_runner, _SAMPLES_ATTR), c.rollout_steps,
+                                   c.num_streams)
+        if not aligned:
+            logger.warning("task %d: PPO updates did not hold exactly %d consecutive steps of every stream",
+                           task_id, c.rollout_steps)
+        columns = _episodes_to_columns(config.env.name, task_id, streams)
+        extra = {"fingerprint": data_fingerprint(config), "env_name": config.env.name,
+                 "seed": c.seed + task_id, "num_updates": num_updates, "updates_aligned": aligned,
+                 "env_steps": int(columns["reward"].size), "curve": curve,
+                 "wall_s": round(time.perf_counter() - start, 3)}
+        return data.write_shard(dataset_dir, task_id, columns, extra)
+    finally:
+        algo.stop()
+
+
+@ray.remote
+def _learn_task_remote(config: ExperimentConfig, task_id: int, dataset_dir: str) -> dict:
+    return learn_task(config, task_id, dataset_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver: which tasks, resume, bounded fan-out over Ray, curves, manifest
+# ----------------------------------------------------------------------------------------------------------
+
+def collection_task_ids(config: ExperimentConfig) -> list[int]:
+    """Sorted union over split seeds of the (capped) train ids, plus the (capped) test ids if requested."""
+    env = config.env
+    ids: set[int] = set()
+    for split_seed in env.split_seeds:
+        train, test = envs.split_tasks(env.name, split_seed, env.train_ratio)
+        ids.update(train[:env.max_train_tasks])
+        if config.collect.include_test_tasks:
+            ids.update(test[:env.max_test_tasks])
+    return sorted(ids)
+
+
+def data_fingerprint(config: ExperimentConfig) -> str:
+    """Hash of everything that determines a task's shard (env, collect settings, schema version)."""
+    collect = {k: v for k, v in dataclasses.asdict(config.collect).items() if k not in _NOT_IN_FINGERPRINT}
+    text = json.dumps({"env": config.env.name, "collect": collect, "schema": data.SCHEMA_VERSION},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_existing(dataset_dir: str, fingerprint: str) -> None:
+    try:
+        manifest = data.read_manifest(dataset_dir)
+    except FileNotFoundError:
+        return
+    if manifest.get("fingerprint") != fingerprint:
+        raise ValueError(f"{dataset_dir} holds a dataset collected with different env/collect settings "
+                         f"(fingerprint {manifest.get('fingerprint')} != {fingerprint}); use another "
+                         "--output or delete that directory")
+
+
+def _write_manifest(config: ExperimentConfig, dataset_dir: str, task_ids: list[int], shards: list[dict],
+                    complete: bool) -> dict:
+    spec = envs.grid_spec(config.env.name)
+    return data.write_manifest(
+        dataset_dir, env_name=config.env.name, obs_dim=spec.obs_dim, num_actions=spec.num_actions,
+        action_type="discrete", task_ids=task_ids, shards=shards,
+        collect_config=dataclasses.asdict(config.collect),
+        seeds={"collect_seed": config.collect.seed, "learner_seed": "collect.seed + task_id",
+               "split_seeds": list(config.env.split_seeds), "env": dataclasses.asdict(config.env)},
+        provenance=provenance(), fingerprint=data_fingerprint(config), complete=complete)
+
+
+def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], writer: Any,
+                  progress: bool, done_before: int, total: int) -> list[dict]:
+    """Submit learners with at most ~2x cluster CPUs in flight; returns their sidecars."""
+    from tqdm.auto import tqdm
+
+    c = config.collect
+    max_in_flight = max(1, int(2 * ray.cluster_resources().get("CPU", 1) / c.num_cpus_per_learner))
+    remote = _learn_task_remote.options(num_cpus=c.num_cpus_per_learner, max_retries=c.max_retries,
+                                        retry_exceptions=False)
+    queue, pending, sidecars = list(todo), {}, []
+    start, env_steps = time.perf_counter(), 0
+    with tqdm(total=total, initial=done_before, desc="collect learners", unit="learner",
+              disable=not progress) as bar:
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                task_id = queue.pop(0)
+                pending[remote.remote(config, task_id, dataset_dir)] = task_id
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                del pending[ref]
+                sidecar = ray.get(ref)
+                sidecars.append(sidecar)
+                env_steps += sidecar["env_steps"]
+                steps_per_s = env_steps / (time.perf_counter() - start)
+                if writer is not None:
+                    writer.add_scalar("collect/env_steps_per_s", steps_per_s, env_steps)
+                bar.set_postfix(env_steps_per_s=f"{steps_per_s:,.0f}")
+                bar.update(1)
+    return sidecars
+
+
+def _log_curves(sidecars: list[dict], dataset_dir: str, writer: Any) -> None:
+    """Mean +- std over tasks of each task's per-update mean return: TensorBoard scalars and a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_updates = min(len(s["curve"]["env_steps"]) for s in sidecars)
+    steps = np.asarray(sidecars[0]["curve"]["env_steps"][:num_updates])
+    returns = np.array([[np.nan if r is None else r for r in s["curve"]["return_mean"][:num_updates]]
+                        for s in sidecars], dtype=np.float64)                    # (tasks, updates)
+    have = ~np.isnan(returns).all(axis=0)
+    steps, mean, std = steps[have], np.nanmean(returns[:, have], 0), np.nanstd(returns[:, have], 0)
+    for step, m, s in zip(steps, mean, std):
+        writer.add_scalar("collect/return_mean", m, int(step))
+        writer.add_scalar("collect/return_std", s, int(step))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, mean, label=f"mean over {len(sidecars)} tasks")
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.3, label="± std over tasks")
+    ax.set(xlabel="env steps per task", ylabel="episode return", title="Source PPO learning curves")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(dataset_dir, "source_returns.png"), dpi=120)
+    plt.close(fig)
+
+
+def collect_histories(config: ExperimentConfig, dataset_dir: str, progress: bool = True) -> str:
+    """Collect (or finish collecting) the learning histories of every task into ``dataset_dir``."""
+    local = "://" not in dataset_dir or dataset_dir.startswith("file://")
+    if local:
+        dataset_dir = os.path.abspath(dataset_dir.removeprefix("file://"))  # Ray workers may run elsewhere
+    task_ids = collection_task_ids(config)
+    fingerprint = data_fingerprint(config)
+    _check_existing(dataset_dir, fingerprint)
+    if data.dataset_is_complete(dataset_dir) and data.read_manifest(dataset_dir)["task_ids"] == task_ids:
+        logger.info("%s is already a complete dataset of %d tasks: nothing to collect", dataset_dir,
+                    len(task_ids))
+        return dataset_dir
+    data.remove_temp_files(dataset_dir)  # left by writers killed mid-write
+    kept = {t: data.read_sidecar(dataset_dir, t) for t in task_ids
+            if data.shard_is_valid(dataset_dir, t, fingerprint)}
+    todo = [t for t in task_ids if t not in kept]
+    for task_id in todo:
+        data.remove_shard(dataset_dir, task_id)  # partial, corrupt or stale leftovers of an earlier run
+    _write_manifest(config, dataset_dir, task_ids, list(kept.values()), complete=False)
+    logger.info("collecting %d of %d tasks (%d already valid) into %s", len(todo), len(task_ids), len(kept),
+                dataset_dir)
+    writer = None
+    if local:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb_dir = os.path.join(dataset_dir, "tb")
+        for name in os.listdir(tb_dir) if os.path.isdir(tb_dir) else []:
+            os.remove(os.path.join(tb_dir, name))  # the curves below are rewritten over all tasks
+        writer = SummaryWriter(tb_dir)
+    try:
+        if todo:
+            init_ray(config.resources)
+            for sidecar in _run_learners(config, dataset_dir, todo, writer, progress, len(kept),
+                                         len(task_ids)):
+                kept[sidecar["task_id"]] = sidecar
+        sidecars = [kept[t] for t in task_ids]
+        if writer is not None:
+            _log_curves(sidecars, dataset_dir, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+    _write_manifest(config, dataset_dir, task_ids, sidecars, complete=True)
+    logger.info("dataset complete: %d tasks, %d transitions", len(task_ids),
+                sum(s["num_rows"] for s in sidecars))
+    return dataset_dir
