@@ -68,15 +68,12 @@ def record_run(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
 
 
 def collect_stage(config: ExperimentConfig, output_dir: Path) -> Path:
-    """Collect histories into <output>/dataset unless a complete dataset is already there."""
+    """Collect histories into <output>/dataset; collect_histories returns at once (without starting Ray)
+    when the dataset is complete for this config, and otherwise re-collects only missing or corrupt shards."""
     from dicp_ray.collect import collect_histories
-    from dicp_ray.data import dataset_is_complete
 
     dataset_dir = output_dir / "dataset"
-    if dataset_is_complete(str(dataset_dir)):
-        logger.info("collect: complete dataset found at %s, skipping", dataset_dir)
-    else:  # collect_histories keeps finished shards and re-collects only missing or corrupt ones
-        collect_histories(config, str(dataset_dir))
+    collect_histories(config, str(dataset_dir))
     return dataset_dir
 
 
