@@ -48,7 +48,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps({k: config_dict[k] for k in _ARTIFACT_SECTIONS}, default=str))
+    # More split seeds only add models over the same data, so a run directory may grow its seed list.
+    picked = {k: dict(config_dict[k]) for k in _ARTIFACT_SECTIONS}
+    picked["env"].pop("split_seeds", None)
+    return json.loads(json.dumps(picked, default=str))
 
 
 def record_run(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
