@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from dicp_ray.config import ConfigError, ExperimentConfig, load_config, replace
+from dicp_ray.config import ConfigError, ExperimentConfig, load_config
 
 logger = logging.getLogger("dicp_ray")
 

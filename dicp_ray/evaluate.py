@@ -35,7 +35,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from dicp_ray.config import ExperimentConfig, config_from_dict
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
 from dicp_ray.model import load_checkpoint
 from dicp_ray.plan import Context, PlannerSettings, plan_discrete, sample_policy_action, should_plan
-from dicp_ray.runtime import init_ray, provenance
+from dicp_ray.runtime import init_ray, provenance, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -322,20 +321,6 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
 
 
 # ----------------------------------------------------------------------------- writing
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(header: list[str], rows: list[list]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -351,14 +336,14 @@ def _write_run_outputs(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = [[e + 1, m, lo, hi, result["oracle_max_return_mean"]] for e, (m, lo, hi) in
             enumerate(zip(result["return_mean"], result["return_ci_low"], result["return_ci_high"]))]
-    _write_text_atomic(out / RETURNS_CSV, _csv_text(["episode", "mean", "ci_low", "ci_high", "oracle"], rows))
+    write_text_atomic(out / RETURNS_CSV, _csv_text(["episode", "mean", "ci_low", "ci_high", "oracle"], rows))
     shutil.rmtree(out / TB_DIR, ignore_errors=True)  # a re-run replaces, never appends to, the curve
     writer = SummaryWriter(log_dir=str(out / TB_DIR))
     for episode, value in enumerate(result["return_mean"], start=1):
         writer.add_scalar(metric_tag(result["mode"]), value, episode)
     writer.add_scalar(f"eval/{result['mode']}/oracle_max_return", result["oracle_max_return_mean"], 1)
     writer.close()
-    _write_text_atomic(out / RESULTS_FILE, json.dumps(result, indent=1, sort_keys=True, default=str))
+    write_text_atomic(out / RESULTS_FILE, json.dumps(result, indent=1, sort_keys=True, default=str))
 
 
 # ----------------------------------------------------------------------------- fan-out over Ray
@@ -468,9 +453,9 @@ def write_summary(out: Path, summary: dict) -> None:
         for e, values in enumerate(zip(method["return_mean"], method["ci_low"], method["ci_high"])):
             rows.append([method["label"], mode, e + 1, *values, summary["oracle_max_return_mean"]])
     header = ["method", "mode", "episode", "mean", "ci_low", "ci_high", "oracle"]
-    _write_text_atomic(out / SUMMARY_CSV, _csv_text(header, rows))
+    write_text_atomic(out / SUMMARY_CSV, _csv_text(header, rows))
     plot_learning_curves(summary, out / CURVES_PNG)
-    _write_text_atomic(out / SUMMARY_JSON, json.dumps(summary, indent=1, sort_keys=True, default=str))
+    write_text_atomic(out / SUMMARY_JSON, json.dumps(summary, indent=1, sort_keys=True, default=str))
 
 
 def plot_learning_curves(summary: dict, path: Path) -> None:

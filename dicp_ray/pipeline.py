@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from dicp_ray.config import ConfigError, ExperimentConfig
+from dicp_ray.runtime import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +32,7 @@ _ARTIFACT_SECTIONS = ("env", "collect", "model", "train")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON via a temp file + fsync + rename, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import os
 import platform
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,20 @@ def provenance() -> dict[str, Any]:
             versions[package] = None
     return {"versions": versions, "python": platform.python_version(), "host": platform.node(),
             "git_revision": git_revision()}
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same directory + fsync + rename: readers see the old file or the new
+    one, never a partial one (a killed writer or a full disk leaves only a hidden .tmp behind)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

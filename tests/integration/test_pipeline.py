@@ -78,6 +78,12 @@ def test_plan_sweep_2x2_through_tune(smoke_run, tmp_path):
     assert (tmp_path / "sweep" / "sweep_heatmap.png").stat().st_size > 1000
     assert len((tmp_path / "sweep" / "sweep_results.csv").read_text().splitlines()) == 5
     assert list((tmp_path / "tune").rglob("events.out.tfevents.*")), "Tune writes TensorBoard files per trial"
+    # Re-running the same sweep restores it: the finished trials are kept, not run again.
+    trial_dirs = sorted(p.name for p in (tmp_path / "tune" / "plan_plan_smoke").iterdir() if p.is_dir())
+    again = run_sweep(config, tmp_path, checkpoint=checkpoint)
+    assert len(again) == 4 and again.num_errors == 0
+    assert sorted(p.name for p in (tmp_path / "tune" / "plan_plan_smoke").iterdir() if p.is_dir()) == trial_dirs
+    assert sorted(again.get_dataframe()["return_final"]) == sorted(frame["return_final"])
 
 
 def test_train_sweep_with_asha_reports_best_checkpoint(smoke_run, tmp_path, capsys):
