@@ -137,19 +137,26 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port = _free_port(), _free_port()
-    start = [str(bin_dir / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    # Every port the head opens is chosen free: another local Ray (the session fixture's) already holds the
+    # defaults, e.g. the dashboard agent's 52365, and a clash leaves the job agent down.
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                              "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                              "metrics-export-port", "node-manager-port", "object-manager-port",
+                                              "ray-client-server-port")}
+    dash_port = ports["dashboard-port"]
+    start = [str(bin_dir / "ray"), "start", "--head", "--num-cpus=2", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             *(f"--{name}={port}" for name, port in ports.items())]
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
         out = tmp_path / "job_run"
         submit = [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash_port}", "--",
                   sys.executable, "-m", "dicp_ray.cli", "pipeline", "--config", str(SMOKE), "--output", str(out),
                   "--address", "auto"]
-        for _ in range(30):  # the head's job agent takes a few seconds to come up after `ray start`
+        deadline = time.time() + 120  # the head's job agent takes a few seconds to come up after `ray start`
+        while True:
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-            if "No available agent" not in job.stderr:
+            if "No available agent" not in job.stderr or time.time() > deadline:
                 break
             time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
