@@ -165,3 +165,18 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
         assert "oracle (max)" in job.stdout        # the results table reached the job's log
     finally:
         _stop_head(str(temp_dir))
+
+
+def test_a_failing_trial_does_not_stop_the_sweep(smoke_run, tmp_path, capsys):
+    from dicp_ray.config import replace
+    from dicp_ray.tune import run_sweep
+
+    out, _ = smoke_run
+    config = load_config(ROOT / "tune_configs" / "sweeps" / "plan_smoke.yaml")
+    # depth 99 passes the sweep's own checks but fails inside its trial (deeper than the 20-step episode)
+    config = replace(config, {"sweep.grid": {"plan.depth": [1, 99]}})
+    results = run_sweep(config, tmp_path, checkpoint=str(out / "train" / "split_0" / "model.pt"))
+    assert len(results) == 2 and results.num_errors == 1
+    finished = [r for r in results if r.error is None]
+    assert len(finished) == 1 and finished[0].config["plan.depth"] == 1 and "return_final" in finished[0].metrics
+    assert "1 trial(s) failed" in capsys.readouterr().out
