@@ -22,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from dicp_ray.scripted import write_scripted_dataset
 from dicp_ray import data
 from dicp_ray.config import ExperimentConfig, config_from_dict
-from dicp_ray.envs import DarkroomVectorEnv
 from dicp_ray.model import DICPTransformer, count_parameters
 from dicp_ray.train import build_optimizer, model_spec_from_config, train_step, windows_to_batch
 
@@ -44,35 +43,8 @@ def paper_config(batch_size: int, num_steps: int, num_workers: int = 1) -> Exper
         "resources": {"num_cpus": 2}})
 
 
-def _histories(task_id: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """NUM_STREAMS Darkroom histories whose policy moves from random to the oracle over the episodes."""
-    env = DarkroomVectorEnv(num_envs=NUM_STREAMS, task_id=task_id)
-    rows = {k: [] for k in ("episode", "step", "obs", "action", "reward", "next_obs", "optimal_action")}
-    for episode in range(NUM_EPISODES):
-        obs, _ = env.reset()
-        for step in range(env.horizon):
-            oracle = env.optimal_actions()
-            action = np.where(rng.random(NUM_STREAMS) < episode / NUM_EPISODES, oracle,
-                              rng.integers(0, 5, NUM_STREAMS))
-            next_obs, reward, _, _, _ = env.step(action)
-            index = (np.full(NUM_STREAMS, episode), np.full(NUM_STREAMS, step))
-            values = (*index, obs, action, reward, next_obs, oracle)
-            for key, value in zip(rows, values):
-                rows[key].append(value)
-            obs = next_obs
-    n = NUM_STREAMS * NUM_EPISODES * env.horizon
-    cols = {k: np.stack(v, axis=1).reshape(n, *np.shape(v[0])[1:]) for k, v in rows.items()}  # stream-major
-    cols.update(stream=np.repeat(np.arange(NUM_STREAMS), n // NUM_STREAMS), terminated=np.zeros(n, bool),
-                truncated=cols["step"] == env.horizon - 1)
-    return cols
-
-
 def write_dataset(path: str, task_ids: list[int]) -> None:
-    rng = np.random.default_rng(0)
-    sidecars = [data.write_shard(path, t, _histories(t, rng), {}) for t in task_ids]
-    data.write_manifest(path, env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete",
-                        task_ids=task_ids, shards=sidecars, collect_config={}, seeds={}, provenance={},
-                        fingerprint="bench_train", complete=True)
+    write_scripted_dataset(path, "Darkroom", task_ids, NUM_STREAMS, NUM_EPISODES, fingerprint="bench_train")
 
 
 def bench_in_process(config: ExperimentConfig, dataset_path: str, task_ids: list[int], device: str,

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from dicp_ray.scripted import write_scripted_dataset
 from dicp_ray import data
 from dicp_ray.config import ConfigError, ExperimentConfig, config_from_dict
-from dicp_ray.envs import DarkroomVectorEnv, cell_index, split_tasks
+from dicp_ray.envs import cell_index, split_tasks
 from dicp_ray.model import DICPTransformer, load_checkpoint
 from dicp_ray.train import (CRASH_ENV_VAR, build_optimizer, model_spec_from_config, train_model, train_step,
                             windows_to_batch)
@@ -34,38 +35,11 @@ def _tiny_config(model: dict | None = None, **train) -> ExperimentConfig:
         "resources": {"num_cpus": 2}})
 
 
-def _histories(task_id: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """NUM_STREAMS histories of NUM_EPISODES Darkroom episodes, rows sorted by (stream, episode, step)."""
-    env = DarkroomVectorEnv(num_envs=NUM_STREAMS, task_id=task_id)
-    rows = {k: [] for k in ("episode", "step", "obs", "action", "reward", "next_obs", "optimal_action")}
-    for episode in range(NUM_EPISODES):
-        obs, _ = env.reset()
-        for step in range(env.horizon):
-            oracle = env.optimal_actions()
-            explore = rng.random(NUM_STREAMS) >= episode / NUM_EPISODES
-            action = np.where(explore, rng.integers(0, 5, NUM_STREAMS), oracle)
-            next_obs, reward, _, _, _ = env.step(action)
-            index = (np.full(NUM_STREAMS, episode), np.full(NUM_STREAMS, step))
-            values = (*index, obs, action, reward, next_obs, oracle)
-            for key, value in zip(rows, values):
-                rows[key].append(value)
-            obs = next_obs
-    n = NUM_STREAMS * NUM_EPISODES * env.horizon
-    cols = {k: np.stack(v, axis=1).reshape(n, *np.shape(v[0])[1:]) for k, v in rows.items()}  # stream-major
-    cols.update(stream=np.repeat(np.arange(NUM_STREAMS), n // NUM_STREAMS), terminated=np.zeros(n, bool),
-                truncated=cols["step"] == env.horizon - 1)
-    return cols
-
-
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> str:
     task_ids = sorted(TRAIN_IDS[:4] + TEST_IDS[:2])
     path = str(tmp_path_factory.mktemp("train_data") / "dataset")
-    rng = np.random.default_rng(0)
-    sidecars = [data.write_shard(path, t, _histories(t, rng), {}) for t in task_ids]
-    data.write_manifest(path, env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete",
-                        task_ids=task_ids, shards=sidecars, collect_config={}, seeds={}, provenance={},
-                        fingerprint="test", complete=True)
+    write_scripted_dataset(path, "Darkroom", task_ids, NUM_STREAMS, NUM_EPISODES, fingerprint="test")
     return path
 
 
