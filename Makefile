@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench reproduce-darkroom report-darkroom clean
 
 $(STAMP): setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,23 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# docs/results.md, Darkroom: DICP-AD and AD over split seeds 0-2 (collection ~20 min on 2 cores; training on
+# 2 cores ~3 h per model: see docs/results.md for the GPU route we used), the planning ablation, the table.
+reproduce-darkroom: $(STAMP)
+	$(VENV)/bin/dicp-ray pipeline --config tune_configs/darkroom_2core.yaml --output runs/darkroom_2core
+	mkdir -p runs/darkroom_2core_ad && ln -sfn ../darkroom_2core/dataset runs/darkroom_2core_ad/dataset
+	$(VENV)/bin/dicp-ray pipeline --config tune_configs/darkroom_2core_ad.yaml --output runs/darkroom_2core_ad
+	$(VENV)/bin/dicp-ray sweep --config tune_configs/sweeps/plan_darkroom_2core.yaml \
+		--checkpoint runs/darkroom_2core/train/split_0/model.pt --output runs/plan_darkroom_2core
+	$(MAKE) report-darkroom
+
+report-darkroom: $(STAMP)
+	$(PY) -m dicp_ray.report --out docs/results/darkroom_2core --compare DICP-AD AD \
+		--compare DICP-AD "AD + world model (no planning)" \
+		--method "AD=runs/darkroom_2core_ad/eval/summary.json:policy" \
+		--method "AD + world model (no planning)=runs/darkroom_2core/eval/summary.json:policy" \
+		--method "DICP-AD=runs/darkroom_2core/eval/summary.json:plan"
 
 clean:
 	rm -rf runs .pytest_cache

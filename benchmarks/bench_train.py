@@ -48,7 +48,7 @@ def write_dataset(path: str, task_ids: list[int]) -> None:
 
 
 def bench_in_process(config: ExperimentConfig, dataset_path: str, task_ids: list[int], device: str,
-                     num_threads: int) -> dict:
+                     num_threads: int, bf16: bool | None = None) -> dict:
     """Steady-state windows/s of sampling + training steps in this process (no Ray)."""
     torch.set_num_threads(num_threads)
     dataset = data.HistoryDataset.open(dataset_path, task_ids=task_ids, verify=False)
@@ -62,7 +62,7 @@ def bench_in_process(config: ExperimentConfig, dataset_path: str, task_ids: list
         start = time.perf_counter()
         windows = sampler.sample(config.train.batch_size)
         batch, targets = windows_to_batch(windows, spec.layout, spec.world_model, device)
-        loss = train_step(model, optimizer, scheduler, batch, targets, config.train)["loss"]
+        loss = train_step(model, optimizer, scheduler, batch, targets, config.train, bf16=bf16)["loss"]
         float(loss)  # wait for the device
         step_s.append(time.perf_counter() - start)
     steady = step_s[5:] or step_s  # like the Ray rows: the first log interval (5 steps) is dropped
@@ -107,9 +107,13 @@ def main() -> None:
         print(f"DICP-AD paper model, k = {cfg.context_len}, batch {batch}, {steps} steps per mode, "
               f"torch {torch.__version__}, {os.cpu_count()} CPUs")
         rows = []
-        if args.device == "cuda":
-            gpu = bench_in_process(cfg, f"{tmp}/dataset", task_ids, "cuda", num_threads=1)
-            rows.append((f"in-process {torch.cuda.get_device_name()} (bf16)", gpu["windows_per_s"], None))
+        if args.device == "cuda":  # baseline: this machine's CPUs; then the GPU in fp32 and bf16 autocast
+            threads = os.cpu_count() or 1
+            base = bench_in_process(cfg, f"{tmp}/dataset", task_ids, "cpu", num_threads=threads)
+            rows.append((f"in-process CPU, {threads} threads", base["windows_per_s"], None))
+            for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
+                gpu = bench_in_process(cfg, f"{tmp}/dataset", task_ids, "cuda", num_threads=threads, bf16=bf16)
+                rows.append((f"in-process {torch.cuda.get_device_name()} ({name})", gpu["windows_per_s"], None))
         else:
             base = bench_in_process(cfg, f"{tmp}/dataset", task_ids, "cpu", num_threads=1)
             rows.append(("in-process CPU, 1 thread", base["windows_per_s"], None))

@@ -1,4 +1,4 @@
-"""Stage 1: learning histories. One RLlib PPO learner per task, each a Ray task writing its own shard.
+"""Stage 1: learning histories. One RLlib PPO (or SAC) learner per task, each a Ray task writing its shard.
 
 Run it with ``dicp-ray collect --config tune_configs/<env>.yaml --output DIR`` or from Python::
 
@@ -17,6 +17,12 @@ RLlib with no remote EnvRunners is bit-reproducible, so a resumed dataset equals
 At the paper's Darkroom settings (100K steps per task) expect a stream's first 10% of episodes to
 return ~0.2-0.3 and its last 10% the task's maximum (13-14 on the tasks measured), at ~600-800 env
 steps/s per learner per core (benchmarks/bench_collect.py).
+
+Meta-World (``env.name`` ML1 / ML10, `dicp_ray.envs.meta_world`): the same loop with continuous actions.
+PPO uses a state-independent log-std Gaussian (SB3's ``MlpPolicy``, ``free_log_std``); ``collect.algorithm:
+sac`` runs RLlib SAC with SB3's defaults and the paper's ``collect.sac_*`` settings (one ``sample()`` of
+``sac_train_freq`` steps per stream, then ``sac_gradient_steps`` updates of ``sac_batch_size``). Shards store
+the executed (float32, clipped) action from the env's ``info["action"]`` and ``info["success"]``.
 """
 from __future__ import annotations
 
@@ -33,7 +39,9 @@ import gymnasium as gym
 import numpy as np
 import ray
 import torch
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.algorithms.sac import SACConfig
 from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
@@ -73,6 +81,32 @@ class _GridEnvCreator:
         return gym.wrappers.DtypeObservation(gym.make(self.env_id, task_id=ctx["task_id"]), np.float32)
 
 
+class _MetaWorldEnvCreator:
+    """RLlib env creator for ML1 / ML10: ``MetaWorldVectorEnv`` streams (float32 obs already), or one env."""
+
+    def __init__(self, name: str, task: str | None):
+        self.name, self.task = name, task
+
+    def __call__(self, ctx: dict) -> gym.Env | gym.vector.VectorEnv:
+        env_id = envs.meta_world.env_id(self.name)
+        if "num_envs" in ctx:
+            return gym.make_vec(env_id, num_envs=ctx["num_envs"], task_id=ctx["task_id"], task=self.task,
+                                vectorization_mode="vector_entry_point")
+        return gym.make(env_id, task_id=ctx["task_id"], task=self.task)
+
+
+def _register_rllib_env(config: ExperimentConfig) -> str:
+    """Register this config's env creator with RLlib under a name unique per env (and ML1 task)."""
+    env = config.env
+    if env.is_meta_world:
+        name = f"dicp_ray_{env.name}_{env.task}" if env.task else f"dicp_ray_{env.name}"
+        register_env(name, _MetaWorldEnvCreator(env.name, env.task))
+        return name
+    spec = envs.grid_spec(env.name)
+    register_env(f"dicp_ray_grid_{spec.name}", _GridEnvCreator(spec.env_id))
+    return f"dicp_ray_grid_{spec.name}"
+
+
 class SB3InitPPOModule(DefaultPPOTorchRLModule):
     """RLlib's default PPO module (separate actor and critic MLPs) initialised like SB3's ``MlpPolicy``.
 
@@ -93,27 +127,29 @@ class SB3InitPPOModule(DefaultPPOTorchRLModule):
 
 
 def build_learner_config(config: ExperimentConfig, task_id: int, *,
-                         vectorize_mode: str = "vector_entry_point") -> PPOConfig:
-    """RLlib PPO config that learns like the paper's SB3 PPO (SPEC §3 mapping) on task ``task_id``.
+                         vectorize_mode: str = "vector_entry_point") -> AlgorithmConfig:
+    """RLlib config of ``collect.algorithm`` (PPO, or SAC on Meta-World) for the learner of ``task_id``.
 
-    One update = one ``sample()`` of ``rollout_steps`` steps of every stream (the streams run in lockstep
-    and never terminate early), checked per learner by ``_updates_aligned``. Known difference from SB3:
-    RLlib normalises advantages over the whole train batch, SB3 per minibatch.
-    ``vectorize_mode``: "vector_entry_point" (the numpy-batched GridVectorEnv, default; its sampling is
-    ~1.3-2x faster) or "sync" (Gymnasium's SyncVectorEnv over single envs); both give identical histories.
+    PPO learns like the paper's SB3 PPO (SPEC §3 mapping): one update = one ``sample()`` of
+    ``rollout_steps`` steps of every stream (the streams run in lockstep and never terminate early),
+    checked per learner by ``_updates_aligned``. Known difference from SB3: RLlib normalises advantages
+    over the whole train batch, SB3 per minibatch. Continuous actions: a Gaussian with a state-independent
+    log-std (initial std 1), actions clipped to [-1, 1] for the env (SB3's PPO ``MlpPolicy``).
+    ``vectorize_mode``: "vector_entry_point" (the numpy-batched GridVectorEnv / MetaWorldVectorEnv, default;
+    grid sampling is ~1.3-2x faster) or "sync" (Gymnasium's SyncVectorEnv over single envs); both give
+    identical histories.
     """
     c = config.collect
     if c.algorithm == "sac":
-        raise NotImplementedError("collect.algorithm = 'sac' is the Meta-World source algorithm and is not "
-                                  "implemented yet; use collect.algorithm = 'ppo'")
+        return build_sac_config(config, task_id, vectorize_mode=vectorize_mode)
     if c.algorithm != "ppo":
-        raise ValueError(f"unknown collect.algorithm {c.algorithm!r}: use ppo")
-    spec = envs.grid_spec(config.env.name)
-    rllib_env = f"dicp_ray_grid_{spec.name}"
-    register_env(rllib_env, _GridEnvCreator(spec.env_id))
+        raise ValueError(f"unknown collect.algorithm {c.algorithm!r}: use ppo or sac")
+    continuous = config.env.is_meta_world
+    rllib_env = _register_rllib_env(config)
     return (
         PPOConfig()
-        .environment(rllib_env, env_config={"task_id": int(task_id)})
+        .environment(rllib_env, env_config={"task_id": int(task_id)},
+                     **({"normalize_actions": False, "clip_actions": True} if continuous else {}))
         .env_runners(num_env_runners=0, num_envs_per_env_runner=c.num_streams,
                      rollout_fragment_length=c.rollout_steps, batch_mode="truncate_episodes",
                      gym_env_vectorize_mode=vectorize_mode)
@@ -125,7 +161,51 @@ def build_learner_config(config: ExperimentConfig, task_id: int, *,
                   train_batch_size_per_learner=c.rollout_steps * c.num_streams)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=SB3InitPPOModule),
                    model_config=DefaultModelConfig(fcnet_hiddens=list(c.hidden_sizes),
-                                                   fcnet_activation="tanh", vf_share_layers=False))
+                                                   fcnet_activation="tanh", vf_share_layers=False,
+                                                   free_log_std=continuous))
+        .callbacks(HistoryRecorder)
+        .debugging(seed=c.seed + int(task_id), log_level="WARN")
+    )
+
+
+def build_sac_config(config: ExperimentConfig, task_id: int, *,
+                     vectorize_mode: str = "vector_entry_point") -> SACConfig:
+    """RLlib SAC as SB3's SAC with the paper's settings (Table 4) on Meta-World task ``task_id``.
+
+    Each ``train()`` samples ``sac_train_freq`` steps of every stream, then runs ``sac_gradient_steps``
+    updates of ``sac_batch_size`` transitions from a uniform replay buffer of ``sac_buffer_size`` once
+    ``sac_learning_starts`` env steps (all streams) exist: SB3's ``train_freq`` / ``gradient_steps`` per
+    vector step, so with N streams the updates per env step are 1/N of a 1-env SB3 run (raise
+    ``sac_gradient_steps`` to N to keep SB3's ratio). SB3 defaults kept: one lr for actor, critics and
+    entropy, tau 0.005, target update every step, entropy coefficient auto from 1.0, target entropy
+    -dim(A), twin Q, 256x256 ReLU MLPs, tanh-squashed Gaussian. Differences: before learning starts RLlib
+    acts with the untrained policy (SB3 samples uniform actions), and RLlib's own iteration minimums
+    (SAC: 1 s and 100 steps per ``train()``) are switched off so one ``train()`` is one sample + update.
+    """
+    c = config.collect
+    if not config.env.is_meta_world:
+        raise ValueError(f"collect.algorithm = 'sac' needs continuous actions (Meta-World), not "
+                         f"{config.env.name}")
+    # RLlib's replay-ratio knob: native ratio = batch / (fragment * envs); g * native gives g updates.
+    intensity = c.sac_gradient_steps * c.sac_batch_size / (c.sac_train_freq * c.num_streams)
+    return (
+        SACConfig()
+        .environment(_register_rllib_env(config), env_config={"task_id": int(task_id)},
+                     normalize_actions=False, clip_actions=True)
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=c.num_streams,
+                     rollout_fragment_length=c.sac_train_freq, batch_mode="truncate_episodes",
+                     gym_env_vectorize_mode=vectorize_mode)
+        .learners(num_learners=0)
+        .training(actor_lr=c.lr, critic_lr=c.lr, alpha_lr=c.lr, gamma=c.gamma, tau=0.005, initial_alpha=1.0,
+                  target_entropy="auto", twin_q=True, n_step=1, target_network_update_freq=0,
+                  train_batch_size_per_learner=c.sac_batch_size,
+                  num_steps_sampled_before_learning_starts=c.sac_learning_starts,
+                  replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": c.sac_buffer_size},
+                  training_intensity=intensity if c.sac_gradient_steps != 1 else None)
+        .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(c.sac_hidden_sizes),
+                                                   fcnet_activation="relu"))
+        .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=0,
+                   min_train_timesteps_per_iteration=0)
         .callbacks(HistoryRecorder)
         .debugging(seed=c.seed + int(task_id), log_level="WARN")
     )
@@ -137,6 +217,8 @@ class HistoryRecorder(RLlibCallback):
     ``on_episode_end`` fires once per episode, inside the EnvRunner, before RLlib numpy-izes and drops it,
     with the earlier chunks of an episode that spanned several ``sample()`` calls. Observations include the
     true final observation RLlib logs at truncation (not the reset observation of the next episode).
+    Envs that report ``info["action"]`` (Meta-World: the clipped float32 action it executed) have that
+    stored instead of the policy's raw sample, plus ``info["success"]``.
     """
 
     def on_episode_end(self, *, episode, prev_episode_chunks=None, env_runner=None, env_index: int,
@@ -158,6 +240,13 @@ class HistoryRecorder(RLlibCallback):
             "policy_version": steps(lambda ch: ch.get_extra_model_outputs("weights_seq_no"), np.int64),
             "terminated": bool(episode.is_terminated), "truncated": bool(episode.is_truncated),
         }
+        # infos[0] of a chunk is its reset (or carried-over) info; infos[t + 1] comes from step t.
+        infos = [info for ch, n in zip(chunks, lengths) for info in list(ch.get_infos())[1:n + 1]]
+        if infos and "action" in infos[0]:
+            if len(infos) != len(record["reward"]):
+                raise RuntimeError(f"{len(infos)} step infos for {len(record['reward'])} steps")
+            record["action"] = np.stack([info["action"] for info in infos]).astype(np.float32)
+            record["success"] = np.array([info["success"] for info in infos], np.float32)
         env_runner.__dict__.setdefault(_EPISODES_ATTR, []).append((int(env_index), record))
 
     def on_sample_end(self, *, env_runner=None, samples=(), **kwargs) -> None:
@@ -175,8 +264,11 @@ def _drain(env_runner: Any, attr: str) -> list:
 # ----------------------------------------------------------------------------------------------------------
 
 def _episodes_to_columns(env_name: str, task_id: int, streams: list[list[dict]]) -> dict[str, np.ndarray]:
+    continuous = "success" in streams[0][0]                       # Meta-World records
     parts: dict[str, list] = {k: [] for k in ("stream", "episode", "step", "obs", "action", "reward",
                                                "next_obs", "terminated", "truncated")}
+    if continuous:
+        parts["success"] = []
     for stream, episodes in enumerate(streams):
         for index, ep in enumerate(episodes):
             n = len(ep["reward"])
@@ -186,9 +278,12 @@ def _episodes_to_columns(env_name: str, task_id: int, streams: list[list[dict]])
             parts["step"].append(np.arange(n, dtype=np.int32))
             parts["terminated"].append(last & ep["terminated"])
             parts["truncated"].append(last & ep["truncated"])
-            for key in ("obs", "action", "reward", "next_obs"):
+            for key in ("obs", "action", "reward", "next_obs", *(("success",) if continuous else ())):
                 parts[key].append(ep[key])
     columns = {k: np.concatenate(v) for k, v in parts.items()}
+    if continuous:
+        columns["action"] = columns["action"].astype(np.float32)
+        return columns
     columns["action"] = columns["action"].astype(np.int64)
     columns["optimal_action"] = _oracle_labels(env_name, task_id, columns)
     return columns
@@ -217,14 +312,17 @@ def _keep_budget(streams: list[list[dict]], steps_per_stream: int) -> list[list[
 
 
 def _updates_aligned(streams: list[list[dict]], sample_steps: list[int], rollout_steps: int,
-                     num_streams: int) -> bool:
+                     num_streams: int, check_versions: bool = True) -> bool:
     """Every update sampled exactly ``rollout_steps`` consecutive steps of every stream.
 
     Step t of a stream must have been taken by policy version t // rollout_steps (RLlib's weights_seq_no
-    grows by one per update), and every ``sample()`` call must have returned rollout_steps * num_streams.
+    grows by one per update; PPO only, ``check_versions``), and every ``sample()`` call must have returned
+    rollout_steps * num_streams.
     """
     if any(steps != rollout_steps * num_streams for steps in sample_steps):
         return False
+    if not check_versions:
+        return True
     for episodes in streams:
         versions = np.concatenate([ep["policy_version"] for ep in episodes])
         if not np.array_equal(versions, np.arange(versions.size) // rollout_steps):
@@ -232,12 +330,22 @@ def _updates_aligned(streams: list[list[dict]], sample_steps: list[int], rollout
     return True
 
 
+def _success_summary(streams: list[list[dict]]) -> dict[str, float]:
+    """Meta-World: fraction of episodes with a success at any step, overall and in each stream's last 10%."""
+    solved = [[float(ep["success"].max()) for ep in episodes] for episodes in streams]
+    last = [s for per_stream in solved for s in per_stream[-math.ceil(0.1 * len(per_stream)):]]
+    return {"episode_success_rate": float(np.mean([s for per_stream in solved for s in per_stream])),
+            "last_10pct_success_rate": float(np.mean(last))}
+
+
 def learn_task(config: ExperimentConfig, task_id: int, dataset_dir: str) -> dict:
-    """Train one PPO learner on ``task_id``, write its shard + sidecar, return the sidecar (in-process)."""
+    """Train one learner on ``task_id``, write its shard + sidecar, return the sidecar (in-process)."""
     torch.set_num_threads(1)
     c = config.collect
+    ppo = c.algorithm == "ppo"
     steps_per_stream = c.env_steps_per_task // c.num_streams
-    num_updates = math.ceil(steps_per_stream / c.rollout_steps)
+    steps_per_update = c.rollout_steps if ppo else c.sac_train_freq
+    num_updates = math.ceil(steps_per_stream / steps_per_update)
     start = time.perf_counter()
     algo = build_learner_config(config, task_id).build_algo()
     try:
@@ -249,19 +357,21 @@ def learn_task(config: ExperimentConfig, task_id: int, dataset_dir: str) -> dict
             for stream, record in finished:
                 streams[stream].append(record)
             returns = [float(record["reward"].sum()) for _, record in finished]
-            curve["env_steps"].append((update + 1) * c.rollout_steps * c.num_streams)
+            curve["env_steps"].append((update + 1) * steps_per_update * c.num_streams)
             curve["return_mean"].append(float(np.mean(returns)) if returns else None)
         streams = _keep_budget(streams, steps_per_stream)
-        aligned = _updates_aligned(streams, _drain(algo.env_runner, _SAMPLES_ATTR), c.rollout_steps,
-                                   c.num_streams)
+        aligned = _updates_aligned(streams, _drain(algo.env_runner, _SAMPLES_ATTR), steps_per_update,
+                                   c.num_streams, check_versions=ppo)
         if not aligned:
-            logger.warning("task %d: PPO updates did not hold exactly %d consecutive steps of every stream",
-                           task_id, c.rollout_steps)
+            logger.warning("task %d: %s updates did not hold exactly %d consecutive steps of every stream",
+                           task_id, c.algorithm.upper(), steps_per_update)
         columns = _episodes_to_columns(config.env.name, task_id, streams)
         extra = {"fingerprint": data_fingerprint(config), "env_name": config.env.name,
                  "seed": c.seed + task_id, "num_updates": num_updates, "updates_aligned": aligned,
                  "env_steps": int(columns["reward"].size), "curve": curve,
                  "wall_s": round(time.perf_counter() - start, 3)}
+        if "success" in columns:
+            extra.update(env_task=config.env.task, algorithm=c.algorithm, success=_success_summary(streams))
         return data.write_shard(dataset_dir, task_id, columns, extra)
     finally:
         algo.stop()
@@ -288,11 +398,28 @@ def collection_task_ids(config: ExperimentConfig) -> list[int]:
     return sorted(ids)
 
 
+def _collect_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The collect section as stored and hashed: the ``sac_*`` keys only when collecting with SAC."""
+    sac = config.collect.algorithm == "sac"
+    return {k: v for k, v in dataclasses.asdict(config.collect).items() if sac or not k.startswith("sac_")}
+
+
+def _env_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The env section as stored in the manifest: ``task`` only when set (ML1)."""
+    return {k: v for k, v in dataclasses.asdict(config.env).items() if k != "task" or v is not None}
+
+
 def data_fingerprint(config: ExperimentConfig) -> str:
-    """Hash of everything that determines a task's shard (env, collect settings, schema version)."""
-    collect = {k: v for k, v in dataclasses.asdict(config.collect).items() if k not in _NOT_IN_FINGERPRINT}
-    text = json.dumps({"env": config.env.name, "collect": collect, "schema": data.SCHEMA_VERSION},
-                      sort_keys=True)
+    """Hash of everything that determines a task's shard (env, collect settings, schema version).
+
+    The SAC settings count only for SAC and the ML1 task only when set, so fingerprints of grid-world
+    datasets collected before those keys existed stay valid (resume keeps their shards).
+    """
+    collect = {k: v for k, v in _collect_settings(config).items() if k not in _NOT_IN_FINGERPRINT}
+    identity = {"env": config.env.name, "collect": collect, "schema": data.SCHEMA_VERSION}
+    if config.env.task is not None:
+        identity["task"] = config.env.task
+    text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -307,15 +434,23 @@ def _check_existing(dataset_dir: str, fingerprint: str) -> None:
                          "--output or delete that directory")
 
 
+def _action_facts(config: ExperimentConfig) -> dict[str, Any]:
+    """obs_dim and the action description of the manifest, from the env (Meta-World: 11 or 18 dims)."""
+    env = config.env
+    if env.is_meta_world:
+        return {"obs_dim": envs.meta_world.observation_dim(env.name, env.task), "num_actions": None,
+                "action_type": "continuous", "action_dim": envs.meta_world.ACTION_DIM, "env_task": env.task}
+    spec = envs.grid_spec(env.name)
+    return {"obs_dim": spec.obs_dim, "num_actions": spec.num_actions, "action_type": "discrete"}
+
+
 def _write_manifest(config: ExperimentConfig, dataset_dir: str, task_ids: list[int], shards: list[dict],
                     complete: bool) -> dict:
-    spec = envs.grid_spec(config.env.name)
     return data.write_manifest(
-        dataset_dir, env_name=config.env.name, obs_dim=spec.obs_dim, num_actions=spec.num_actions,
-        action_type="discrete", task_ids=task_ids, shards=shards,
-        collect_config=dataclasses.asdict(config.collect),
+        dataset_dir, env_name=config.env.name, **_action_facts(config), task_ids=task_ids, shards=shards,
+        collect_config=_collect_settings(config),
         seeds={"collect_seed": config.collect.seed, "learner_seed": "collect.seed + task_id",
-               "split_seeds": list(config.env.split_seeds), "env": dataclasses.asdict(config.env)},
+               "split_seeds": list(config.env.split_seeds), "env": _env_settings(config)},
         provenance=provenance(), fingerprint=data_fingerprint(config), complete=complete)
 
 

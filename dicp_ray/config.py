@@ -26,6 +26,22 @@ GRID_ENVS = {  # name -> (num_tasks, horizon, train_ratio, default planning dept
     "DarkKeyToDoor": (6561, 50, 0.95, 16),
     "DarkroomPermuted": (120, 50, 0.9, 16),
 }
+# Meta-World: name -> (task ids per split seed, horizon, train fraction (Meta-World's), planning depth).
+META_WORLD_ENVS = {"ML1": (100, 100, 0.5, 1), "ML10": (750, 100, 500 / 750, 1)}
+# Meta-World's v3 task names (metaworld 3.1.1, ALL_V3_ENVIRONMENTS order); a unit test checks this copy.
+META_WORLD_TASKS = (
+    "assembly-v3", "basketball-v3", "bin-picking-v3", "box-close-v3", "button-press-topdown-v3",
+    "button-press-topdown-wall-v3", "button-press-v3", "button-press-wall-v3", "coffee-button-v3",
+    "coffee-pull-v3", "coffee-push-v3", "dial-turn-v3", "disassemble-v3", "door-close-v3", "door-lock-v3",
+    "door-open-v3", "door-unlock-v3", "hand-insert-v3", "drawer-close-v3", "drawer-open-v3", "faucet-open-v3",
+    "faucet-close-v3", "hammer-v3", "handle-press-side-v3", "handle-press-v3", "handle-pull-side-v3",
+    "handle-pull-v3", "lever-pull-v3", "pick-place-wall-v3", "pick-out-of-hole-v3", "pick-place-v3",
+    "plate-slide-v3", "plate-slide-side-v3", "plate-slide-back-v3", "plate-slide-back-side-v3",
+    "peg-insert-side-v3", "peg-unplug-side-v3", "soccer-v3", "stick-push-v3", "stick-pull-v3", "push-v3",
+    "push-wall-v3", "push-back-v3", "reach-v3", "reach-wall-v3", "shelf-place-v3", "sweep-into-v3",
+    "sweep-v3", "window-open-v3", "window-close-v3",
+)
+_ENV_TABLE = {**GRID_ENVS, **META_WORLD_ENVS}
 
 
 class ConfigError(ValueError):
@@ -35,11 +51,15 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class EnvConfig:
     name: str = "Darkroom"
-    """Environment family: Darkroom | DarkKeyToDoor | DarkroomPermuted."""
+    """Environment family: Darkroom | DarkKeyToDoor | DarkroomPermuted | ML1 | ML10 (Meta-World)."""
+    task: str | None = None
+    """ML1 only: the Meta-World v3 task, e.g. reach-v3 (None for every other env)."""
     split_seeds: tuple[int, ...] = (0,)
-    """Train/test task splits to run (the paper averages 5 for grid worlds); one model per split seed."""
+    """Train/test task splits to run (the paper averages 5 for grid worlds, 3 for Meta-World); one model per
+    split seed. Meta-World: the seed its benchmark is built with, i.e. which goal variations exist."""
     train_ratio: float | None = None
-    """Fraction of tasks used for training; None = the paper's (0.9 / 0.95 / 0.9)."""
+    """Fraction of tasks used for training; None = the paper's (0.9 / 0.95 / 0.9). Must be None for
+    Meta-World, whose train/test split is its own."""
     max_train_tasks: int | None = None
     """Reduced scale: use only the first N train tasks of each split (None = all)."""
     max_test_tasks: int | None = None
@@ -47,15 +67,26 @@ class EnvConfig:
 
     @property
     def horizon(self) -> int:
-        return GRID_ENVS[self.name][1]
+        return _ENV_TABLE[self.name][1]
 
     @property
     def num_tasks(self) -> int:
-        return GRID_ENVS[self.name][0]
+        """Task ids per split seed (Meta-World ids of split seed s are s * num_tasks + 0..num_tasks-1)."""
+        return _ENV_TABLE[self.name][0]
 
     @property
     def default_plan_depth(self) -> int:
-        return GRID_ENVS[self.name][3]
+        return _ENV_TABLE[self.name][3]
+
+    @property
+    def effective_train_ratio(self) -> float:
+        """Fraction of each split's tasks that are train tasks (Meta-World: fixed, ML1 0.5, ML10 2/3)."""
+        return self.train_ratio if self.train_ratio is not None else _ENV_TABLE[self.name][2]
+
+    @property
+    def is_meta_world(self) -> bool:
+        """Continuous-action Meta-World benchmark (ML1 / ML10) rather than a discrete grid world."""
+        return self.name in META_WORLD_ENVS
 
 
 @dataclass(frozen=True)
@@ -96,12 +127,25 @@ class CollectConfig:
     """Ray CPUs reserved per learner task."""
     max_retries: int = 3
     """Ray retries of a learner whose process died."""
+    sac_learning_starts: int = 100
+    """SAC: env steps (all streams) of the untrained policy before the first update (paper: 100)."""
+    sac_batch_size: int = 128
+    """SAC: transitions per gradient step (paper: 128)."""
+    sac_train_freq: int = 10
+    """SAC: env steps per stream between updates (paper: 10, i.e. SB3 train_freq)."""
+    sac_gradient_steps: int = 1
+    """SAC: gradient steps per update (paper: 1)."""
+    sac_buffer_size: int = 1_000_000
+    """SAC: replay buffer capacity in transitions (paper: 1M)."""
+    sac_hidden_sizes: tuple[int, ...] = (256, 256)
+    """SAC: actor and twin-critic MLPs (ReLU), SB3's SAC default."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     variant: str = "ad"
-    """In-context algorithm: ad | dpt (idt is planned, not implemented yet)."""
+    """In-context algorithm: ad | dpt | idt. idt (hierarchical, dicp_ray/idt.py) acts in eval mode policy only
+    and trains at the paper's lr 1e-3 (--set train.lr=1e-3; AD/DPT use 1e-2), see tune_configs/darkroom_idt.yaml."""
     world_model: bool = True
     """True = DICP (reward and next-observation heads + planning); False = the model-free baseline."""
     context_episodes: int = 4
@@ -121,7 +165,8 @@ class TrainConfig:
     batch_size: int = 512
     """Windows per step across all workers (paper: 512, 4096 on Key-to-Door)."""
     lr: float = 1e-2
-    """AdamW peak learning rate with cosine decay, no warm-up (paper: 1e-2 AD/DPT, 1e-3 IDT)."""
+    """AdamW peak learning rate with cosine decay, no warm-up (paper: 1e-2 AD/DPT, 1e-3 IDT: set train.lr=1e-3
+    with model.variant=idt)."""
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.99
@@ -131,7 +176,10 @@ class TrainConfig:
     num_workers: int = 1
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
-    """One GPU per worker; bf16 autocast when True."""
+    """One GPU per worker."""
+    mixed_precision: bool = False
+    """bf16 autocast on CUDA. Off by default: for the paper's small models it is slower on an H100
+    (benchmarks/bench_train.py --device cuda: 23.0K vs 31.8K windows/s fp32), and CPUs never use it."""
     cpus_per_worker: int = 1
     checkpoint_every_steps: int = 1000
     """Also the reporting interval to Ray Train (each report costs ~0.2-2 s of controller latency)."""
@@ -403,7 +451,22 @@ def _check_choice(key: str, value: str, choices: list[str]) -> None:
 
 
 def _validate_env(env: EnvConfig) -> None:
-    _check_choice("env.name", env.name, list(GRID_ENVS))
+    _check_choice("env.name", env.name, list(_ENV_TABLE))
+    if env.name == "ML1":
+        if env.task is None:
+            raise ConfigError("env.task is missing: ML1 needs a Meta-World v3 task "
+                              "(e.g. --set env.task=reach-v3)")
+        if env.task not in META_WORLD_TASKS:
+            close = difflib.get_close_matches(env.task, META_WORLD_TASKS, n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ConfigError(f"env.task = {env.task!r} is not a Meta-World v3 task: {hint}choose one of "
+                              f"{', '.join(META_WORLD_TASKS)}")
+    elif env.task is not None:
+        raise ConfigError(f"env.task = {env.task!r} is only used by ML1; {env.name} has no task: remove it "
+                          "(--set env.task=null)")
+    if env.is_meta_world and env.train_ratio is not None:
+        raise ConfigError(f"env.train_ratio = {env.train_ratio!r}: {env.name} uses Meta-World's own "
+                          "train/test split, so leave it unset (--set env.train_ratio=null)")
     _require(len(env.split_seeds) > 0, "env.split_seeds", list(env.split_seeds), "needs at least one seed", "[0]")
     _require(all(s >= 0 for s in env.split_seeds), "env.split_seeds", list(env.split_seeds),
              "seeds must be >= 0", "[0,1,2]")
@@ -419,8 +482,13 @@ def _validate_env(env: EnvConfig) -> None:
 
 def _validate_collect(c: CollectConfig) -> None:
     _check_choice("collect.algorithm", c.algorithm, ["ppo", "sac"])
-    for key in ("num_streams", "rollout_steps", "minibatch_size", "num_epochs", "env_steps_per_task"):
+    for key in ("num_streams", "rollout_steps", "minibatch_size", "num_epochs", "env_steps_per_task",
+                "sac_batch_size", "sac_train_freq", "sac_gradient_steps", "sac_buffer_size"):
         _require(getattr(c, key) >= 1, f"collect.{key}", getattr(c, key), "must be >= 1", "10")
+    _require(c.sac_learning_starts >= 0, "collect.sac_learning_starts", c.sac_learning_starts, "must be >= 0",
+             "100")
+    _require(len(c.sac_hidden_sizes) > 0 and all(h >= 1 for h in c.sac_hidden_sizes),
+             "collect.sac_hidden_sizes", list(c.sac_hidden_sizes), "needs positive layer sizes", "[256,256]")
     for key in ("lr", "grad_clip", "num_cpus_per_learner"):
         _require(getattr(c, key) > 0, f"collect.{key}", getattr(c, key), "must be > 0", "0.5")
     for key in ("gamma", "gae_lambda"):
@@ -432,6 +500,8 @@ def _validate_collect(c: CollectConfig) -> None:
              list(c.hidden_sizes), "needs positive layer sizes", "[64,64]")
     _require(c.seed >= 0, "collect.seed", c.seed, "must be >= 0", "0")
     _require(c.max_retries >= 0, "collect.max_retries", c.max_retries, "must be >= 0", "3")
+    if c.algorithm != "ppo":
+        return
     batch = c.rollout_steps * c.num_streams
     _require(c.minibatch_size <= batch, "collect.minibatch_size", c.minibatch_size,
              f"must be <= rollout_steps * num_streams = {batch}", str(batch))
@@ -441,8 +511,6 @@ def _validate_collect(c: CollectConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check_choice("model.variant", m.variant, ["ad", "dpt", "idt"])
-    if m.variant == "idt":
-        raise ConfigError("model.variant = 'idt' is not implemented yet: use ad or dpt (--set model.variant=ad)")
     for key in ("context_episodes", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1", "4")
     for key in ("dropout", "attn_dropout"):
@@ -480,6 +548,9 @@ def _validate_plan_eval(config: ExperimentConfig) -> None:
     _require(len(e.modes) > 0, "eval.modes", list(e.modes), "needs at least one mode", "[policy,plan]")
     for mode in e.modes:
         _check_choice("eval.modes", mode, ["policy", "plan"])
+    if "plan" in e.modes and config.model.variant == "idt":
+        raise ConfigError("eval.modes contains 'plan' but model.variant = 'idt': DICP planning is implemented for "
+                          "AD only, IDT acts in mode policy (--set eval.modes=[policy])")
     if "plan" in e.modes and not config.model.world_model:
         raise ConfigError("eval.modes contains 'plan' but model.world_model = false: planning needs the world "
                           "model (--set model.world_model=true, or --set eval.modes=[policy])")
@@ -519,9 +590,12 @@ def validate(config: ExperimentConfig) -> None:
     _require(config.context_len >= horizon, "model.context_episodes", config.model.context_episodes,
              f"the context (context_episodes * horizon = {config.context_len}) must hold at least one "
              f"episode of {horizon} steps", "4")
-    if config.collect.algorithm == "sac":
+    if config.collect.algorithm == "sac" and not config.env.is_meta_world:
         raise ConfigError("collect.algorithm = 'sac' needs a continuous-action env (Meta-World); "
                           f"{config.env.name} is discrete: use --set collect.algorithm=ppo")
+    if config.model.variant == "dpt" and config.env.is_meta_world:
+        raise ConfigError(f"model.variant = 'dpt' needs optimal-action labels, which only the grid worlds "
+                          f"have; {config.env.name} is Meta-World: use --set model.variant=ad (or idt)")
     steps_per_stream = config.collect.env_steps_per_task // config.collect.num_streams
     _require(steps_per_stream >= config.context_len, "collect.env_steps_per_task",
              config.collect.env_steps_per_task,

@@ -281,11 +281,20 @@ def remove_temp_files(dataset_dir: str) -> int:
 
 def write_manifest(dataset_dir: str, *, env_name: str, obs_dim: int, num_actions: int | None,
                    action_type: str, task_ids: Sequence[int], shards: Sequence[dict], collect_config: dict,
-                   seeds: dict, provenance: dict, fingerprint: str, complete: bool) -> dict:
-    """Atomically write ``manifest.json``; ``shards`` are sidecars (only their file facts are kept)."""
+                   seeds: dict, provenance: dict, fingerprint: str, complete: bool,
+                   action_dim: int | None = None, env_task: str | None = None) -> dict:
+    """Atomically write ``manifest.json``; ``shards`` are sidecars (only their file facts are kept).
+
+    ``action_type`` is "discrete" (``num_actions`` choices, int64 column) or "continuous" (``action_dim``
+    floats); ``env_task`` is the Meta-World ML1 task. Those two keys are written only when given, so
+    grid-world manifests keep their layout.
+    """
+    if action_type not in ("discrete", "continuous"):
+        raise ValueError(f"action_type must be 'discrete' or 'continuous', got {action_type!r}")
+    optional = {k: v for k, v in (("action_dim", action_dim), ("env_task", env_task)) if v is not None}
     manifest = {
         "format": DATASET_FORMAT, "schema_version": SCHEMA_VERSION, "env_name": env_name, "obs_dim": obs_dim,
-        "num_actions": num_actions, "action_type": action_type,
+        "num_actions": num_actions, "action_type": action_type, **optional,
         "columns": shards[0].get("columns") if shards else None,
         "task_ids": [int(t) for t in task_ids], "fingerprint": fingerprint,
         "shards": [{k: s[k] for k in ("task_id", "file", "num_rows", "num_streams", "sha256")}
@@ -383,6 +392,8 @@ class HistoryDataset:
 
     ``index`` describes the histories (one per (task, stream)) with parallel int64 arrays ``task_id``,
     ``stream``, ``shard`` (position in ``task_ids``), ``start`` (first row in the shard) and ``length``.
+    Action facts for the trainer: ``is_continuous``; ``num_actions`` (discrete, else None); ``action_dim``
+    (continuous action length, else None); ``has_success`` (a Meta-World ``success`` column).
     """
 
     def __init__(self, path: str, manifest: dict, task_ids: list[int], tables: list[pa.Table]):
@@ -391,8 +402,13 @@ class HistoryDataset:
         self.env_name: str = manifest["env_name"]
         self.obs_dim: int = int(manifest["obs_dim"])
         self.num_actions: int | None = manifest.get("num_actions")
+        self.env_task: str | None = manifest.get("env_task")
         self.task_ids = task_ids
         self._tables = tables
+        action_type = tables[0].schema.field("action").type
+        self.is_continuous: bool = pa.types.is_fixed_size_list(action_type)
+        self.action_dim: int | None = action_type.list_size if self.is_continuous else None
+        self.has_success: bool = "success" in tables[0].schema.names
         self._shards = [_numpy_views(table) for table in tables]
         parts = {k: [] for k in ("task_id", "stream", "shard", "start", "length")}
         for position, (task_id, columns) in enumerate(zip(task_ids, self._shards)):

@@ -5,7 +5,8 @@ What it does
     checkpoint's split, and runs the in-context loop from an empty context for ``eval.num_episodes``
     episodes: at each step the context is the last k-1 real transitions of that task's history (across
     episode boundaries) and the query is the current observation. Mode "policy" samples the distilled
-    policy (AD / DPT); mode "plan" runs DICP beam search once the context is full (before that it samples).
+    policy (AD / DPT; IDT acts hierarchically through ``dicp_ray.idt.IDTAgent``, see `_rollout_idt`); mode
+    "plan" runs DICP beam search once the context is full (before that it samples), for AD checkpoints only.
     ``run_evaluations`` fans (split seed x mode) out as Ray tasks and aggregates over split seeds.
 
 How to run it
@@ -43,8 +44,10 @@ import torch
 
 from dicp_ray.config import ExperimentConfig, config_from_dict
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
+from dicp_ray.idt import IDTAgent
 from dicp_ray.model import load_checkpoint
-from dicp_ray.plan import Context, PlannerSettings, plan_discrete, sample_policy_action, should_plan
+from dicp_ray.plan import (Context, PlannerSettings, plan_continuous, plan_discrete, sample_policy_action,
+                           should_plan)
 from dicp_ray.runtime import init_ray, provenance, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -118,6 +121,9 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
     if variant != config.model.variant:
         raise ValueError(f"checkpoint {path} is variant {variant!r} but config.model.variant = "
                          f"{config.model.variant!r}: use --set model.variant={variant}")
+    if mode == "plan" and spec.layout == "idt":
+        raise ValueError(f"mode 'plan': DICP planning is implemented for AD only, checkpoint {path} is IDT: "
+                         "evaluate it in mode 'policy' (--set eval.modes=[policy])")
     if mode == "plan" and not spec.world_model:
         raise ValueError(f"mode 'plan' needs a world model, but checkpoint {path} was trained with "
                          "model.world_model=false: evaluate it in mode 'policy' (--set eval.modes=[policy])")
@@ -200,6 +206,8 @@ def _rollout(model, env, num_episodes: int, mode: str, settings: PlannerSettings
     """Act on all of `env`'s tasks at once -> returns (num_tasks, num_episodes) and the planned decisions."""
     from tqdm.auto import tqdm
 
+    if model.spec.layout == "idt":
+        return _rollout_idt(model, env, num_episodes, generator, device, desc)
     num_tasks, horizon, k = env.num_envs, env.horizon, model.spec.context_len
     obs_dim, total_steps = model.spec.obs_dim, num_episodes * horizon
     # Whole histories (N, total_steps, ...): the context is a view of the last k-1 rows, so it runs on
@@ -229,6 +237,79 @@ def _rollout(model, env, num_episodes: int, mode: str, settings: PlannerSettings
             returns[:, episode] += reward
             obs, step = next_obs, step + 1
     return returns, num_planned
+
+
+def _rollout_idt(model, env, num_episodes: int, generator: torch.Generator, device: torch.device,
+                 desc: str) -> tuple[np.ndarray, int]:
+    """IDT policy mode: a decision every block_len steps, actions sampled from Decisions-to-Go. Every episode's
+    return-to-go starts at the task's maximum achievable return, as in the authors' release (dicp_ray/idt.py)."""
+    from tqdm.auto import tqdm
+
+    target = torch.as_tensor(np.asarray(env.max_returns(), dtype=np.float32), device=device)
+    agent = IDTAgent(model, env.horizon, target, generator)
+    returns = np.zeros((env.num_envs, num_episodes))
+    for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
+        obs, _ = env.reset()  # every task truncates at the same step, so all reset together
+        agent.start_episode()
+        for _ in range(env.horizon):
+            action = agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device))
+            next_obs, reward, _, _, _ = env.step(action.cpu().numpy())
+            agent.observe(action, torch.as_tensor(reward), torch.as_tensor(next_obs))
+            returns[:, episode] += reward
+            obs = next_obs
+    return returns, 0
+
+
+def _rollout_continuous(model, env, num_episodes: int, mode: str, settings: PlannerSettings,
+                        generator: torch.Generator, device: torch.device,
+                        desc: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Meta-World: act on all test tasks at once -> returns, per-episode success (N, E) and planned decisions.
+
+    An episode counts as a success when ``info["success"]`` is 1 at any of its steps (Meta-World's own
+    convention). The context stores the executed (clipped) action, as the training data does. Plan mode is
+    the sampled search of `plan_continuous` (L = plan.num_samples candidates, depth plan.depth).
+    """
+    from tqdm.auto import tqdm
+
+    num_tasks, horizon, k = env.num_envs, env.horizon, model.spec.context_len
+    obs_dim, act_dim, total_steps = model.spec.obs_dim, model.spec.num_actions, num_episodes * horizon
+    hist = Context(torch.zeros(num_tasks, total_steps, obs_dim, device=device),
+                   torch.zeros(num_tasks, total_steps, act_dim, device=device),
+                   torch.zeros(num_tasks, total_steps, device=device),
+                   torch.zeros(num_tasks, total_steps, obs_dim, device=device))
+    returns, successes = np.zeros((num_tasks, num_episodes)), np.zeros((num_tasks, num_episodes))
+    num_planned, step = 0, 0
+    for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
+        obs, _ = env.reset()
+        for t in range(horizon):
+            start = max(0, step - (k - 1))
+            context = hist.map(lambda x: x[:, start:step])
+            query = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            if mode == "plan" and should_plan(settings, k, step - start, t, horizon):
+                action = plan_continuous(model, context, query, settings, generator)
+                num_planned += num_tasks
+            else:
+                action = sample_policy_action(model, context, query, generator)           # (N, A)
+            next_obs, reward, _, _, info = env.step(action.float().cpu().numpy())
+            executed = info["action"]                                                     # clipped (N, A)
+            for column, value in zip(hist.tensors(), (obs, executed, reward, next_obs)):
+                column[:, step] = torch.as_tensor(np.asarray(value), device=device).to(column.dtype)
+            returns[:, episode] += reward
+            successes[:, episode] = np.maximum(successes[:, episode], info["success"])
+            obs, step = next_obs, step + 1
+    return returns, successes, num_planned
+
+
+def success_metrics(successes: np.ndarray) -> dict:
+    """(tasks, episodes) 0/1 -> per-episode success rate and the "succeeded at least once so far" rate (the
+    authors' release reports the latter), each with a 95% t-interval over tasks."""
+    once = np.maximum.accumulate(successes, axis=1)
+    out = {"successes": successes.tolist()}
+    for name, values in (("success", successes), ("success_once_so_far", once)):
+        mean, low, high = mean_ci95(values)
+        out.update({f"{name}_mean": mean.tolist(), f"{name}_ci_low": low.tolist(),
+                    f"{name}_ci_high": high.tolist()})
+    return out
 
 
 def evaluate_in_context(checkpoint_path: str, config: ExperimentConfig | None = None,
@@ -281,15 +362,28 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         _keep_freed_memory()
     model = model.to(device)
     settings = planner_settings(config)
-    env = gymnasium.make_vec(GRID_SPECS[config.env.name].env_id, num_envs=len(task_ids),
-                             vectorization_mode="vector_entry_point", task_ids=task_ids)
     generator = torch.Generator(device="cpu").manual_seed(config.eval.seed)
-    loop_start = time.perf_counter()
-    with torch.no_grad():
-        returns, num_planned = _rollout(model, env, config.eval.num_episodes, mode, settings, generator,
-                                        device, desc=f"eval {mode} split {split_seed}")
+    desc = f"eval {mode} split {split_seed}"
+    successes = None
+    if config.env.is_meta_world:
+        from dicp_ray.envs import meta_world
+
+        env = gymnasium.make_vec(meta_world.env_id(config.env.name), num_envs=len(task_ids),
+                                 vectorization_mode="vector_entry_point", task_ids=task_ids, task=config.env.task)
+        loop_start = time.perf_counter()
+        with torch.no_grad():
+            returns, successes, num_planned = _rollout_continuous(model, env, config.eval.num_episodes, mode,
+                                                                  settings, generator, device, desc)
+        oracle = np.full(len(task_ids), np.nan)  # no oracle return for Meta-World; success is the metric
+    else:
+        env = gymnasium.make_vec(GRID_SPECS[config.env.name].env_id, num_envs=len(task_ids),
+                                 vectorization_mode="vector_entry_point", task_ids=task_ids)
+        loop_start = time.perf_counter()
+        with torch.no_grad():
+            returns, num_planned = _rollout(model, env, config.eval.num_episodes, mode, settings, generator,
+                                            device, desc=desc)
+        oracle = np.asarray(env.max_returns(), dtype=np.float64)
     loop_s = time.perf_counter() - loop_start
-    oracle = np.asarray(env.max_returns(), dtype=np.float64)
     env.close()
     mean, low, high = mean_ci95(returns)
     num_decisions = int(returns.size * env.horizon)
@@ -304,13 +398,16 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         "oracle_max_return_mean": float(oracle.mean()), "oracle_max_returns": oracle.tolist(),
         "settings": {"mode": mode, "seed": config.eval.seed, "device": str(device),
                      "torch_threads": torch.get_num_threads(),
-                     "planner": vars(settings) if mode == "plan" else None},
+                     "planner": vars(settings) if mode == "plan" else None,
+                     **({"idt_return_target": "task max return"} if model.spec.layout == "idt" else {})},
         "timing": {"wall_s": None, "rollout_s": loop_s, "decisions": num_decisions,
                    "planned_decisions": num_planned, "decisions_per_s": num_decisions / max(loop_s, 1e-9)},
         "checkpoint": os.path.abspath(path), "checkpoint_step": payload.get("step"),
         "fingerprint": _fingerprint(config, _file_sha256(path), mode, split_seed),
         "config": config.to_dict(), "provenance": provenance(),
     }
+    if successes is not None:
+        result.update(success_metrics(successes))
     result["timing"]["wall_s"] = time.perf_counter() - wall_start
     if output_dir is not None:
         _write_run_outputs(Path(output_dir), result)
@@ -440,11 +537,25 @@ def aggregate_results(config: ExperimentConfig, results: dict[tuple[int, str], d
             "decisions_per_s": float(np.mean([run["timing"]["decisions_per_s"] for run in runs])),
             "num_test_tasks": {str(s): len(run["task_ids"]) for s, run in zip(seeds, runs)},
         }
+        for metric in ("success", "success_once_so_far"):  # Meta-World
+            if f"{metric}_mean" in runs[0]:
+                methods[mode].update(_aggregate_curves(runs, seeds, metric))
     oracle = float(np.mean([results[(seed, modes[0])]["oracle_max_return_mean"] for seed in seeds]))
     return {"format": "dicp_ray.eval_summary", "schema_version": RESULTS_SCHEMA_VERSION,
             "env": config.env.name, "variant": config.model.variant, "split_seeds": seeds,
             "num_episodes": config.eval.num_episodes, "oracle_max_return_mean": oracle, "methods": methods,
             "ci": "95% t-interval", "config": config.to_dict(), "provenance": provenance()}
+
+
+def _aggregate_curves(runs: list[dict], seeds: list[int], metric: str) -> dict:
+    """`metric`'s per-episode mean with a 95% CI over split seeds (over tasks when there is one seed)."""
+    curves = np.array([run[f"{metric}_mean"] for run in runs])
+    if len(runs) > 1:
+        mean, low, high = mean_ci95(curves)
+    else:
+        mean, low, high = (np.asarray(runs[0][f"{metric}_{key}"]) for key in ("mean", "ci_low", "ci_high"))
+    return {f"{metric}_mean": mean.tolist(), f"{metric}_ci_low": low.tolist(), f"{metric}_ci_high": high.tolist(),
+            f"per_split_{metric}_mean": {str(s): run[f"{metric}_mean"] for s, run in zip(seeds, runs)}}
 
 
 def write_summary(out: Path, summary: dict) -> None:
@@ -459,25 +570,40 @@ def write_summary(out: Path, summary: dict) -> None:
 
 
 def plot_learning_curves(summary: dict, path: Path) -> None:
-    """Return vs episode: one line and shaded 95% CI per method, dashed oracle line (headless Agg canvas)."""
+    """Return vs episode: one line and shaded 95% CI per method, dashed oracle line (headless Agg canvas).
+    Meta-World adds a success panel: per-episode success (solid) and succeeded-at-least-once-so-far (dashed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    methods = list(summary["methods"].values())
+    with_success = any("success_mean" in m for m in methods)
+    fig = Figure(figsize=(12.0 if with_success else 6.4, 4.2), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for method in summary["methods"].values():
+    axes = fig.subplots(1, 2 if with_success else 1, squeeze=False)[0]
+    ax = axes[0]
+    for method in methods:
         episodes = np.arange(1, len(method["return_mean"]) + 1)
         line, = ax.plot(episodes, method["return_mean"], label=method["label"])
         ax.fill_between(episodes, method["ci_low"], method["ci_high"], color=line.get_color(), alpha=0.2)
-    ax.axhline(summary["oracle_max_return_mean"], color="black", linestyle="--", linewidth=1,
-               label="oracle max")
+        if with_success:
+            for metric, style, name in (("success", "-", "success"), ("success_once_so_far", "--", "once so far")):
+                axes[1].plot(episodes, method[f"{metric}_mean"], style, color=line.get_color(),
+                             label=f"{method['label']}: {name}")
+                axes[1].fill_between(episodes, method[f"{metric}_ci_low"], method[f"{metric}_ci_high"],
+                                     color=line.get_color(), alpha=0.12)
+    if np.isfinite(summary["oracle_max_return_mean"]):
+        ax.axhline(summary["oracle_max_return_mean"], color="black", linestyle="--", linewidth=1,
+                   label="oracle max")
     seeds = ", ".join(str(s) for s in summary["split_seeds"])
     ax.set(xlabel="episode", ylabel="mean return over test tasks",
            title=f"{summary['env']}: in-context evaluation (split seeds {seeds})")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(loc="best")
-    ax.grid(alpha=0.3)
+    if with_success:
+        axes[1].set(xlabel="episode", ylabel="success rate over test tasks", ylim=(-0.02, 1.02),
+                    title="success: per episode / succeeded at least once so far")
+    for a in axes:
+        a.xaxis.get_major_locator().set_params(integer=True)
+        a.legend(loc="best", fontsize="small")
+        a.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -496,7 +622,14 @@ def format_results_table(summary: dict) -> str:
         mean, low, high = (np.asarray(method[key]) for key in ("return_mean", "ci_low", "ci_high"))
         cells = [f"{mean[e - 1]:.2f} ± {(high[e - 1] - low[e - 1]) / 2:.2f}" for e in episodes]
         rows.append([method["label"], *cells])
-    rows.append(["oracle (max)", *(f"{summary['oracle_max_return_mean']:.2f}" for _ in episodes)])
+    for method in summary["methods"].values():  # Meta-World: success rates, the paper's metric
+        for metric, name in (("success", "success rate"), ("success_once_so_far", "succeeded at least once")):
+            if f"{metric}_mean" in method:
+                mean, low, high = (np.asarray(method[f"{metric}_{key}"]) for key in ("mean", "ci_low", "ci_high"))
+                rows.append([f"{method['label']}: {name}",
+                             *(f"{100 * mean[e - 1]:.0f}% ± {50 * (high[e - 1] - low[e - 1]):.0f}" for e in episodes)])
+    if np.isfinite(summary["oracle_max_return_mean"]):
+        rows.append(["oracle (max)", *(f"{summary['oracle_max_return_mean']:.2f}" for _ in episodes)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))) for row in rows]

@@ -24,7 +24,9 @@ How it is used
 What to expect
     ``encode(a)`` followed by ``encode(b, cache)`` equals ``encode(cat(a, b))`` up to float rounding
     (tested at 1e-10 in float64). Checkpoints hold only tensors and plain Python types, so they load
-    with ``torch.load(weights_only=True)``. The "idt" layout is not implemented yet.
+    with ``torch.load(weights_only=True)``. The hierarchical "idt" layout is a different module
+    (``dicp_ray.idt.IDTTransformer``) built from the same blocks; ``build_model(spec)`` and
+    ``load_checkpoint`` pick the class from ``spec.layout``.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dicp_ray.checkpoint", 1
 class ModelSpec:
     """Everything needed to rebuild a model; stored verbatim in checkpoints."""
 
-    layout: str = "ad"                  # "ad" | "dpt"
+    layout: str = "ad"                  # "ad" | "dpt" | "idt" (dicp_ray.idt.IDTTransformer)
     world_model: bool = True            # add query-action token + reward / next-obs heads
     obs_dim: int = 2
     discrete_actions: bool = True
@@ -61,15 +63,16 @@ class ModelSpec:
     dropout: float = 0.1
     attn_dropout: float = 0.1
     obs_scale: float = 1.0              # observations are multiplied by this before embedding
+    # IDT only (ignored by "ad" / "dpt"; checkpoints written before these existed get the defaults)
+    block_len: int = 10                 # c: steps per high-level decision
+    z_dim: int = 8                      # size of a high-level decision z
+    return_scale: float = 1.0           # returns-to-go are multiplied by this before embedding
 
     def __post_init__(self):
-        if self.layout == "idt":
-            raise NotImplementedError("layout 'idt' (hierarchical IDT) is not implemented yet; "
-                                      "use 'ad' or 'dpt'")
-        if self.layout not in ("ad", "dpt"):
-            raise ValueError(f"layout must be 'ad' or 'dpt', got {self.layout!r}")
+        if self.layout not in ("ad", "dpt", "idt"):
+            raise ValueError(f"layout must be 'ad', 'dpt' or 'idt', got {self.layout!r}")
         for name in ("obs_dim", "num_actions", "context_len", "num_layers", "num_heads", "embed_dim",
-                     "mlp_dim"):
+                     "mlp_dim", "block_len", "z_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.embed_dim % self.num_heads:
@@ -83,8 +86,14 @@ class ModelSpec:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not self.reward_max > 0 or not self.obs_scale > 0:
-            raise ValueError("reward_max and obs_scale must be > 0")
+        if not self.reward_max > 0 or not self.obs_scale > 0 or not self.return_scale > 0:
+            raise ValueError("reward_max, obs_scale and return_scale must be > 0")
+        if self.layout == "idt":
+            if not self.discrete_actions:
+                raise ValueError("layout 'idt' is implemented for discrete actions (grid worlds) only")
+            if self.context_len % self.block_len:
+                raise ValueError(f"layout 'idt' needs context_len={self.context_len} to be a multiple of "
+                                 f"block_len={self.block_len}")
 
     @property
     def head_dim(self) -> int:
@@ -191,6 +200,8 @@ class Block(nn.Module):
 class DICPTransformer(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
+        if spec.layout == "idt":
+            raise ValueError("layout 'idt' is dicp_ray.idt.IDTTransformer: build it with build_model(spec)")
         self.spec = spec
         D, A, E = spec.obs_dim, spec.action_in_dim, spec.embed_dim
         self.embed_transition = nn.Linear(2 * D + A + 1, E)   # (o, a, r, o') -> one token
@@ -406,7 +417,16 @@ def flops_per_token(model: DICPTransformer, num_keys: int | None = None) -> int:
     return 2 * count_parameters(model) + 2 * (2 * spec.num_layers * num_keys * spec.embed_dim)
 
 
-def save_checkpoint(path: str, model: DICPTransformer, extra: dict | None = None) -> None:
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The model class of ``spec.layout``: DICPTransformer ("ad", "dpt") or IDTTransformer ("idt")."""
+    if spec.layout == "idt":
+        from dicp_ray.idt import IDTTransformer  # imported here: dicp_ray.idt builds on this module
+
+        return IDTTransformer(spec)
+    return DICPTransformer(spec)
+
+
+def save_checkpoint(path: str, model: nn.Module, extra: dict | None = None) -> None:
     """Atomically write spec + weights + `extra` (plain Python types / tensors only)."""
     extra = dict(extra or {})
     reserved = {"format", "format_version", "model_spec", "state_dict"} & extra.keys()
@@ -425,8 +445,8 @@ def save_checkpoint(path: str, model: DICPTransformer, extra: dict | None = None
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
-def load_checkpoint(path: str, map_location="cpu") -> tuple[DICPTransformer, dict]:
-    """Rebuild the model (in eval mode) from a checkpoint; returns (model, full payload dict)."""
+def load_checkpoint(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model (in eval mode, class from ``model_spec.layout``) from a checkpoint -> (model, payload)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -445,7 +465,7 @@ def load_checkpoint(path: str, map_location="cpu") -> tuple[DICPTransformer, dic
         raise ValueError(f"{path}: model_spec is missing or has unknown fields "
                          f"{sorted(set(raw_spec or {}) - known)}")
     try:
-        model = DICPTransformer(ModelSpec(**raw_spec))
+        model = build_model(ModelSpec(**raw_spec))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: weights do not match model_spec {raw_spec}: {e}") from e

@@ -37,7 +37,9 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
     # More split seeds only add models over the same data, so a run directory may grow its seed list.
-    picked = {k: dict(config_dict[k]) for k in _ARTIFACT_SECTIONS}
+    # Keys a stored config lacks (added to dicp_ray after it was written, e.g. env.task) get today's defaults.
+    defaults = ExperimentConfig().to_dict()
+    picked = {k: {**defaults[k], **config_dict[k]} for k in _ARTIFACT_SECTIONS}
     picked["env"].pop("split_seeds", None)
     return json.loads(json.dumps(picked, default=str))
 

@@ -90,6 +90,12 @@ def provenance() -> dict[str, Any]:
             "git_revision": git_revision()}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write via a temp file in the same directory + fsync + rename: readers see the old file or the new
     one, never a partial one (a killed writer or a full disk leaves only a hidden .tmp behind)."""
@@ -101,6 +107,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -4,8 +4,9 @@
     train_model(config, "runs/smoke/dataset", "runs/smoke/train/split_0", split_seed=0)  # -> .../model.pt
 
 Each rank samples windows of k = context_episodes * horizon transitions from the TRAIN tasks of the split
-(never a test task: asserted on the first batch), turns them into the AD or DPT layout (`windows_to_batch`)
-and takes AdamW steps with cosine decay to 0 (no warm-up) and grad clipping; bf16 autocast on CUDA only.
+(never a test task: asserted on the first batch; IDT: windows of whole episodes, `make_window_sampler`), turns
+them into the AD, DPT or IDT layout (`windows_to_batch`)
+and takes AdamW steps with cosine decay to 0 (no warm-up) and grad clipping; bf16 autocast on CUDA when train.mixed_precision.
 Every ``checkpoint_every_steps`` (and at the end) every rank calls ``ray.train.report``; rank 0 measures
 held-out losses/accuracies on TEST-task histories and attaches a checkpoint with ``state.pt`` (model,
 optimizer, scheduler, step, per-rank RNG states) and a self-describing ``model.pt``. Rank 0 also writes
@@ -41,7 +42,8 @@ import torch
 
 from dicp_ray.config import ConfigError, ExperimentConfig, TrainConfig
 from dicp_ray.envs import GRID_SIZE, GRID_SPECS, cell_index, split_tasks
-from dicp_ray.model import DICPTransformer, ModelSpec, load_checkpoint, save_checkpoint
+from dicp_ray.idt import EpisodeWindowSampler, relabel_windows
+from dicp_ray.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +60,34 @@ _RUN_KEYS = {"env": ("name", "train_ratio", "max_train_tasks"), "model": None,
 # ------------------------------------------------------------------------------------------- model inputs
 def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
     """The model for `config` on `dataset`: obs size and action count from the data, classes from the env."""
-    grid, m = GRID_SPECS[config.env.name], config.model
+    m = config.model
+    if getattr(dataset, "is_continuous", False):  # Meta-World: Gaussian actions, reward/next-obs regression
+        if m.variant != "ad":
+            raise ConfigError(f"model.variant = {m.variant!r}: continuous-action (Meta-World) training is "
+                              "implemented for AD only (--set model.variant=ad)")
+        return ModelSpec(layout="ad", world_model=m.world_model, obs_dim=int(dataset.obs_dim),
+                         discrete_actions=False, num_actions=int(dataset.action_dim), num_obs_classes=None,
+                         reward_classes=None, reward_max=10.0, context_len=config.context_len,
+                         num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
+                         dropout=m.dropout, attn_dropout=m.attn_dropout, obs_scale=1.0)
+    grid = GRID_SPECS[config.env.name]
+    idt = {"return_scale": 1.0 / grid.horizon} if m.variant == "idt" else {}  # returns-to-go -> [0, 1]
     return ModelSpec(layout=m.variant, world_model=m.world_model, obs_dim=int(dataset.obs_dim),
                      discrete_actions=True, num_actions=int(dataset.num_actions),
                      num_obs_classes=grid.num_cells, reward_classes=2, reward_max=1.0,
                      context_len=config.context_len, num_layers=m.num_layers, num_heads=m.num_heads,
                      embed_dim=m.embed_dim, mlp_dim=m.mlp_dim, dropout=m.dropout, attn_dropout=m.attn_dropout,
-                     obs_scale=1.0 / (GRID_SIZE - 1))  # cells 0..8 -> [0, 1]
+                     obs_scale=1.0 / (GRID_SIZE - 1), **idt)  # cells 0..8 -> [0, 1]
+
+
+def make_window_sampler(config: ExperimentConfig, dataset: Any, seed):
+    """Training windows for config.model.variant: k consecutive transitions starting anywhere (AD, DPT), or
+    context_episodes whole episodes (IDT, whose episodes are then sorted by return in `windows_to_batch`)."""
+    from dicp_ray.data import WindowSampler
+
+    if config.model.variant == "idt":
+        return EpisodeWindowSampler(dataset, config.model.context_episodes, config.env.horizon, seed=seed)
+    return WindowSampler(dataset, config.context_len, seed=seed)
 
 
 def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: bool,
@@ -76,12 +99,27 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
     world-model targets. AD's target is the action the source took there. DPT conditions on a query state
     as well; we use the window's last observation (so AD and DPT see the same tokens and the query state is
     one the source visited in this task) and its target is the oracle action a* of that state at every one
-    of the T + 1 action positions.
+    of the T + 1 action positions. IDT windows (whole episodes with a ``step`` column) are sorted by episode
+    return and their return-to-go relabelled (`dicp_ray.idt.relabel_windows`); every step is a target there.
     """
     def tensor(x, dtype):
         return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
+    if layout == "idt":
+        w = relabel_windows(windows)
+        batch = {"ctx_obs": tensor(w["obs"], torch.float32), "ctx_action": tensor(w["action"], torch.long),
+                 "ctx_reward": tensor(w["reward"], torch.float32),
+                 "ctx_next_obs": tensor(w["next_obs"], torch.float32),
+                 "ctx_return_to_go": tensor(w["return_to_go"], torch.float32)}                 # (B, k, ...)
+        targets = {"target_action": tensor(w["action"], torch.long)}                          # (B, k)
+        if world_model:
+            targets["target_reward"] = tensor(np.rint(w["reward"]), torch.long)
+            targets["target_next_obs"] = tensor(cell_index(w["next_obs"]), torch.long)
+        return batch, targets
+
     obs, action, reward = windows["obs"], windows["action"], windows["reward"]    # (B,k,D), (B,k), (B,k)
+    if action.ndim == 3:  # continuous actions (B, k, A): Meta-World, AD layout, regression targets
+        return _continuous_batch(windows, layout, world_model, tensor)
     batch = {"ctx_obs": tensor(obs[:, :-1], torch.float32), "ctx_action": tensor(action[:, :-1], torch.long),
              "ctx_reward": tensor(reward[:, :-1], torch.float32),
              "ctx_next_obs": tensor(windows["next_obs"][:, :-1], torch.float32),
@@ -92,11 +130,29 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
         a_star = windows["optimal_action"][:, -1:]                                           # (B, 1)
         targets = {"target_action": tensor(np.repeat(a_star, obs.shape[1], axis=1), torch.long)}  # (B, T+1)
     else:
-        raise ValueError(f"layout must be 'ad' or 'dpt', got {layout!r}")
+        raise ValueError(f"layout must be 'ad', 'dpt' or 'idt', got {layout!r}")
     if world_model:
         batch["query_action"] = tensor(action[:, -1], torch.long)
         targets["target_reward"] = tensor(np.rint(reward[:, -1]), torch.long)                # (B,) 0 / 1
         targets["target_next_obs"] = tensor(cell_index(windows["next_obs"][:, -1]), torch.long)  # (B,) cell
+    return batch, targets
+
+
+def _continuous_batch(windows: dict[str, np.ndarray], layout: str, world_model: bool, tensor):
+    """AD layout with float actions: the source's action, reward (clipped to [0, 10] by the loss) and next
+    observation of the query transition are the targets."""
+    if layout != "ad":
+        raise ValueError(f"continuous actions are implemented for the 'ad' layout only, got {layout!r}")
+    obs, action, reward = windows["obs"], windows["action"], windows["reward"]
+    batch = {"ctx_obs": tensor(obs[:, :-1], torch.float32), "ctx_action": tensor(action[:, :-1], torch.float32),
+             "ctx_reward": tensor(reward[:, :-1], torch.float32),
+             "ctx_next_obs": tensor(windows["next_obs"][:, :-1], torch.float32),
+             "query_obs": tensor(obs[:, -1], torch.float32)}
+    targets = {"target_action": tensor(action[:, -1], torch.float32)}                       # (B, A)
+    if world_model:
+        batch["query_action"] = tensor(action[:, -1], torch.float32)
+        targets["target_reward"] = tensor(reward[:, -1], torch.float32)                      # (B,)
+        targets["target_next_obs"] = tensor(windows["next_obs"][:, -1], torch.float32)       # (B, D)
     return batch, targets
 
 
@@ -111,11 +167,14 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig):
     return optimizer, scheduler
 
 
-def train_step(model, optimizer, scheduler, batch, targets, train: TrainConfig) -> dict[str, torch.Tensor]:
-    """One optimiser step (bf16 autocast on CUDA); returns the detached losses and accuracies."""
+def train_step(model, optimizer, scheduler, batch, targets, train: TrainConfig,
+               bf16: bool | None = None) -> dict[str, torch.Tensor]:
+    """One optimiser step (bf16 autocast on CUDA when train.mixed_precision, or as `bf16` says); returns
+    the detached losses and accuracies."""
     model.train()
     device_type = batch["ctx_obs"].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+    bf16 = device_type == "cuda" and train.mixed_precision if bf16 is None else bf16
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         _, losses = model(batch, targets, world_model_weight=train.world_model_weight)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -126,13 +185,13 @@ def train_step(model, optimizer, scheduler, batch, targets, train: TrainConfig) 
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches: list, world_model_weight: float) -> dict[str, float]:
+def evaluate_batches(model, batches: list, world_model_weight: float, bf16: bool = False) -> dict[str, float]:
     """Mean losses and accuracies of `model` (eval mode) over prepared (batch, targets) pairs."""
     model.eval()
     totals: dict[str, float] = {}
     for batch, targets in batches:
         device_type = batch["ctx_obs"].device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16 and device_type == "cuda"):
             _, losses = model(batch, targets, world_model_weight=world_model_weight)
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
@@ -235,10 +294,12 @@ class _MetricMeans:
     """Per-step losses summed on the device (no host sync per step), averaged over ranks when read."""
 
     def __init__(self, world_model: bool):
-        self.keys = TRAIN_TAGS if world_model else ("loss", "loss_action", "acc_action")
+        self.keys = None  # the TRAIN_TAGS this model reports (continuous models have no accuracies)
         self.sums, self.count = None, 0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
+        if self.keys is None:
+            self.keys = tuple(k for k in TRAIN_TAGS if k in losses)
         values = torch.stack([losses[k] for k in self.keys])
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
@@ -256,14 +317,14 @@ class _MetricMeans:
 
 def _heldout_batches(loop_config, spec: ModelSpec, batch_size: int, device) -> list:
     """Fixed windows of TEST-task histories (the same at every checkpoint), or [] if the data has none."""
-    from dicp_ray.data import HistoryDataset, WindowSampler
+    from dicp_ray.data import HistoryDataset
 
     config: ExperimentConfig = loop_config["config"]
     if not loop_config["heldout_task_ids"]:
         return []
     dataset = HistoryDataset.open(loop_config["dataset_dir"], task_ids=loop_config["heldout_task_ids"],
                                   verify=False)
-    sampler = WindowSampler(dataset, config.context_len, seed=[config.train.seed, 2 ** 31])  # not a rank's
+    sampler = make_window_sampler(config, dataset, seed=[config.train.seed, 2 ** 31])  # not a rank's
     return [windows_to_batch(sampler.sample(batch_size), spec.layout, spec.world_model, device)
             for _ in range(config.train.eval_batches)]
 
@@ -282,7 +343,7 @@ class _Rank:
     device: torch.device
     spec: ModelSpec
     model: torch.nn.Module          # DDP-wrapped when world_size > 1
-    raw_model: DICPTransformer
+    raw_model: torch.nn.Module      # DICPTransformer or IDTTransformer (build_model)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     sampler: Any
@@ -297,7 +358,7 @@ def _setup_rank(loop_config: dict[str, Any]) -> _Rank:
     import ray.train
     import ray.train.torch
 
-    from dicp_ray.data import HistoryDataset, WindowSampler
+    from dicp_ray.data import HistoryDataset
 
     config: ExperimentConfig = loop_config["config"]
     train = config.train
@@ -310,10 +371,10 @@ def _setup_rank(loop_config: dict[str, Any]) -> _Rank:
     assert set(loop_config["test_task_ids"]).isdisjoint(dataset.task_ids), "a test task in the training data"
     spec = model_spec_from_config(config, dataset)
     torch.manual_seed(train.seed)  # identical initial weights on every rank
-    model = ray.train.torch.prepare_model(DICPTransformer(spec))
+    model = ray.train.torch.prepare_model(build_model(spec))
     raw_model = getattr(model, "module", model)
     optimizer, scheduler = build_optimizer(raw_model, train)
-    sampler = WindowSampler(dataset, config.context_len, seed=[train.seed, rank])
+    sampler = make_window_sampler(config, dataset, seed=[train.seed, rank])
     start_step, resumed = _restore(ray.train.get_checkpoint(), raw_model, optimizer, scheduler, sampler,
                                    loop_config, rank, world_size)
     crash = loop_config.get("crash_at_step")
@@ -347,7 +408,7 @@ def _log(r: _Rank, metrics: dict, means: _MetricMeans, step: int, clock: dict[st
             r.writer.add_scalar(key, value, step)
     eta = (now - clock["start"]) / (step - r.start_step) * (train.num_steps - step)
     logger.info("step %d/%d loss %.4f acc_action %.3f lr %.2e | %.0f windows/s | ETA %s", step,
-                train.num_steps, metrics["train/loss"], metrics["train/acc_action"], metrics["train/lr"],
+                train.num_steps, metrics["train/loss"], metrics.get("train/acc_action", float("nan")), metrics["train/lr"],
                 windows_per_s, _format_eta(eta))
 
 
@@ -417,6 +478,17 @@ def split_task_ids(config: ExperimentConfig, split_seed: int,
 
 
 def _check_dataset(config: ExperimentConfig, dataset) -> None:
+    if dataset.env_name != config.env.name:
+        raise ConfigError(f"env.name = {config.env.name!r} but the dataset holds {dataset.env_name!r} "
+                          f"histories: --set env.name={dataset.env_name} or use a {config.env.name} dataset")
+    if config.env.is_meta_world:
+        if dataset.env_task != config.env.task:
+            raise ConfigError(f"env.task = {config.env.task!r} but the dataset holds {dataset.env_task!r} "
+                              f"histories: --set env.task={dataset.env_task} or use a {config.env.task} dataset")
+        if not dataset.is_continuous:
+            raise ConfigError(f"the {config.env.name} dataset has discrete actions: it was not written by "
+                              "dicp_ray's Meta-World collection")
+        return
     grid = GRID_SPECS[config.env.name]
     if dataset.env_name != config.env.name:
         raise ConfigError(f"env.name = {config.env.name!r} but the dataset holds {dataset.env_name!r} "
@@ -430,11 +502,11 @@ def _check_dataset(config: ExperimentConfig, dataset) -> None:
 
 
 def _check_windows(config: ExperimentConfig, dataset, train_ids: list[int]) -> None:
-    from dicp_ray.data import HistoryDataset, WindowSampler
+    from dicp_ray.data import HistoryDataset
 
     try:  # raises when no train history holds a whole window
         train_data = HistoryDataset.open(dataset.path, task_ids=train_ids, verify=False)
-        WindowSampler(train_data, config.context_len, seed=0)
+        make_window_sampler(config, train_data, seed=0)
     except ValueError as err:
         raise ConfigError(f"model.context_episodes = {config.model.context_episodes}: {err}") from None
     model_spec_from_config(config, dataset)  # ModelSpec checks the remaining shapes
@@ -509,6 +581,61 @@ def train_model(config: ExperimentConfig, dataset_dir: str, output_dir: str, spl
     _copy_atomic(latest / "model.pt", final)
     logger.info("train: wrote %s", final)
     return str(final)
+
+
+def train_in_process(config: ExperimentConfig, dataset_dir: str, output_dir: str, split_seed: int,
+                     device: str = "cuda") -> str:
+    """The optimisation of a 1-worker `train_model` run in this process, without Ray (no DDP, no FailureConfig).
+
+    For machines that have PyTorch but not Ray (such as a lent bare GPU box): the same dataset checks, the
+    same seeds as Ray Train's rank 0 of one worker, the same `train_step`, TensorBoard tags and
+    self-describing ``<output_dir>/model.pt`` (evaluation cannot tell the two apart except by `provenance`).
+    Not resumable: a crash means a re-run from step 0.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dicp_ray.data import HistoryDataset
+
+    output_dir, train = Path(output_dir).resolve(), config.train
+    loop_config = _loop_config(config, str(dataset_dir), output_dir, split_seed)
+    dataset = HistoryDataset.open(loop_config["dataset_dir"], task_ids=loop_config["train_task_ids"],
+                                  verify=True)
+    spec = model_spec_from_config(config, dataset)
+    torch.manual_seed(train.seed)
+    model = build_model(spec).to(device)
+    optimizer, scheduler = build_optimizer(model, train)
+    sampler = make_window_sampler(config, dataset, seed=[train.seed, 0])
+    torch.manual_seed(train.seed * 1000)
+    heldout = _heldout_batches(loop_config, spec, train.batch_size, torch.device(device))
+    writer = SummaryWriter(str(output_dir / "tb"))
+    means, clock = _MetricMeans(spec.world_model), time.perf_counter()
+    start, last = clock, 0
+    for step in range(train.num_steps):
+        batch, targets = windows_to_batch(sampler.sample(train.batch_size), spec.layout, spec.world_model, device)
+        means.add(train_step(model, optimizer, scheduler, batch, targets, train))
+        done = step + 1
+        if done % train.log_every_steps == 0 or done == train.num_steps:
+            now = time.perf_counter()
+            rate = train.batch_size * (done - last) / max(now - clock, 1e-9)
+            metrics = {f"train/{k}": v for k, v in means.read(1).items()}
+            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": rate,
+                            "train/tokens_per_s": rate * (spec.context_len + int(spec.world_model))})
+            if heldout and (done % train.checkpoint_every_steps == 0 or done == train.num_steps):
+                scores = evaluate_batches(model, heldout, train.world_model_weight)
+                metrics.update({f"heldout/{k}": v for k, v in scores.items()})
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, done)
+            logger.info("step %d/%d loss %.4f acc_action %.3f | %.0f windows/s | ETA %s", done, train.num_steps,
+                        metrics["train/loss"], metrics.get("train/acc_action", float("nan")), rate,
+                        _format_eta((now - start) / done * (train.num_steps - done)))
+            clock, last = now, done
+    writer.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_checkpoint(Path(tmp), model.cpu(), optimizer, scheduler, train.num_steps, [_rng_state(sampler)],
+                          [], {**loop_config, "provenance": {**loop_config["provenance"],
+                                                             "trainer": f"train_in_process on {device}"}})
+        _copy_atomic(Path(tmp) / "model.pt", output_dir / "model.pt")
+    return str(output_dir / "model.pt")
 
 
 def _fit(config: ExperimentConfig, loop_config: dict, storage: Path, name: str) -> Path:

@@ -160,28 +160,33 @@ def report_sweep(results: Any, keys: list[str], metric: str, out: Path) -> str:
         text += f"\n{results.num_errors} trial(s) failed; their errors are in the Tune trial directories."
     print(text)
     if len(keys) == 2 and metric in table.columns:
-        _heatmap(pd.pivot_table(table, index=keys[0], columns=keys[1], values=metric), metric,
+        shown = [m for m in (metric, "return_mean") if m in table.columns]  # plan sweeps: final and mean return
+        _heatmap([pd.pivot_table(table, index=keys[0], columns=keys[1], values=m) for m in shown], shown,
                  out / "sweep_heatmap.png")
     return text
 
 
-def _heatmap(matrix, metric: str, path: Path) -> None:
+def _heatmap(matrices: list, metrics: list[str], path: Path) -> None:
+    """One annotated heat map per metric, side by side (2 decimals: sweep cells often differ by < 0.1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 0.8 * matrix.shape[0] + 2))
-    image = ax.imshow(matrix.values, cmap="viridis", aspect="auto", origin="lower")
-    ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns])
-    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
-    ax.set_xlabel(matrix.columns.name)
-    ax.set_ylabel(matrix.index.name)
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            ax.text(j, i, f"{matrix.values[i, j]:.1f}", ha="center", va="center", color="white")
-    fig.colorbar(image, ax=ax, label=metric)
-    ax.set_title(f"DICP planning sweep: {metric}")
+    rows, cols = matrices[0].shape
+    fig, axes = plt.subplots(1, len(matrices), figsize=(len(matrices) * (1.2 * cols + 2.5), 0.8 * rows + 2),
+                             squeeze=False)
+    for ax, matrix, metric in zip(axes[0], matrices, metrics):
+        image = ax.imshow(matrix.values, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(cols), [str(c) for c in matrix.columns])
+        ax.set_yticks(range(rows), [str(i) for i in matrix.index])
+        ax.set_xlabel(matrix.columns.name)
+        ax.set_ylabel(matrix.index.name)
+        for i in range(rows):
+            for j in range(cols):
+                ax.text(j, i, f"{matrix.values[i, j]:.2f}", ha="center", va="center", color="white")
+        fig.colorbar(image, ax=ax, label=metric)
+        ax.set_title(f"DICP planning sweep: {metric}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GRID_SIZE", "GridSpec", "GRID_SPECS", "cell_index", "cell_obs", "grid_spec", "split_tasks"]
+__all__ = ["GRID_SIZE", "GridSpec", "GRID_SPECS", "cell_index", "cell_obs", "grid_spec", "is_meta_world",
+           "split_tasks"]
 
 GRID_SIZE = 9  # every grid world is GRID_SIZE x GRID_SIZE; cell (x, y) has index x * GRID_SIZE + y
 
@@ -88,23 +89,35 @@ def grid_spec(name: str) -> GridSpec:
         ) from None
 
 
+def is_meta_world(name: str) -> bool:
+    """True for the Meta-World benchmarks (``"ML1"``, ``"ML10"``), whose facts live in `meta_world`."""
+    return name in ("ML1", "ML10")
+
+
 def split_tasks(
     name: str, split_seed: int, train_ratio: float | None = None
 ) -> tuple[list[int], list[int]]:
-    """Split the task ids of grid world `name` into (train_ids, test_ids).
+    """Split the task ids of environment `name` into (train_ids, test_ids).
 
-    The ids 0..N-1 are shuffled with ``np.random.default_rng(split_seed).permutation(N)`` and the first
-    ``round(N * train_ratio)`` become train ids, the rest test ids. Both lists are returned sorted, as
+    Grid worlds: the ids 0..N-1 are shuffled with ``np.random.default_rng(split_seed).permutation(N)`` and the
+    first ``round(N * train_ratio)`` become train ids, the rest test ids. Both lists are returned sorted, as
     plain Python ints. The result depends only on (name, split_seed, train_ratio).
+    Meta-World (``"ML1"``, ``"ML10"``): Meta-World's own split of the benchmark built with seed
+    `split_seed`, as global ids (`dicp_ray.envs.meta_world_tasks.split_tasks`); `train_ratio` must be None.
 
     Args:
-        name: one of ``GRID_SPECS`` (``"Darkroom"``, ``"DarkKeyToDoor"``, ``"DarkroomPermuted"``).
+        name: one of ``GRID_SPECS`` (``"Darkroom"``, ``"DarkKeyToDoor"``, ``"DarkroomPermuted"``), ``"ML1"``
+            or ``"ML10"``.
         split_seed: non-negative integer seed of the shuffle.
         train_ratio: fraction of train tasks in the open interval (0, 1); defaults to the spec's ratio.
 
     Raises:
         ValueError: unknown name, invalid seed, a ratio outside (0, 1), or one leaving a side empty.
     """
+    if is_meta_world(name):
+        from dicp_ray.envs import meta_world_tasks  # numpy only; it never imports splits
+
+        return meta_world_tasks.split_tasks(name, split_seed, train_ratio)
     spec = grid_spec(name)
     if isinstance(split_seed, bool) or not isinstance(split_seed, numbers.Integral) or split_seed < 0:
         raise ValueError(f"split_seed must be a non-negative integer, got {split_seed!r}")

@@ -95,7 +95,7 @@ def test_learner_config_matches_the_paper_mapping():
     assert torch.allclose(probs, torch.full_like(probs, 0.2), atol=0.02), probs
     # dataclasses.replace skips validate(), which already rejects sac on the (discrete) grid worlds.
     sac = dataclasses.replace(config, collect=dataclasses.replace(config.collect, algorithm="sac"))
-    with pytest.raises(NotImplementedError, match="sac"):
+    with pytest.raises(ValueError, match="sac.*continuous"):
         build_learner_config(sac, 0)
 
 

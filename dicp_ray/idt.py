@@ -1,0 +1,410 @@
+"""IDT: the In-context Decision Transformer (Huang et al., ICML 2024) for the discrete grid worlds.
+
+What it is
+    A hierarchical in-context agent: three small causal Transformers built from model.py's blocks
+    (pre-norm RMSNorm, rotary positions, SwiGLU MLP, SDPA attention), each ``spec.num_layers`` deep:
+
+    * Making-Decisions (MD) reads one token per block of c = ``spec.block_len`` steps across the whole
+      multi-episode context, token i = embed(return-to-go at the block start, observation at the block
+      start, z of block i-1), and predicts a diagonal Gaussian over the block's high-level decision z_i.
+    * Decisions-to-Go (DtG) reads the block's low-level tokens ``z_i, o_0, a_0, o_1 (+r_0), a_1, ...`` and
+      predicts action a_t at o_t's token; with ``spec.world_model`` (DICP-IDT) it also predicts the reward
+      (2-class) and the next cell (81-class) of (o_t, a_t) at a_t's token, the "query action".
+    * Reviewing-Decisions (RD) encodes a finished block's transitions (o, a, r, o') into z (``spec.z_dim``),
+      which MD reads as the previous decision of the next block.
+
+    Training windows hold ``context_episodes`` whole episodes of one history (``EpisodeWindowSampler``); their
+    episodes are sorted by ascending return and the return-to-go relabelled so every episode starts at the best
+    return of the window (``relabel_windows``; SPEC §4). ``train.windows_to_batch(windows, "idt", ...)`` turns
+    them into the batch ``IDTTransformer.forward`` reads. ``IDTAgent`` acts in context on a batch of tasks.
+
+How it is used
+    model = build_model(spec)                      # spec.layout == "idt" (dicp_ray.model.build_model)
+    preds, losses = model(batch, targets)          # same loss keys as AD: loss, loss_action, acc_action, ...
+    agent = IDTAgent(model, horizon, return_target=torch.as_tensor(env.max_returns()), generator=gen)
+    agent.start_episode(); a = agent.act(obs); agent.observe(a, reward, next_obs)   # once per step
+
+Batch (B windows of k = E * H transitions, E episodes of H steps, k a multiple of c):
+    ``ctx_obs (B,k,D) float, ctx_action (B,k) long, ctx_reward (B,k) float, ctx_next_obs (B,k,D) float,
+    ctx_return_to_go (B,k) float``; targets ``target_action (B,k)``, and with the world model
+    ``target_reward (B,k)`` class and ``target_next_obs (B,k)`` cell. Every step is a prediction target.
+
+Choices that are ours where the paper (and SPEC §4) is silent
+    * One MD token per block (a linear embedding of the concatenated return-to-go, observation and previous z,
+      plus a "no previous decision" flag on the window's first block), not one token per quantity.
+    * z is continuous: RD outputs it deterministically, MD predicts a Gaussian (log-std clamped like AD's
+      continuous policy). Training samples z_i with the reparameterisation trick and DtG acts on it, so the
+      action loss trains all three modules end to end; there is no separate loss on z (as in the authors'
+      release). A forward in eval mode uses the mean; ``IDTAgent`` samples by default.
+    * DtG sees only its own block (all cross-episode information reaches it through z); the previous reward is
+      folded into the observation token, so a block has 2c + 1 tokens.
+    * The world-model heads predict every step of every block (AD predicts one query per window).
+    * Windows start at an episode start and hold whole episodes (AD windows start anywhere); the sort and the
+      relabelling are per window, ties keep their time order, and the return-to-go of step t is the window's
+      best return minus the rewards collected earlier in that episode. Returns-to-go are scaled by
+      ``spec.return_scale`` (1 / horizon from train.model_spec_from_config) before embedding.
+    * Acting: the return target of every episode is the task's maximum achievable return, as in the authors'
+      release (the caller passes it; note that it is task information AD and DPT do not get). The context is
+      the newest E-1 finished episodes sorted by ascending return, then the current episode, i.e. laid out like
+      a training window (the release slides a window of blocks in time order instead).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, Block, DICPTransformer, ModelSpec, rope_cos_sin
+
+# Columns an IDT training window carries (as data.WINDOW_COLUMNS, plus the step index within the episode).
+_WINDOW_COLUMNS = ("obs", "action", "reward", "next_obs", "optimal_action", "success", "step")
+
+
+# ----------------------------------------------------------------------------- training windows
+class EpisodeWindowSampler:
+    """Uniformly random windows of `num_episodes` consecutive whole episodes of one history.
+
+    The IDT counterpart of ``data.WindowSampler`` (same dataset interface, ``sample(B)`` returns the same columns
+    plus ``step (B, k)``): every (history, first episode) pair is equally likely. Needs histories that start
+    at an episode start and hold episodes of exactly `horizon` steps, as the grid worlds' do (checked on every
+    batch). Deterministic for a seed; the generator lives in ``_rng`` like WindowSampler's (train.py saves it).
+    """
+
+    def __init__(self, dataset, num_episodes: int, horizon: int, seed):
+        if num_episodes < 1 or horizon < 1:
+            raise ValueError(f"num_episodes and horizon must be >= 1, got {num_episodes}, {horizon}")
+        index = dataset.index
+        windows = index["length"] // horizon - num_episodes + 1        # whole-episode windows per history
+        eligible = np.flatnonzero(windows >= 1)
+        if eligible.size == 0:
+            longest = int(index["length"].max()) if index["length"].size else 0
+            raise ValueError(f"no history of {dataset.path} holds {num_episodes} episodes of {horizon} steps "
+                             f"(longest: {longest} steps); use fewer context episodes or collect more steps")
+        self.dataset, self.horizon, self.window_len = dataset, horizon, num_episodes * horizon
+        self._history = eligible
+        self._num_windows = windows[eligible]
+        self._cumulative = np.cumsum(self._num_windows)
+        self._columns = [c for c in _WINDOW_COLUMNS if c in dataset.column_names]
+        self._rng = np.random.default_rng(seed)
+
+    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+        index, k = self.dataset.index, self.window_len
+        window = self._rng.integers(0, int(self._cumulative[-1]), size=batch_size)
+        slot = np.searchsorted(self._cumulative, window, side="right")
+        history = self._history[slot]
+        first_episode = window - (self._cumulative[slot] - self._num_windows[slot])
+        first_row = index["start"][history] + first_episode * self.horizon          # (B,)
+        shard = index["shard"][history]
+        out: dict[str, np.ndarray] = {}
+        for shard_pos in np.unique(shard):
+            members = np.flatnonzero(shard == shard_pos)
+            rows = first_row[members, None] + np.arange(k)                        # (b, k)
+            columns = self.dataset.shard_columns(int(shard_pos))
+            for name in self._columns:
+                values = columns[name][rows]
+                if name not in out:
+                    out[name] = np.empty((batch_size, *values.shape[1:]), values.dtype)
+                out[name][members] = values
+        if not np.array_equal(out["step"], np.broadcast_to(np.arange(k) % self.horizon, (batch_size, k))):
+            raise ValueError(f"{self.dataset.path}: IDT windows need histories of whole {self.horizon}-step "
+                             "episodes starting at step 0; a sampled window does not line up with episodes")
+        for name in ("obs", "next_obs", "reward", "success"):
+            if name in out:
+                out[name] = out[name].astype(np.float32, copy=False)
+        out["task_id"] = index["task_id"][history].astype(np.int64)
+        return out
+
+
+def relabel_windows(windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Sort each window's episodes by ascending return and relabel its return-to-go (vectorised, numpy).
+
+    `windows` holds whole episodes of equal length H (``EpisodeWindowSampler.sample``): per-step arrays of shape
+    (B, k, ...) with k = E * H, among them ``step`` (B, k) = position in the episode and ``reward``. Returns a
+    new dict: every per-step array with its episodes reordered by ascending return (ties keep their order),
+    ``return_to_go (B, k) float32`` = the window's best episode return minus the rewards collected earlier in
+    the same episode (so every episode starts at the best return and the best one ends at its last reward), and
+    ``episode_return (B, E)`` in the new order. Other entries (``task_id``) are passed through.
+    """
+    step = np.asarray(windows["step"])
+    B, k = step.shape
+    H = int(step.max()) + 1 if step.size else 0
+    if H == 0 or k % H or not np.array_equal(step, np.broadcast_to(np.arange(k) % H, (B, k))):
+        raise ValueError("relabel_windows needs windows of whole episodes of equal length starting at step 0")
+    E = k // H
+    reward = np.asarray(windows["reward"], np.float32)
+    returns = reward.reshape(B, E, H).sum(axis=2, dtype=np.float64)              # (B, E)
+    order = np.argsort(returns, axis=1, kind="stable")                            # ascending, ties in time order
+    rows = (order[:, :, None] * H + np.arange(H)).reshape(B, k)                   # new step -> old step
+    out = {}
+    for name, values in windows.items():
+        values = np.asarray(values)
+        if values.shape[:2] == (B, k):
+            index = rows.reshape(B, k, *([1] * (values.ndim - 2)))
+            out[name] = np.take_along_axis(values, index, axis=1)
+        else:
+            out[name] = values
+    sorted_returns = np.take_along_axis(returns, order, axis=1)
+    episode_reward = out["reward"].astype(np.float64).reshape(B, E, H)
+    earlier = np.cumsum(episode_reward, axis=2) - episode_reward                 # collected before step t
+    out["return_to_go"] = (sorted_returns[:, -1, None, None] - earlier).reshape(B, k).astype(np.float32)
+    out["episode_return"] = sorted_returns.astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------- the model
+class CausalStack(nn.Module):
+    """Dropout, ``spec.num_layers`` causal pre-norm Blocks (RoPE positions 0..L-1), final RMSNorm."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.head_dim = spec.head_dim
+        self.drop = nn.Dropout(spec.dropout)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        self.norm = nn.RMSNorm(spec.embed_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, L, E) -> (N, L, E); token i attends to tokens 0..i."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(self.head_dim, positions, tokens.dtype)
+        x = self.drop(tokens)
+        for block in self.blocks:
+            x, _ = block(x, cos, sin, None)
+        return self.norm(x)
+
+
+class IDTTransformer(nn.Module):
+    """Making-Decisions + Decisions-to-Go + Reviewing-Decisions (see the module docstring)."""
+
+    # Shared with DICPTransformer: feature encoding, heads and losses only read self.spec and the head_* /
+    # embed_transition layers, which this class defines under the same names.
+    _param_dtype = DICPTransformer._param_dtype
+    _action_features = DICPTransformer._action_features
+    _obs_features = DICPTransformer._obs_features
+    action_head = DICPTransformer.action_head
+    reward_head = DICPTransformer.reward_head
+    next_obs_head = DICPTransformer.next_obs_head
+    _action_preds = DICPTransformer._action_preds
+    _world_preds = DICPTransformer._world_preds
+    compute_losses = DICPTransformer.compute_losses
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        if spec.layout != "idt":
+            raise ValueError(f"IDTTransformer needs spec.layout == 'idt', got {spec.layout!r}")
+        self.spec = spec
+        D, A, E, Z = spec.obs_dim, spec.action_in_dim, spec.embed_dim, spec.z_dim
+        # Reviewing-Decisions: one token per transition (o, a, r, o'), z read at the block's last token.
+        self.embed_transition = nn.Linear(2 * D + A + 1, E)
+        self.reviewing_decisions = CausalStack(spec)
+        self.head_review = nn.Linear(E, Z)
+        # Making-Decisions: one token per block (return-to-go, obs, previous z, first-block flag).
+        self.embed_decision = nn.Linear(1 + D + Z + 1, E)
+        self.making_decisions = CausalStack(spec)
+        self.head_decision = nn.Linear(E, 2 * Z)                        # Gaussian (mean, log_std) of z
+        # Decisions-to-Go: z, then (o_t with r_{t-1}) and a_t tokens.
+        self.embed_z = nn.Linear(Z, E)
+        self.embed_obs = nn.Linear(D + 1, E)
+        self.embed_action = nn.Linear(A, E)
+        self.decisions_to_go = CausalStack(spec)
+        self.head_action = nn.Linear(E, A)
+        if spec.world_model:
+            self.head_reward = nn.Linear(E, spec.reward_classes or 1)
+            self.head_next_obs = nn.Linear(E, spec.num_obs_classes or D)
+        self.apply(DICPTransformer._init_weights)
+        for name, p in self.named_parameters():  # as DICPTransformer: shrink residual projections with depth
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / np.sqrt(2 * spec.num_layers))
+
+    # -- the three modules -------------------------------------------------------
+    def review(self, obs, action, reward, next_obs) -> torch.Tensor:
+        """Blocks (..., c, D), (..., c), (..., c), (..., c, D) -> their decisions z (..., Z)."""
+        lead, c = action.shape[:-1], action.shape[-1]
+        feats = torch.cat([self._obs_features(obs), self._action_features(action),
+                           reward.to(self._param_dtype()).unsqueeze(-1), self._obs_features(next_obs)], dim=-1)
+        hidden = self.reviewing_decisions(self.embed_transition(feats.reshape(-1, c, feats.shape[-1])))
+        return self.head_review(hidden[:, -1]).reshape(*lead, self.spec.z_dim)
+
+    def decide(self, return_to_go, obs, z_done) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block starts (B, L) return-to-go, (B, L, D) observation, and the reviewed z (B, >= L-1, Z) of the
+        blocks before each -> mean and log-std (B, L, Z) of every block's decision (causal over blocks)."""
+        B, L = return_to_go.shape
+        dtype = self._param_dtype()
+        z_prev = torch.cat([z_done.new_zeros(B, 1, self.spec.z_dim, dtype=dtype), z_done[:, : L - 1].to(dtype)],
+                           dim=1)
+        first = torch.zeros(B, L, 1, dtype=dtype, device=obs.device)
+        first[:, 0] = 1.0
+        rtg = return_to_go.to(dtype).unsqueeze(-1) * self.spec.return_scale
+        feats = torch.cat([rtg, self._obs_features(obs), z_prev, first], dim=-1)
+        mean, log_std = self.head_decision(self.making_decisions(self.embed_decision(feats))).chunk(2, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def low_level_tokens(self, z, obs, action, reward) -> torch.Tensor:
+        """Decisions-to-Go input of blocks: z (N, Z), obs (N, T, D), action (N, T') with T' in {T-1, T},
+        reward (N, >= T-1) -> (N, 1 + T + T', E) = z, o_0, a_0, o_1 (+r_0), a_1, ... (o_t at 1 + 2t)."""
+        N, T = obs.shape[:2]
+        Ta = action.shape[1]
+        if Ta not in (T - 1, T):
+            raise ValueError(f"low_level_tokens needs T or T-1 actions for T={T} observations, got {Ta}")
+        prev_reward = torch.cat([reward.new_zeros(N, 1), reward[:, : T - 1]], dim=1).to(self._param_dtype())
+        obs_tokens = self.embed_obs(torch.cat([self._obs_features(obs), prev_reward.unsqueeze(-1)], dim=-1))
+        act_tokens = self.embed_action(self._action_features(action))                 # (N, Ta, E)
+        if Ta < T:
+            act_tokens = torch.cat([act_tokens, act_tokens.new_zeros(N, T - Ta, act_tokens.shape[-1])], dim=1)
+        pairs = torch.stack([obs_tokens, act_tokens], dim=2).reshape(N, 2 * T, -1)[:, : T + Ta]
+        return torch.cat([self.embed_z(z.to(self._param_dtype())).unsqueeze(1), pairs], dim=1)
+
+    # -- training forward ------------------------------------------------------
+    def forward(self, batch: dict, targets: dict | None = None, world_model_weight: float = 1.0):
+        """Returns (preds, losses or None): ``action_logits (B,k,A)``, with the world model ``reward_logits
+        (B,k,C)`` and ``next_obs_logits (B,k,81)``, and the decision Gaussians ``z_mean``/``z_log_std``
+        (B, k/c, Z). Train mode samples each block's z; eval mode uses the mean."""
+        obs, action, reward = batch["ctx_obs"], batch["ctx_action"], batch["ctx_reward"]
+        next_obs, rtg = batch["ctx_next_obs"], batch["ctx_return_to_go"]
+        B, k = action.shape
+        c, D, Z = self.spec.block_len, self.spec.obs_dim, self.spec.z_dim
+        if k % c:
+            raise ValueError(f"IDT windows must hold whole blocks of {c} steps, got {k} steps")
+        n = k // c
+
+        def blocks(x):
+            return x.reshape(B, n, c, *x.shape[2:])
+
+        ob, ab, rb, nb = blocks(obs), blocks(action), blocks(reward), blocks(next_obs)
+        z_done = (self.review(ob[:, :-1], ab[:, :-1], rb[:, :-1], nb[:, :-1]) if n > 1  # (B, n-1, Z)
+                  else obs.new_zeros(B, 0, Z))
+        mean, log_std = self.decide(rtg[:, ::c], ob[:, :, 0], z_done)                 # (B, n, Z)
+        z = mean + log_std.exp() * torch.randn_like(mean) if self.training else mean
+        tokens = self.low_level_tokens(z.reshape(B * n, Z), ob.reshape(B * n, c, D), ab.reshape(B * n, c),
+                                       rb.reshape(B * n, c))
+        hidden = self.decisions_to_go(tokens)                                          # (B*n, 2c+1, E)
+        h_obs = hidden[:, 1::2].reshape(B, k, -1)     # o_t tokens: the action of step t
+        h_act = hidden[:, 2::2].reshape(B, k, -1)     # a_t tokens: reward and next cell of (o_t, a_t)
+        preds = {**self._action_preds(h_obs), **self._world_preds(h_act), "z_mean": mean, "z_log_std": log_std}
+        losses = None if targets is None else self.compute_losses(preds, targets, world_model_weight)
+        return preds, losses
+
+
+# ----------------------------------------------------------------------------- acting in context
+def _uniform(shape, generator, device) -> torch.Tensor:
+    """float64 uniforms drawn on the generator's device (a CPU generator can drive a GPU model)."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float64).to(device)
+
+
+class IDTAgent:
+    """In-context acting of an IDTTransformer on N tasks in lockstep (every episode lasts `horizon` steps).
+
+    ``start_episode()`` before each episode, then per step ``act(obs)`` -> (N,) actions (sampled from the
+    action head; ``action_logits(obs)`` gives the logits) and ``observe(action, reward, next_obs)``. A new
+    decision z is taken every ``block_len`` steps, the finished block is reviewed into z, and the context is
+    the newest E-1 finished episodes sorted by ascending return followed by the current one, E =
+    ``context_len // horizon``. `return_target` (N,) is every episode's initial return-to-go.
+    `sample_decisions=False` uses each decision's mean instead of a sample (then the action logits are exactly
+    those of the model's eval-mode forward on the same window). Deterministic for a generator state.
+    """
+
+    def __init__(self, model: IDTTransformer, horizon: int, return_target: torch.Tensor,
+                 generator: torch.Generator | None = None, sample_decisions: bool = True):
+        spec = model.spec
+        if model.training:
+            raise ValueError("call model.eval() before acting: dropout would make it random")
+        if horizon % spec.block_len or spec.context_len % horizon:
+            raise ValueError(f"horizon {horizon} must be a multiple of block_len {spec.block_len} and divide "
+                             f"context_len {spec.context_len}")
+        param = next(model.parameters())
+        self.model, self.horizon, self.generator, self.sample_decisions = model, horizon, generator, sample_decisions
+        self.device, self.dtype = param.device, param.dtype
+        self.target = torch.as_tensor(return_target).to(self.device, self.dtype).reshape(-1)
+        self.num_tasks = self.target.shape[0]
+        self.context_episodes = spec.context_len // horizon
+        self.finished: dict[str, torch.Tensor] | None = None    # (N, m, ...) with m <= E-1, oldest first
+        self.current: dict[str, torch.Tensor] | None = None
+        self.t, self.z = 0, None
+
+    def start_episode(self) -> None:
+        N, H, D, Z = self.num_tasks, self.horizon, self.model.spec.obs_dim, self.model.spec.z_dim
+        zeros = dict(device=self.device, dtype=self.dtype)
+        self.current = {"obs": torch.zeros(N, H, D, **zeros), "next_obs": torch.zeros(N, H, D, **zeros),
+                        "action": torch.zeros(N, H, dtype=torch.long, device=self.device),
+                        "reward": torch.zeros(N, H, **zeros), "return_to_go": torch.zeros(N, H, **zeros),
+                        "z": torch.zeros(N, H // self.model.spec.block_len, Z, **zeros)}
+        self.t, self.z = 0, None
+
+    @torch.no_grad()
+    def action_logits(self, obs) -> torch.Tensor:
+        """Record the observation of step t (and, at a block start, take a decision) -> (N, A) logits."""
+        if self.current is None or self.t >= self.horizon:
+            raise RuntimeError("call start_episode() before acting in a new episode")
+        c, t, cur = self.model.spec.block_len, self.t, self.current
+        cur["obs"][:, t] = torch.as_tensor(obs).to(self.device, self.dtype)
+        cur["return_to_go"][:, t] = self.target - cur["reward"][:, :t].sum(dim=1)
+        if t % c == 0:
+            self.z = self._decide()
+        b0 = t - t % c
+        tokens = self.model.low_level_tokens(self.z, cur["obs"][:, b0:t + 1], cur["action"][:, b0:t],
+                                             cur["reward"][:, b0:t])
+        return self.model.action_head(self.model.decisions_to_go(tokens)[:, -1])
+
+    def act(self, obs) -> torch.Tensor:
+        """(N, D) observation -> (N,) long actions sampled from the action head (Gumbel-max)."""
+        logits = self.action_logits(obs)
+        u = _uniform(logits.shape, self.generator, logits.device).clamp_min(1e-300)
+        return (logits.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+
+    @torch.no_grad()
+    def observe(self, action, reward, next_obs) -> None:
+        """Record the outcome of step t; reviews a finished block and closes a finished episode."""
+        c, t, cur = self.model.spec.block_len, self.t, self.current
+        cur["action"][:, t] = torch.as_tensor(action).to(self.device, torch.long)
+        cur["reward"][:, t] = torch.as_tensor(reward).to(self.device, self.dtype)
+        cur["next_obs"][:, t] = torch.as_tensor(next_obs).to(self.device, self.dtype)
+        self.t = t = t + 1
+        if t % c == 0:
+            s = slice(t - c, t)
+            cur["z"][:, t // c - 1] = self.model.review(cur["obs"][:, s], cur["action"][:, s], cur["reward"][:, s],
+                                                        cur["next_obs"][:, s])
+        if t == self.horizon:
+            self._finish_episode()
+
+    def context_window(self) -> dict[str, torch.Tensor]:
+        """The finished episodes of the context, sorted by ascending return: (N, m, ...) tensors (m may be 0)."""
+        if self.finished is None:
+            return {}
+        returns = self.finished["reward"].sum(dim=2)                                   # (N, m)
+        order = torch.sort(returns, dim=1, stable=True).indices
+
+        def gather(x):
+            index = order.reshape(*order.shape, *([1] * (x.dim() - 2))).expand(*order.shape, *x.shape[2:])
+            return torch.gather(x, 1, index)
+
+        return {name: gather(x) for name, x in self.finished.items()}
+
+    def _decide(self) -> torch.Tensor:
+        """Sample (or take the mean of) the decision of the block starting at step t -> (N, Z)."""
+        c, t, cur, N = self.model.spec.block_len, self.t, self.current, self.num_tasks
+        past = self.context_window()
+        rtg, obs, z_done = [cur["return_to_go"][:, : t + 1: c]], [cur["obs"][:, : t + 1: c]], [cur["z"][:, : t // c]]
+        if past:
+            rtg.insert(0, past["return_to_go"][:, :, ::c].reshape(N, -1))
+            obs.insert(0, past["obs"][:, :, ::c].reshape(N, -1, self.model.spec.obs_dim))
+            z_done.insert(0, past["z"].reshape(N, -1, self.model.spec.z_dim))
+        mean, log_std = self.model.decide(torch.cat(rtg, 1), torch.cat(obs, 1), torch.cat(z_done, 1))
+        mean, log_std = mean[:, -1], log_std[:, -1]
+        if not self.sample_decisions:
+            return mean
+        gen_device = self.generator.device if self.generator is not None else "cpu"
+        noise = torch.randn(mean.shape, generator=self.generator, device=gen_device, dtype=torch.float64)
+        return mean + log_std.exp() * noise.to(mean)
+
+    def _finish_episode(self) -> None:
+        keep = self.context_episodes - 1
+        if keep > 0:
+            episode = {name: x.unsqueeze(1) for name, x in self.current.items()}
+            if self.finished is not None:
+                episode = {name: torch.cat([self.finished[name], x], dim=1)[:, -keep:]
+                           for name, x in episode.items()}
+            self.finished = episode
+        self.current = None
+
+
+__all__ = ["IDTTransformer", "IDTAgent", "EpisodeWindowSampler", "relabel_windows", "CausalStack"]

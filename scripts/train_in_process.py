@@ -1,0 +1,34 @@
+"""Distil one model without Ray: `dicp_ray.train.train_in_process` from the command line.
+
+For a machine with PyTorch but no Ray (the bare GPU box docs/results.md used). Same config files,
+dataset checks, seeds, losses and checkpoint format as `dicp-ray train` with one worker.
+
+    PYTHONPATH=. python scripts/train_in_process.py --config tune_configs/darkroom_2core.yaml \
+        --dataset runs/darkroom_2core/dataset --output runs/x/train_seed0 --split-seed 0 --device cuda \
+        --set train.num_steps=20000
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dicp_ray.config import load_config
+from dicp_ray.train import train_in_process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--set", nargs="*", default=[], metavar="K=V")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = load_config(args.config, args.set)
+    print(train_in_process(config, args.dataset, args.output, args.split_seed, args.device))
+
+
+if __name__ == "__main__":
+    main()
