@@ -52,7 +52,7 @@ TRAIN_TAGS = ("loss", "loss_action", "loss_reward", "loss_next_obs",
 CRASH_ENV_VAR = "DICP_RAY_TEST_CRASH_AT_STEP"  # tests only: every rank raises once at this step
 # What a run's checkpoints depend on (None = the whole section). A re-run in the same output directory may
 # raise train.num_steps and change runtime settings (workers, GPUs, intervals), nothing in here.
-_RUN_KEYS = {"env": ("name", "train_ratio", "max_train_tasks"), "model": None,
+_RUN_KEYS = {"env": ("name", "task", "train_ratio", "max_train_tasks"), "model": None,
              "train": ("seed", "batch_size", "lr", "weight_decay", "beta1", "beta2", "grad_clip",
                        "world_model_weight")}
 
@@ -203,6 +203,8 @@ def run_identity(config_dict: dict[str, Any], split_seed: int, dataset_id: str) 
     """What a run's checkpoints depend on: continuing or reusing them under another identity is refused."""
     picked = {section: {k: v for k, v in config_dict[section].items() if keys is None or k in keys}
               for section, keys in _RUN_KEYS.items()}
+    if picked["env"].get("task") is None:  # grid worlds have no task: keep their identities as before
+        picked["env"].pop("task", None)
     return json.loads(json.dumps({**picked, "split_seed": split_seed, "dataset_id": dataset_id}))
 
 

@@ -25,6 +25,7 @@ from dicp_ray.config import ExperimentConfig, config_from_dict, replace
 logger = logging.getLogger(__name__)
 
 PLAN_METRIC = "return_final"
+PLAN_METRIC_META_WORLD = "success_final"  # Meta-World: per-episode success rate over the last 10% of episodes
 TRAIN_METRIC = "heldout/loss_action"  # comparable across world-model weights
 
 
@@ -36,14 +37,21 @@ def _plan_trial(params: dict[str, Any], *, base: dict[str, Any], checkpoints: di
     from dicp_ray.evaluate import evaluate_in_context
 
     config = replace(config_from_dict(base), params)
-    curves = []
+    curves, successes = [], []
     for seed, checkpoint in checkpoints.items():
         result = evaluate_in_context(checkpoint, config, output_dir=None, mode="plan", split_seed=seed)
         curves.append(np.asarray(result["return_mean"], dtype=float))
+        if "success_mean" in result:
+            successes.append((result["success_mean"], result["success_once_so_far_mean"]))
     curve = np.mean(curves, axis=0)  # (episodes,)
     tail = max(1, len(curve) // 10)
-    tune.report({PLAN_METRIC: float(curve[-tail:].mean()), "return_mean": float(curve.mean()),
-                 "return_first": float(curve[0]), "num_episodes": len(curve)})
+    metrics = {PLAN_METRIC: float(curve[-tail:].mean()), "return_mean": float(curve.mean()),
+               "return_first": float(curve[0]), "num_episodes": len(curve)}
+    if successes:
+        success, once = (np.mean([s[i] for s in successes], axis=0) for i in (0, 1))
+        metrics.update({PLAN_METRIC_META_WORLD: float(success[-tail:].mean()), "success_mean": float(success.mean()),
+                        "success_once_final": float(once[-1])})
+    tune.report(metrics)
 
 
 def _tuner(trainable, config: ExperimentConfig, storage: Path, name: str, metric: str, mode: str,
@@ -74,9 +82,10 @@ def run_plan_sweep(config: ExperimentConfig, output_dir: Path, checkpoints: dict
     trainable = tune.with_resources(
         tune.with_parameters(_plan_trial, base=config.to_dict(), checkpoints=checkpoints),
         {"cpu": config.sweep.cpus_per_trial})
-    tuner = _tuner(trainable, config, output_dir / "tune", f"plan_{config.name}", PLAN_METRIC, "max", param_space)
+    metric = PLAN_METRIC_META_WORLD if config.env.is_meta_world else PLAN_METRIC
+    tuner = _tuner(trainable, config, output_dir / "tune", f"plan_{config.name}", metric, "max", param_space)
     results = tuner.fit()
-    report_sweep(results, list(grid), PLAN_METRIC, output_dir / "sweep")
+    report_sweep(results, list(grid), metric, output_dir / "sweep")
     return results
 
 
@@ -151,7 +160,8 @@ def report_sweep(results: Any, keys: list[str], metric: str, out: Path) -> str:
     frame = results.get_dataframe()
     columns = {f"config/{k}": k for k in keys}
     present = [c for c in columns if c in frame.columns]
-    extra = (metric, "return_mean", "return_first", "heldout/acc_reward", "heldout/acc_next_obs", "step")
+    extra = tuple(dict.fromkeys((metric, "return_final", "return_mean", "return_first", "success_mean",
+                                 "success_once_final", "heldout/acc_reward", "heldout/acc_next_obs", "step")))
     table = frame[present + [c for c in extra if c in frame.columns]]
     table = table.rename(columns=columns).sort_values(by=[columns[c] for c in present])
     table.to_csv(out / "sweep_results.csv", index=False)
@@ -160,7 +170,8 @@ def report_sweep(results: Any, keys: list[str], metric: str, out: Path) -> str:
         text += f"\n{results.num_errors} trial(s) failed; their errors are in the Tune trial directories."
     print(text)
     if len(keys) == 2 and metric in table.columns:
-        shown = [m for m in (metric, "return_mean") if m in table.columns]  # plan sweeps: final and mean return
+        shown = [m for m in (metric, "return_mean" if metric == PLAN_METRIC else "success_once_final")
+                 if m in table.columns]  # plan sweeps: final and mean return / success and at-least-once
         _heatmap([pd.pivot_table(table, index=keys[0], columns=keys[1], values=m) for m in shown], shown,
                  out / "sweep_heatmap.png")
     return text
