@@ -595,7 +595,8 @@ def validate(config: ExperimentConfig) -> None:
                           f"{config.env.name} is discrete: use --set collect.algorithm=ppo")
     if config.model.variant == "dpt" and config.env.is_meta_world:
         raise ConfigError(f"model.variant = 'dpt' needs optimal-action labels, which only the grid worlds "
-                          f"have; {config.env.name} is Meta-World: use --set model.variant=ad (or idt)")
+                          f"have; {config.env.name} is Meta-World: use --set model.variant=ad (continuous "
+                          "training is implemented for AD)")
     steps_per_stream = config.collect.env_steps_per_task // config.collect.num_streams
     _require(steps_per_stream >= config.context_len, "collect.env_steps_per_task",
              config.collect.env_steps_per_task,

@@ -117,6 +117,10 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
     if trained_env is not None and trained_env != config.env.name:
         raise ValueError(f"checkpoint {path} was trained on {trained_env} but config.env.name = "
                          f"{config.env.name!r}: evaluate it with --set env.name={trained_env}")
+    trained_task = (payload.get("config") or {}).get("env", {}).get("task")
+    if trained_task != config.env.task:
+        raise ValueError(f"checkpoint {path} was trained on Meta-World task {trained_task!r} but config.env.task = "
+                         f"{config.env.task!r}: evaluate it with --set env.task={trained_task}")
     variant = payload.get("variant", spec.layout)
     if variant != config.model.variant:
         raise ValueError(f"checkpoint {path} is variant {variant!r} but config.model.variant = "
@@ -192,7 +196,8 @@ def _file_sha256(path: str) -> str:
 def _fingerprint(config: ExperimentConfig, checkpoint_sha256: str, mode: str, split_seed: int) -> dict:
     """Everything that decides the numbers of a run: an equal fingerprint means a finished run is reusable."""
     fp = {"checkpoint_sha256": checkpoint_sha256, "mode": mode, "split_seed": split_seed,
-          "env": config.env.name, "train_ratio": config.env.train_ratio,
+          "env": config.env.name, **({"task": config.env.task} if config.env.task else {}),
+          "train_ratio": config.env.train_ratio,
           "max_test_tasks": config.env.max_test_tasks, "num_episodes": config.eval.num_episodes,
           "seed": config.eval.seed}
     if mode == "plan":
@@ -307,6 +312,7 @@ def success_metrics(successes: np.ndarray) -> dict:
     out = {"successes": successes.tolist()}
     for name, values in (("success", successes), ("success_once_so_far", once)):
         mean, low, high = mean_ci95(values)
+        low, high = np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)  # a t-interval of 0/1 data can leave [0, 1]
         out.update({f"{name}_mean": mean.tolist(), f"{name}_ci_low": low.tolist(),
                     f"{name}_ci_high": high.tolist()})
     return out
@@ -374,7 +380,7 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         with torch.no_grad():
             returns, successes, num_planned = _rollout_continuous(model, env, config.eval.num_episodes, mode,
                                                                   settings, generator, device, desc)
-        oracle = np.full(len(task_ids), np.nan)  # no oracle return for Meta-World; success is the metric
+        oracle = None  # no oracle return for Meta-World; success is the metric
     else:
         env = gymnasium.make_vec(GRID_SPECS[config.env.name].env_id, num_envs=len(task_ids),
                                  vectorization_mode="vector_entry_point", task_ids=task_ids)
@@ -395,7 +401,8 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         "horizon": int(env.horizon), "context_len": model.spec.context_len,
         "return_mean": mean.tolist(), "return_ci_low": low.tolist(), "return_ci_high": high.tolist(),
         "ci": "95% t-interval over test tasks", "returns": returns.tolist(),
-        "oracle_max_return_mean": float(oracle.mean()), "oracle_max_returns": oracle.tolist(),
+        "oracle_max_return_mean": None if oracle is None else float(oracle.mean()),
+        "oracle_max_returns": None if oracle is None else oracle.tolist(),
         "settings": {"mode": mode, "seed": config.eval.seed, "device": str(device),
                      "torch_threads": torch.get_num_threads(),
                      "planner": vars(settings) if mode == "plan" else None,
@@ -411,9 +418,9 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
     result["timing"]["wall_s"] = time.perf_counter() - wall_start
     if output_dir is not None:
         _write_run_outputs(Path(output_dir), result)
-    logger.info("%s split %d: return %.2f after episode 1, %.2f after episode %d (oracle %.2f), %.0f "
-                "decisions/s", result["label"], split_seed, mean[0], mean[-1], len(mean), oracle.mean(),
-                result["timing"]["decisions_per_s"])
+    logger.info("%s split %d: return %.2f after episode 1, %.2f after episode %d (oracle %s), %.0f "
+                "decisions/s", result["label"], split_seed, mean[0], mean[-1], len(mean),
+                "-" if oracle is None else f"{oracle.mean():.2f}", result["timing"]["decisions_per_s"])
     return result
 
 
@@ -431,16 +438,21 @@ def _write_run_outputs(out: Path, result: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     out.mkdir(parents=True, exist_ok=True)
-    rows = [[e + 1, m, lo, hi, result["oracle_max_return_mean"]] for e, (m, lo, hi) in
+    oracle = result["oracle_max_return_mean"]
+    rows = [[e + 1, m, lo, hi, "" if oracle is None else oracle] for e, (m, lo, hi) in
             enumerate(zip(result["return_mean"], result["return_ci_low"], result["return_ci_high"]))]
     write_text_atomic(out / RETURNS_CSV, _csv_text(["episode", "mean", "ci_low", "ci_high", "oracle"], rows))
     shutil.rmtree(out / TB_DIR, ignore_errors=True)  # a re-run replaces, never appends to, the curve
     writer = SummaryWriter(log_dir=str(out / TB_DIR))
     for episode, value in enumerate(result["return_mean"], start=1):
         writer.add_scalar(metric_tag(result["mode"]), value, episode)
-    writer.add_scalar(f"eval/{result['mode']}/oracle_max_return", result["oracle_max_return_mean"], 1)
+    if oracle is not None:
+        writer.add_scalar(f"eval/{result['mode']}/oracle_max_return", oracle, 1)
+    for episode, value in enumerate(result.get("success_mean") or (), start=1):
+        writer.add_scalar(f"eval/{result['mode']}/success", value, episode)
     writer.close()
-    write_text_atomic(out / RESULTS_FILE, json.dumps(result, indent=1, sort_keys=True, default=str))
+    write_text_atomic(out / RESULTS_FILE,
+                      json.dumps(result, indent=1, sort_keys=True, default=str, allow_nan=False))
 
 
 # ----------------------------------------------------------------------------- fan-out over Ray
@@ -540,7 +552,8 @@ def aggregate_results(config: ExperimentConfig, results: dict[tuple[int, str], d
         for metric in ("success", "success_once_so_far"):  # Meta-World
             if f"{metric}_mean" in runs[0]:
                 methods[mode].update(_aggregate_curves(runs, seeds, metric))
-    oracle = float(np.mean([results[(seed, modes[0])]["oracle_max_return_mean"] for seed in seeds]))
+    oracles = [results[(seed, modes[0])]["oracle_max_return_mean"] for seed in seeds]
+    oracle = None if None in oracles else float(np.mean(oracles))
     return {"format": "dicp_ray.eval_summary", "schema_version": RESULTS_SCHEMA_VERSION,
             "env": config.env.name, "variant": config.model.variant, "split_seeds": seeds,
             "num_episodes": config.eval.num_episodes, "oracle_max_return_mean": oracle, "methods": methods,
@@ -552,6 +565,7 @@ def _aggregate_curves(runs: list[dict], seeds: list[int], metric: str) -> dict:
     curves = np.array([run[f"{metric}_mean"] for run in runs])
     if len(runs) > 1:
         mean, low, high = mean_ci95(curves)
+        low, high = np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)
     else:
         mean, low, high = (np.asarray(runs[0][f"{metric}_{key}"]) for key in ("mean", "ci_low", "ci_high"))
     return {f"{metric}_mean": mean.tolist(), f"{metric}_ci_low": low.tolist(), f"{metric}_ci_high": high.tolist(),
@@ -562,11 +576,13 @@ def write_summary(out: Path, summary: dict) -> None:
     rows = []
     for mode, method in summary["methods"].items():
         for e, values in enumerate(zip(method["return_mean"], method["ci_low"], method["ci_high"])):
-            rows.append([method["label"], mode, e + 1, *values, summary["oracle_max_return_mean"]])
+            oracle = summary["oracle_max_return_mean"]
+            rows.append([method["label"], mode, e + 1, *values, "" if oracle is None else oracle])
     header = ["method", "mode", "episode", "mean", "ci_low", "ci_high", "oracle"]
     write_text_atomic(out / SUMMARY_CSV, _csv_text(header, rows))
     plot_learning_curves(summary, out / CURVES_PNG)
-    write_text_atomic(out / SUMMARY_JSON, json.dumps(summary, indent=1, sort_keys=True, default=str))
+    write_text_atomic(out / SUMMARY_JSON,
+                      json.dumps(summary, indent=1, sort_keys=True, default=str, allow_nan=False))
 
 
 def plot_learning_curves(summary: dict, path: Path) -> None:
@@ -591,7 +607,7 @@ def plot_learning_curves(summary: dict, path: Path) -> None:
                              label=f"{method['label']}: {name}")
                 axes[1].fill_between(episodes, method[f"{metric}_ci_low"], method[f"{metric}_ci_high"],
                                      color=line.get_color(), alpha=0.12)
-    if np.isfinite(summary["oracle_max_return_mean"]):
+    if summary["oracle_max_return_mean"] is not None:
         ax.axhline(summary["oracle_max_return_mean"], color="black", linestyle="--", linewidth=1,
                    label="oracle max")
     seeds = ", ".join(str(s) for s in summary["split_seeds"])
@@ -628,7 +644,7 @@ def format_results_table(summary: dict) -> str:
                 mean, low, high = (np.asarray(method[f"{metric}_{key}"]) for key in ("mean", "ci_low", "ci_high"))
                 rows.append([f"{method['label']}: {name}",
                              *(f"{100 * mean[e - 1]:.0f}% ± {50 * (high[e - 1] - low[e - 1]):.0f}" for e in episodes)])
-    if np.isfinite(summary["oracle_max_return_mean"]):
+    if summary["oracle_max_return_mean"] is not None:
         rows.append(["oracle (max)", *(f"{summary['oracle_max_return_mean']:.2f}" for _ in episodes)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in

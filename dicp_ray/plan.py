@@ -330,6 +330,7 @@ def plan_continuous(model, context, query_obs: Tensor, settings: PlannerSettings
         mean, log_std = _policy_out(model, context, query_obs)
     noise = _normal((B, L - 1, A), generator, mean)                              # (B, L-1, A)
     cands = torch.cat([mean[:, None], mean[:, None] + log_std.exp()[:, None] * noise], dim=1)  # (B, L, A)
+    cands = cands.clamp(-1.0, 1.0)  # score what the env would execute: it clips, and the model saw clipped actions
     flat, q_rep = cands.flatten(0, 1), query_obs.repeat_interleave(L, dim=0)     # (B*L, A), (B*L, D)
     ctx_rep = context.map(lambda t: t.repeat_interleave(L, dim=0))               # (B*L, T, ...)
     if settings.use_cache:
@@ -355,7 +356,7 @@ def _rollout_mean_policy(model, context: Context, imagined: Context, steps: int)
         obs = imagined.next_obs[:, -1]                                           # (N, D) imagined state
         _, cache = model.encode(model.embed_transitions(*window.tensors()))
         h, cache = model.encode(model.embed_query_obs(obs), cache)
-        action = model.action_head(h[:, -1])[0]                                  # policy mean (N, A)
+        action = model.action_head(h[:, -1])[0].clamp(-1.0, 1.0)                 # policy mean, as executed
         h = model.encode(model.embed_query_action(action), cache)[0][:, -1]
         reward, next_obs = model.reward_head(h), model.next_obs_head(h)
         total = total + reward

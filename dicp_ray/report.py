@@ -53,7 +53,14 @@ def per_split(method: dict, seeds: list[int]) -> np.ndarray:
 def build_report(methods: list[tuple[str, dict, dict]], compare: list[tuple[str, str]] = ()) -> dict:
     summaries = [s for _, s, _ in methods]
     env, seeds, episodes = summaries[0]["env"], summaries[0]["split_seeds"], summaries[0]["num_episodes"]
-    for label, summary, _ in methods:
+    if len(seeds) < 2:
+        raise SystemExit(f"split seeds {seeds}: a confidence interval over split seeds needs at least 2")
+    tests = methods[0][2].get("num_test_tasks")
+    task = summaries[0].get("config", {}).get("env", {}).get("task")
+    for label, summary, method in methods:
+        if method.get("num_test_tasks") != tests or summary.get("config", {}).get("env", {}).get("task") != task:
+            raise SystemExit(f"{label}: evaluated on other test tasks than {methods[0][0]} "
+                             f"({method.get('num_test_tasks')} vs {tests}); compare runs of one protocol")
         if (summary["env"], summary["split_seeds"], summary["num_episodes"]) != (env, seeds, episodes):
             raise SystemExit(f"{label}: env/split seeds/episodes {summary['env']}/{summary['split_seeds']}/"
                              f"{summary['num_episodes']} differ from {env}/{seeds}/{episodes}")

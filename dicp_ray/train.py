@@ -295,7 +295,7 @@ def _write_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, step: int, rn
 class _MetricMeans:
     """Per-step losses summed on the device (no host sync per step), averaged over ranks when read."""
 
-    def __init__(self, world_model: bool):
+    def __init__(self):
         self.keys = None  # the TRAIN_TAGS this model reports (continuous models have no accuracies)
         self.sums, self.count = None, 0
 
@@ -440,7 +440,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train loop of one DDP rank; ``loop_config`` is built by `train_model`."""
     r, train = _setup_rank(loop_config), loop_config["config"].train
     test_ids = set(loop_config["test_task_ids"])
-    means, now = _MetricMeans(r.spec.world_model), time.perf_counter()
+    means, now = _MetricMeans(), time.perf_counter()
     clock = {"start": now, "time": now, "step": r.start_step}
     for step in range(r.start_step, train.num_steps):
         windows = r.sampler.sample(train.batch_size // r.world_size)
@@ -600,8 +600,14 @@ def train_in_process(config: ExperimentConfig, dataset_dir: str, output_dir: str
 
     output_dir, train = Path(output_dir).resolve(), config.train
     loop_config = _loop_config(config, str(dataset_dir), output_dir, split_seed)
+    final = output_dir / "model.pt"
+    if final.exists() and _is_finished_model(final, loop_config["run_identity"], train.num_steps):
+        logger.info("train: %s already holds this config's model, skipping", final)
+        return str(final)
+    used = sorted(loop_config["train_task_ids"] + loop_config["heldout_task_ids"])
+    HistoryDataset.open(loop_config["dataset_dir"], task_ids=used, verify=True)  # sha256 vs the manifest
     dataset = HistoryDataset.open(loop_config["dataset_dir"], task_ids=loop_config["train_task_ids"],
-                                  verify=True)
+                                  verify=False)
     spec = model_spec_from_config(config, dataset)
     torch.manual_seed(train.seed)
     model = build_model(spec).to(device)
@@ -609,22 +615,24 @@ def train_in_process(config: ExperimentConfig, dataset_dir: str, output_dir: str
     sampler = make_window_sampler(config, dataset, seed=[train.seed, 0])
     torch.manual_seed(train.seed * 1000)
     heldout = _heldout_batches(loop_config, spec, train.batch_size, torch.device(device))
+    shutil.rmtree(output_dir / "tb", ignore_errors=True)  # not resumable: a re-run replaces the curves
     writer = SummaryWriter(str(output_dir / "tb"))
-    means, clock = _MetricMeans(spec.world_model), time.perf_counter()
+    means, clock = _MetricMeans(), time.perf_counter()
     start, last = clock, 0
     for step in range(train.num_steps):
         batch, targets = windows_to_batch(sampler.sample(train.batch_size), spec.layout, spec.world_model, device)
         means.add(train_step(model, optimizer, scheduler, batch, targets, train))
         done = step + 1
+        if heldout and (done % train.checkpoint_every_steps == 0 or done == train.num_steps):
+            scores = evaluate_batches(model, heldout, train.world_model_weight)  # where Ray Train reports
+            for key, value in scores.items():
+                writer.add_scalar(f"heldout/{key}", value, done)
         if done % train.log_every_steps == 0 or done == train.num_steps:
             now = time.perf_counter()
             rate = train.batch_size * (done - last) / max(now - clock, 1e-9)
             metrics = {f"train/{k}": v for k, v in means.read(1).items()}
             metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": rate,
                             "train/tokens_per_s": rate * (spec.context_len + int(spec.world_model))})
-            if heldout and (done % train.checkpoint_every_steps == 0 or done == train.num_steps):
-                scores = evaluate_batches(model, heldout, train.world_model_weight)
-                metrics.update({f"heldout/{k}": v for k, v in scores.items()})
             for key, value in metrics.items():
                 writer.add_scalar(key, value, done)
             logger.info("step %d/%d loss %.4f acc_action %.3f | %.0f windows/s | ETA %s", done, train.num_steps,

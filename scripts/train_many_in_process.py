@@ -2,7 +2,8 @@
 
 Used for docs/results.md on a lent bare GPU box (PyTorch, no Ray): each run is a separate
 `scripts/train_in_process.py` process sharing the GPU. A short probe of all runs together measures each
-run's throughput while sharing; the real runs then get as many steps as fit in --budget-s (a multiple of 100).
+run's throughput while sharing; the real runs then get as many steps as fit in --budget-s (a multiple of 100),
+the same for all runs of one config file (or "group"), so that compared runs train equally long.
 
     # one config: (split seed x world model on/off) runs
     PYTHONPATH=. python scripts/train_many_in_process.py --config tune_configs/darkroom_2core.yaml \
@@ -85,11 +86,18 @@ def main() -> None:
     start = time.perf_counter()
     probe = launch(jobs, {j["name"]: args.probe_steps for j in jobs}, Path(args.output) / "probe", args.device)
     wait(probe)
+    rates = {job["name"]: float(re.findall(r"\| (\d+) windows/s", (out / "train.log").read_text())[-1])
+             for job, (_, out) in zip(jobs, probe)}
+    # Runs that are compared with each other (same config file, e.g. world model on/off) get the same number of
+    # steps, set by the slowest of them, so that their schedules and training budgets match.
     steps = {}
-    for job, (_, out) in zip(jobs, probe):
-        rate = float(re.findall(r"\| (\d+) windows/s", (out / "train.log").read_text())[-1])
-        steps[job["name"]] = max(100, int(rate * args.budget_s / batch_size(job)) // 100 * 100)
-        print(f"probe: {job['name']}: {rate:.0f} windows/s while sharing -> {steps[job['name']]} steps")
+    for group in dict.fromkeys(j.get("group", j["config"]) for j in jobs):
+        members = [j for j in jobs if j.get("group", j["config"]) == group]
+        slowest = min(rates[j["name"]] for j in members)
+        n = max(100, int(slowest * args.budget_s / max(batch_size(j) for j in members)) // 100 * 100)
+        for job in members:
+            steps[job["name"]] = n
+            print(f"probe: {job['name']}: {rates[job['name']]:.0f} windows/s while sharing -> {n} steps")
     print(f"probe took {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
     wait(launch(jobs, steps, Path(args.output), args.device))

@@ -2,8 +2,8 @@
 
     python scripts/world_model_accuracy.py runs/darkroom_2core/train/split_0/model.pt runs/darkroom_2core/dataset
 
-Samples fixed windows of the split's TEST-task histories (the same windows `dicp-ray train` scores as
-heldout/*), prints the mean losses/accuracies of `evaluate_batches` and two trivial baselines for the
+Samples fixed windows of the split's TEST-task histories (drawn like the heldout/* windows of `dicp-ray
+train`, with the same sampler seed), prints the mean losses/accuracies of `evaluate_batches` and two trivial baselines for the
 query transition: always predicting "no reward", and predicting "the agent does not move".
 """
 from __future__ import annotations
@@ -28,8 +28,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, payload = load_checkpoint(args.checkpoint)
+    if not model.spec.discrete_actions:
+        raise SystemExit("this script scores the grid worlds' classification heads; Meta-World checkpoints "
+                         "report their regression losses as heldout/* in TensorBoard")
     config = config_from_dict(payload["config"])
-    test_ids = payload["test_task_ids"]
+    present = set(int(t) for t in HistoryDataset.open(args.dataset, verify=False).task_ids)
+    test_ids = [t for t in payload["test_task_ids"] if t in present]
+    if not test_ids:
+        raise SystemExit(f"{args.dataset} holds none of the checkpoint's test tasks (collect.include_test_tasks?)")
     dataset = HistoryDataset.open(args.dataset, task_ids=test_ids, verify=False)
     sampler = make_window_sampler(config, dataset, seed=[config.train.seed, 2 ** 31])
     windows = [sampler.sample(args.batch_size) for _ in range(args.batches)]

@@ -295,10 +295,12 @@ def test_continuous_depth_one_cached_matches_reference_and_maximises_predicted_r
     assert torch.equal(cached, run(num_samples=10))
     with torch.no_grad():
         mean = model(ctx.as_batch(q, torch.zeros(B, 3, dtype=torch.float64)))[0]["action_mean"]
+        mean = mean.clamp(-1.0, 1.0)  # candidates are scored as the env executes them: clipped
         r_best = model(ctx.as_batch(q, cached))[0]["reward"]
         r_mean = model(ctx.as_batch(q, mean))[0]["reward"]
     assert (r_best >= r_mean - 1e-12).all()
-    assert torch.allclose(run(num_samples=1), mean)  # L = 1: just the policy mean
+    assert torch.allclose(run(num_samples=1), mean)  # L = 1: just the (clipped) policy mean
+    assert cached.abs().max() <= 1.0
 
 
 def test_continuous_policy_sample_shape_and_determinism():
@@ -387,14 +389,14 @@ def test_continuous_depth_two_adds_the_mean_policy_step(use_cache):
         mean, log_std = (model(ctx.as_batch(q, torch.zeros(B, 3, dtype=torch.float64)))[0][key]
                          for key in ("action_mean", "action_log_std"))
         noise = torch.randn(B, L - 1, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-        cands = torch.cat([mean[:, None], mean[:, None] + log_std.exp()[:, None] * noise], dim=1)
+        cands = torch.cat([mean[:, None], mean[:, None] + log_std.exp()[:, None] * noise], dim=1).clamp(-1, 1)
         values = []
         for j in range(L):
             p1 = model(ctx.as_batch(q, cands[:, j]))[0]
             step = Context(q[:, None], cands[:, j, None], p1["reward"][:, None], p1["next_obs"][:, None])
             ctx2 = Context(*(torch.cat([c[:, 1:], s], dim=1) for c, s in zip(ctx.tensors(), step.tensors())))
             o1 = p1["next_obs"]
-            a2 = model(ctx2.as_batch(o1, torch.zeros(B, 3, dtype=torch.float64)))[0]["action_mean"]
+            a2 = model(ctx2.as_batch(o1, torch.zeros(B, 3, dtype=torch.float64)))[0]["action_mean"].clamp(-1, 1)
             values.append(p1["reward"] + model(ctx2.as_batch(o1, a2))[0]["reward"])
         best = torch.stack(values, 1).argmax(1)
     assert torch.allclose(chosen, cands[torch.arange(B), best], atol=1e-10)
