@@ -68,9 +68,11 @@ def metric_tag(mode: str) -> str:
     return f"eval/{mode}/return_mean"
 
 
-def method_label(variant: str, mode: str) -> str:
-    """'AD (policy)' / 'DICP-AD (plan)'."""
-    return f"{variant.upper()} (policy)" if mode == "policy" else f"DICP-{variant.upper()} (plan)"
+def method_label(variant: str, mode: str, world_model: bool = False) -> str:
+    """'AD (policy)', 'AD + world model (policy)' (a DICP checkpoint acting without planning), 'DICP-AD (plan)'."""
+    if mode == "plan":
+        return f"DICP-{variant.upper()} (plan)"
+    return f"{variant.upper()}{' + world model' if world_model else ''} (policy)"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -396,7 +398,7 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
     result = {
         "format": "dicp_ray.eval_results", "schema_version": RESULTS_SCHEMA_VERSION,
         "env": config.env.name, "variant": config.model.variant, "world_model": model.spec.world_model,
-        "mode": mode, "label": method_label(config.model.variant, mode), "split_seed": split_seed,
+        "mode": mode, "label": method_label(config.model.variant, mode, model.spec.world_model), "split_seed": split_seed,
         "task_ids": [int(i) for i in task_ids], "num_episodes": config.eval.num_episodes,
         "horizon": int(env.horizon), "context_len": model.spec.context_len,
         "return_mean": mean.tolist(), "return_ci_low": low.tolist(), "return_ci_high": high.tolist(),
@@ -543,7 +545,8 @@ def aggregate_results(config: ExperimentConfig, results: dict[tuple[int, str], d
                                ("return_mean", "return_ci_low", "return_ci_high"))
             ci_over = "tasks"
         methods[mode] = {
-            "label": method_label(config.model.variant, mode), "return_mean": mean.tolist(),
+            "label": method_label(config.model.variant, mode, config.model.world_model),
+            "return_mean": mean.tolist(),
             "ci_low": low.tolist(), "ci_high": high.tolist(), "ci_over": ci_over,
             "per_split_return_mean": {str(s): run["return_mean"] for s, run in zip(seeds, runs)},
             "decisions_per_s": float(np.mean([run["timing"]["decisions_per_s"] for run in runs])),

@@ -85,6 +85,8 @@ def build_report(methods: list[tuple[str, dict, dict]], compare: list[tuple[str,
 
 def markdown_table(report: dict) -> str:
     episodes = [e for e in TABLE_EPISODES if e <= report["num_episodes"]]
+    if episodes[-1] != report["num_episodes"]:
+        episodes.append(report["num_episodes"])
     paper = PAPER_AFTER_50.get(report["env"], {})
     head = ["method", *(f"ep {e}" for e in episodes), "paper, ep 50"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

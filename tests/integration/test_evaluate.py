@@ -141,7 +141,7 @@ def test_confidence_interval():
 def test_run_evaluations_over_two_split_seeds(ray_local, tmp_path, config, checkpoints):
     summary = run_evaluations(config, checkpoints, str(tmp_path))
     assert summary["split_seeds"] == [0, 1]
-    for mode, label in (("policy", "AD (policy)"), ("plan", "DICP-AD (plan)")):
+    for mode, label in (("policy", "AD + world model (policy)"), ("plan", "DICP-AD (plan)")):
         method = summary["methods"][mode]
         assert method["label"] == label and method["ci_over"] == "split_seeds"
         assert len(method["return_mean"]) == NUM_EPISODES
