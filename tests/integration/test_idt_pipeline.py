@@ -105,7 +105,7 @@ def test_ray_train_writes_an_idt_checkpoint_and_policy_mode_evaluates_it(trained
     returns = np.array(result["returns"])
     assert returns.shape == (8, 3) and np.all(returns >= 0)
     assert np.all(returns <= np.array(result["oracle_max_returns"])[:, None])
-    assert (result["variant"], result["label"], result["mode"]) == ("idt", "IDT (policy)", "policy")
+    assert (result["variant"], result["label"], result["mode"]) == ("idt", "IDT + world model (policy)", "policy")
     written = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert written["returns"] == result["returns"] and (tmp_path / "eval" / "returns.csv").exists()
     again = evaluate_in_context(path, mode="policy")                # deterministic for eval.seed
