@@ -478,9 +478,10 @@ class HistoryDataset:
         return self._shards[position]
 
 
-# Columns a training window carries, with the dtype it is returned in.
+# Columns a training window carries, with the dtype it is returned in ("step" only when asked for).
 WINDOW_COLUMNS = {"obs": np.float32, "action": None, "reward": np.float32, "next_obs": np.float32,
                   "optimal_action": np.int64, "success": np.float32}
+_OPTIONAL_WINDOW_COLUMNS = {"step": np.int64}
 
 
 class WindowSampler:
@@ -490,11 +491,14 @@ class WindowSampler:
     action (B,k) int64 | (B,k,A) float32, reward (B,k) float32, next_obs (B,k,D) float32,
     optimal_action (B,k) int64`` (grid worlds), ``success (B,k)`` (Meta-World) and ``task_id (B,) int64``.
     Deterministic for a seed; gathering is one fancy index per shard present in the batch.
+    ``align`` > 1 lets windows start only every ``align`` rows of a history (IDT: at episode starts);
+    ``extra_columns`` adds columns such as ``step``.
     """
 
-    def __init__(self, dataset: HistoryDataset, window_len: int, seed: int | Sequence[int]):
-        if window_len < 1:
-            raise ValueError(f"window_len must be >= 1, got {window_len}")
+    def __init__(self, dataset: HistoryDataset, window_len: int, seed: int | Sequence[int], *, align: int = 1,
+                 extra_columns: Sequence[str] = ()):
+        if window_len < 1 or align < 1:
+            raise ValueError(f"window_len and align must be >= 1, got {window_len}, {align}")
         index = dataset.index
         eligible = np.flatnonzero(index["length"] >= window_len)
         if eligible.size == 0:
@@ -503,10 +507,11 @@ class WindowSampler:
                              f"(longest: {longest}); use a shorter context or collect more steps")
         self.dataset = dataset
         self.window_len = window_len
+        self.align = align
         self._history = eligible
-        self._num_windows = index["length"][eligible] - window_len + 1
+        self._num_windows = (index["length"][eligible] - window_len) // align + 1
         self._cumulative = np.cumsum(self._num_windows)
-        self._columns = [c for c in WINDOW_COLUMNS if c in dataset.column_names]
+        self._columns = [c for c in (*WINDOW_COLUMNS, *extra_columns) if c in dataset.column_names]
         self._rng = np.random.default_rng(seed)
 
     def sample(self, batch_size: int) -> dict[str, np.ndarray]:
@@ -515,7 +520,7 @@ class WindowSampler:
         slot = np.searchsorted(self._cumulative, window, side="right")
         history = self._history[slot]
         offset = window - (self._cumulative[slot] - self._num_windows[slot])
-        first_row = index["start"][history] + offset                     # (B,)
+        first_row = index["start"][history] + offset * self.align        # (B,)
         shard = index["shard"][history]
         out = self._empty(batch_size)
         order = np.argsort(shard, kind="stable")
@@ -533,7 +538,8 @@ class WindowSampler:
         first = self.dataset.shard_columns(0)
         out = {}
         for name in self._columns:
-            dtype = WINDOW_COLUMNS[name] or (np.int64 if first[name].dtype.kind in "iu" else np.float32)
+            dtype = {**WINDOW_COLUMNS, **_OPTIONAL_WINDOW_COLUMNS}.get(name) or (
+                np.int64 if first[name].dtype.kind in "iu" else np.float32)
             out[name] = np.empty((batch_size, self.window_len, *first[name].shape[1:]), dtype)
         return out
 

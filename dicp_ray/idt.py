@@ -54,64 +54,33 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dicp_ray.data import WindowSampler
 from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, Block, DICPTransformer, ModelSpec, rope_cos_sin
 
-# Columns an IDT training window carries (as data.WINDOW_COLUMNS, plus the step index within the episode).
-_WINDOW_COLUMNS = ("obs", "action", "reward", "next_obs", "optimal_action", "success", "step")
-
-
 # ----------------------------------------------------------------------------- training windows
-class EpisodeWindowSampler:
+class EpisodeWindowSampler(WindowSampler):
     """Uniformly random windows of `num_episodes` consecutive whole episodes of one history.
 
-    The IDT counterpart of ``data.WindowSampler`` (same dataset interface, ``sample(B)`` returns the same columns
-    plus ``step (B, k)``): every (history, first episode) pair is equally likely. Needs histories that start
-    at an episode start and hold episodes of exactly `horizon` steps, as the grid worlds' do (checked on every
-    batch). Deterministic for a seed; the generator lives in ``_rng`` like WindowSampler's (train.py saves it).
+    ``data.WindowSampler`` with windows aligned to episode starts: ``sample(B)`` returns its columns plus
+    ``step (B, k)``, and every (history, first episode) pair is equally likely. Needs histories that start at an
+    episode start and hold episodes of exactly `horizon` steps, as the grid worlds' do (checked on every batch).
     """
 
     def __init__(self, dataset, num_episodes: int, horizon: int, seed):
         if num_episodes < 1 or horizon < 1:
             raise ValueError(f"num_episodes and horizon must be >= 1, got {num_episodes}, {horizon}")
-        index = dataset.index
-        windows = index["length"] // horizon - num_episodes + 1        # whole-episode windows per history
-        eligible = np.flatnonzero(windows >= 1)
-        if eligible.size == 0:
-            longest = int(index["length"].max()) if index["length"].size else 0
-            raise ValueError(f"no history of {dataset.path} holds {num_episodes} episodes of {horizon} steps "
-                             f"(longest: {longest} steps); use fewer context episodes or collect more steps")
-        self.dataset, self.horizon, self.window_len = dataset, horizon, num_episodes * horizon
-        self._history = eligible
-        self._num_windows = windows[eligible]
-        self._cumulative = np.cumsum(self._num_windows)
-        self._columns = [c for c in _WINDOW_COLUMNS if c in dataset.column_names]
-        self._rng = np.random.default_rng(seed)
+        self.horizon = horizon
+        try:
+            super().__init__(dataset, num_episodes * horizon, seed, align=horizon, extra_columns=("step",))
+        except ValueError as err:
+            raise ValueError(f"{err} ({num_episodes} episodes of {horizon} steps); use fewer context episodes "
+                             "or collect more steps") from None
 
     def sample(self, batch_size: int) -> dict[str, np.ndarray]:
-        index, k = self.dataset.index, self.window_len
-        window = self._rng.integers(0, int(self._cumulative[-1]), size=batch_size)
-        slot = np.searchsorted(self._cumulative, window, side="right")
-        history = self._history[slot]
-        first_episode = window - (self._cumulative[slot] - self._num_windows[slot])
-        first_row = index["start"][history] + first_episode * self.horizon          # (B,)
-        shard = index["shard"][history]
-        out: dict[str, np.ndarray] = {}
-        for shard_pos in np.unique(shard):
-            members = np.flatnonzero(shard == shard_pos)
-            rows = first_row[members, None] + np.arange(k)                        # (b, k)
-            columns = self.dataset.shard_columns(int(shard_pos))
-            for name in self._columns:
-                values = columns[name][rows]
-                if name not in out:
-                    out[name] = np.empty((batch_size, *values.shape[1:]), values.dtype)
-                out[name][members] = values
+        out, k = super().sample(batch_size), self.window_len
         if not np.array_equal(out["step"], np.broadcast_to(np.arange(k) % self.horizon, (batch_size, k))):
             raise ValueError(f"{self.dataset.path}: IDT windows need histories of whole {self.horizon}-step "
                              "episodes starting at step 0; a sampled window does not line up with episodes")
-        for name in ("obs", "next_obs", "reward", "success"):
-            if name in out:
-                out[name] = out[name].astype(np.float32, copy=False)
-        out["task_id"] = index["task_id"][history].astype(np.int64)
         return out
 
 
