@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicp_ray.evaluate import TABLE_EPISODES, mean_ci95
+from dicp_ray.evaluate import TABLE_EPISODES, mean_ci95, plot_learning_curves
 from dicp_ray.runtime import write_text_atomic
 
 # Returns after 50 episodes read off the paper's curves (SPEC §6); None where the paper has no such method.
@@ -119,25 +119,12 @@ def csv_text(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for row in report["rows"]:
-        x = np.arange(1, report["num_episodes"] + 1)
-        line, = ax.plot(x, row["mean"], label=row["label"])
-        ax.fill_between(x, row["low"], row["high"], color=line.get_color(), alpha=0.2)
-    ax.axhline(report["oracle"], color="black", linestyle="--", linewidth=1, label="oracle max")
-    ax.set(xlabel="episode", ylabel="mean return over test tasks",
-           title=f"{report['env']} (95% CI over split seeds {report['split_seeds']})")
-    ax.legend(loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    """The combined curves, drawn by evaluate's own plot (one line + 95% CI band per method, oracle line)."""
+    methods = {row["label"]: {"label": row["label"], "return_mean": row["mean"].tolist(),
+                              "ci_low": row["low"].tolist(), "ci_high": row["high"].tolist()}
+               for row in report["rows"]}
+    plot_learning_curves({"env": report["env"], "split_seeds": report["split_seeds"], "methods": methods,
+                          "oracle_max_return_mean": report["oracle"]}, path)
 
 
 def main(argv: list[str] | None = None) -> None:

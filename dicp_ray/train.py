@@ -492,9 +492,6 @@ def _check_dataset(config: ExperimentConfig, dataset) -> None:
                               "dicp_ray's Meta-World collection")
         return
     grid = GRID_SPECS[config.env.name]
-    if dataset.env_name != config.env.name:
-        raise ConfigError(f"env.name = {config.env.name!r} but the dataset holds {dataset.env_name!r} "
-                          f"histories: --set env.name={dataset.env_name} or use a {config.env.name} dataset")
     if (dataset.obs_dim, dataset.num_actions) != (grid.obs_dim, grid.num_actions):
         raise ConfigError(f"dataset obs_dim/num_actions {dataset.obs_dim}/{dataset.num_actions} do not match "
                           f"{config.env.name} ({grid.obs_dim}/{grid.num_actions})")

@@ -24,3 +24,14 @@ def ray_local():
         yield ray.cluster_resources()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch, as in a Ray worker: 2 threads on 2 busy cores can be 50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -46,14 +46,6 @@ def dataset_dir(tmp_path_factory) -> str:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("world_model", [True, False])
 def test_loss_falls_in_process(dataset_dir, world_model, one_thread):
     config = _config(model={"world_model": world_model}, num_steps=40, lr=1e-2)

@@ -82,15 +82,6 @@ def test_windows_to_batch_without_world_model_has_no_query_action():
     assert "query_action" not in batch and set(targets) == {"target_action"}
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch, as in a Ray worker: 2 threads on 2 busy cores can be 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("variant", ["ad", "dpt"])
 def test_loss_falls_in_process(dataset_dir, variant, one_thread):
     config = _tiny_config(model={"variant": variant}, num_steps=60, lr=1e-2)

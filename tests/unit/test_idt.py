@@ -20,11 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_threaded(one_thread):  # tests/conftest.py
     yield
-    torch.set_num_threads(threads)
 
 
 def make_model(seed=0, **kw) -> IDTTransformer:
