@@ -144,8 +144,9 @@ class CollectConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     variant: str = "ad"
-    """In-context algorithm: ad | dpt | idt. idt (hierarchical, dicp_ray/idt.py) acts in eval mode policy only
-    and trains at the paper's lr 1e-3 (--set train.lr=1e-3; AD/DPT use 1e-2), see tune_configs/darkroom_idt.yaml."""
+    """In-context algorithm: ad | dpt | idt. idt (hierarchical, dicp_ray/idt.py) acts in eval mode policy only on
+    the grid worlds (Meta-World: policy and plan, depth-1 sampled search) and trains at the paper's lr 1e-3
+    (--set train.lr=1e-3; AD/DPT use 1e-2), see tune_configs/darkroom_idt.yaml, ml1_reach_2core_idt.yaml."""
     world_model: bool = True
     """True = DICP (reward and next-observation heads + planning); False = the model-free baseline."""
     context_episodes: int = 4
@@ -218,11 +219,15 @@ class EvalConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     kind: str = "plan"
-    """plan = grid over planner settings on a trained checkpoint; train = training hyper-parameters + ASHA."""
+    """plan = grid over planner settings on a trained checkpoint; train = training hyper-parameters + ASHA;
+    pipeline = one whole pipeline (collect -> train -> evaluate) per grid point, e.g. over env.task for ML1."""
     grid: dict[str, tuple] = field(default_factory=dict)
     """Dotted key -> values, e.g. {"plan.depth": [1, 2, 4, 8], "plan.beam_width": [1, 5, 10]}."""
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 1.0
+    paper_eval_budget: bool = False
+    """Pipeline sweeps on Meta-World: each trial evaluates for the paper's per-task step budget (reach 10K, push
+    30K, pick-place and peg-insert-side 200K, every other task 20K steps) instead of eval.num_episodes."""
 
 
 @dataclass(frozen=True)
@@ -423,6 +428,31 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(apply_overrides(_read_yaml(Path(path)), list(overrides)))
 
 
+# The paper's in-context step budgets per ML1 task (SPEC §6); every other task gets META_WORLD_DEFAULT_EVAL_STEPS.
+META_WORLD_EVAL_STEPS = {"reach-v3": 10_000, "push-v3": 30_000, "pick-place-v3": 200_000,
+                         "peg-insert-side-v3": 200_000}
+META_WORLD_DEFAULT_EVAL_STEPS = 20_000
+
+
+def sweep_points(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of a sweep grid's values, e.g. {"env.task": ["reach-v3", "push-v3"]} -> 2 points."""
+    import itertools
+
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
+
+
+def trial_config(config: ExperimentConfig, point: dict[str, Any]) -> ExperimentConfig:
+    """The config one pipeline-sweep trial runs: the grid point applied (with sweep.paper_eval_budget, also the
+    paper's in-context step budget of the trial's ML1 task), the sweep itself removed."""
+    overrides = {**point, "sweep.kind": "plan", "sweep.grid": {}, "sweep.paper_eval_budget": False}
+    if config.sweep.paper_eval_budget:
+        task = point.get("env.task", config.env.task)
+        steps = META_WORLD_EVAL_STEPS.get(task, META_WORLD_DEFAULT_EVAL_STEPS)
+        overrides["eval.num_episodes"] = steps // config.env.horizon
+    return replace(config, overrides)
+
+
 def replace(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
     """A validated copy of `config` with dotted-key overrides, e.g. {"plan.depth": 4} (used by sweeps)."""
     data = config.to_dict()
@@ -548,9 +578,13 @@ def _validate_plan_eval(config: ExperimentConfig) -> None:
     _require(len(e.modes) > 0, "eval.modes", list(e.modes), "needs at least one mode", "[policy,plan]")
     for mode in e.modes:
         _check_choice("eval.modes", mode, ["policy", "plan"])
-    if "plan" in e.modes and config.model.variant == "idt":
+    if "plan" in e.modes and config.model.variant == "idt" and not config.env.is_meta_world:
         raise ConfigError("eval.modes contains 'plan' but model.variant = 'idt': DICP planning is implemented for "
-                          "AD only, IDT acts in mode policy (--set eval.modes=[policy])")
+                          "AD only on the grid worlds (IDT plans on Meta-World only), IDT acts in mode policy "
+                          "(--set eval.modes=[policy])")
+    if "plan" in e.modes and config.model.variant == "idt" and config.plan_depth != 1:
+        raise ConfigError(f"plan.depth = {config.plan_depth}: IDT's sampled search (Meta-World) is depth 1 only "
+                          "(--set plan.depth=1)")
     if "plan" in e.modes and not config.model.world_model:
         raise ConfigError("eval.modes contains 'plan' but model.world_model = false: planning needs the world "
                           "model (--set model.world_model=true, or --set eval.modes=[policy])")
@@ -560,7 +594,16 @@ def _validate_plan_eval(config: ExperimentConfig) -> None:
 
 def _validate_sweep_resources(config: ExperimentConfig) -> None:
     s, r = config.sweep, config.resources
-    _check_choice("sweep.kind", s.kind, ["plan", "train"])
+    _check_choice("sweep.kind", s.kind, ["plan", "train", "pipeline"])
+    if s.paper_eval_budget and not (s.kind == "pipeline" and config.env.is_meta_world):
+        raise ConfigError("sweep.paper_eval_budget = true applies to Meta-World pipeline sweeps only "
+                          "(sweep.kind: pipeline, env.name: ML1 or ML10)")
+    if s.kind == "pipeline":
+        for point in sweep_points(s.grid):  # every trial's config must be valid before anything starts
+            try:
+                trial_config(config, point)
+            except ConfigError as err:
+                raise ConfigError(f"sweep trial {point}: {err}") from None
     _require(s.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", s.max_concurrent_trials,
              "must be >= 1", "2")
     _require(s.cpus_per_trial > 0, "sweep.cpus_per_trial", s.cpus_per_trial, "must be > 0", "1")
@@ -596,7 +639,7 @@ def validate(config: ExperimentConfig) -> None:
     if config.model.variant == "dpt" and config.env.is_meta_world:
         raise ConfigError(f"model.variant = 'dpt' needs optimal-action labels, which only the grid worlds "
                           f"have; {config.env.name} is Meta-World: use --set model.variant=ad (continuous "
-                          "training is implemented for AD)")
+                          "training is implemented for AD and IDT)")
     steps_per_stream = config.collect.env_steps_per_task // config.collect.num_streams
     _require(steps_per_stream >= config.context_len, "collect.env_steps_per_task",
              config.collect.env_steps_per_task,

@@ -13,6 +13,16 @@ A failing trial does not stop the sweep, and re-running the same command resumes
 
 A training sweep (``sweep.kind: train``) trains one model per grid point in-process and stops poor trials early
 with ASHA on the held-out loss; the best trial's checkpoint is reported.
+
+A pipeline sweep (``sweep.kind: pipeline``, e.g. tune_configs/ml1_all.yaml over the 50 ML1 tasks) runs one whole
+pipeline (collect -> train -> evaluate) per grid point, in ``<output>/runs/<point>/``. Each trial starts
+``dicp-ray pipeline`` as a child process that joins the same Ray cluster as a driver of its own, so its RLlib
+learners and Ray Train workers are scheduled by Ray like any pipeline's (a Tune trial's placement group would
+otherwise capture them); the trial itself reserves no CPU, and ``sweep.max_concurrent_trials`` bounds how many
+pipelines share the cluster. A trial reports per-mode success (Meta-World) or return (grid worlds); the sweep
+writes a per-point table with a mean row, and a bar chart for one-key grids. Re-running the command resumes:
+Tune keeps finished trials and every pipeline reuses its finished stages. Each child's output goes to
+``<output>/runs/<point>/pipeline.log``; a failing trial's error quotes its last lines.
 """
 from __future__ import annotations
 
@@ -20,7 +30,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dicp_ray.config import ExperimentConfig, config_from_dict, replace
+from dicp_ray.config import ExperimentConfig, config_from_dict, replace, trial_config
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +162,139 @@ def run_train_sweep(config: ExperimentConfig, output_dir: Path, dataset_dir: Pat
     return results
 
 
+# --------------------------------------------------------------------------------------- pipeline sweeps
+def point_slug(point: dict[str, Any]) -> str:
+    """A directory name for a grid point, e.g. {"env.task": "reach-v3"} -> "task=reach-v3"."""
+    import re
+
+    text = ",".join(f"{key.rpartition('.')[2]}={value}" for key, value in point.items())
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:200] or "default"
+
+
+def pipeline_metrics(summary: dict) -> dict[str, float]:
+    """Per-mode scalars of an evaluation summary: the last 10% of episodes (``_final``) and all of them."""
+    import numpy as np
+
+    metrics: dict[str, float] = {}
+    for mode, method in summary["methods"].items():
+        curves = {"return": method["return_mean"]}
+        if "success_mean" in method:
+            curves.update(success=method["success_mean"], success_once=method["success_once_so_far_mean"])
+        for name, curve in curves.items():
+            curve = np.asarray(curve, dtype=float)
+            tail = max(1, len(curve) // 10)
+            metrics[f"{name}_final_{mode}"] = float(curve[-tail:].mean())
+            if name != "success_once":
+                metrics[f"{name}_mean_{mode}"] = float(curve.mean())
+    return metrics
+
+
+def pipeline_metric(config: ExperimentConfig) -> str:
+    """What a pipeline sweep ranks by: success (Meta-World) or return over the last 10% of episodes, of the
+    last evaluation mode (plan when it is evaluated)."""
+    return f"{'success' if config.env.is_meta_world else 'return'}_final_{config.eval.modes[-1]}"
+
+
+def _pipeline_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: str) -> None:
+    """One Tune trial: a whole pipeline for one grid point, as a child `dicp-ray pipeline` on the same cluster."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import ray
+    from ray import tune
+
+    from dicp_ray.runtime import write_text_atomic
+
+    config = trial_config(config_from_dict(base), params)
+    trial_dir = Path(runs_dir) / point_slug(params)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    config_path = trial_dir / "config.yaml"  # JSON is YAML: the full resolved config of this trial
+    write_text_atomic(config_path, json.dumps(config.to_dict(), indent=2, default=list))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    log_path = trial_dir / "pipeline.log"
+    with open(log_path, "ab") as log:
+        code = subprocess.run([sys.executable, "-m", "dicp_ray.cli", "pipeline", "--config", str(config_path),
+                               "--output", str(trial_dir)], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"pipeline for {params} exited with code {code}; last lines of {log_path}:\n{tail}")
+    summary = json.loads((trial_dir / "eval" / "summary.json").read_text())
+    tune.report({**pipeline_metrics(summary), "num_episodes": summary["num_episodes"]})
+
+
+def run_pipeline_sweep(config: ExperimentConfig, output_dir: Path) -> Any:
+    """One pipeline per grid point (e.g. all 50 ML1 tasks); returns Tune's ResultGrid."""
+    from ray import tune
+
+    if not config.sweep.grid:
+        raise ValueError("a pipeline sweep needs sweep.grid, e.g. {env.task: [reach-v3, push-v3]}")
+    param_space = {key: tune.grid_search(list(values)) for key, values in config.sweep.grid.items()}
+    # The trial only waits for its child pipeline, whose own tasks and workers ask Ray for their resources: it
+    # reserves no CPU (even 0.01 CPU would leave a 2-CPU machine unable to place a 2-worker Ray Train group).
+    # Tune refuses an all-zero request, so the trial asks for one byte of memory instead.
+    trainable = tune.with_resources(
+        tune.with_parameters(_pipeline_trial, base=config.to_dict(), runs_dir=str(output_dir / "runs")),
+        tune.PlacementGroupFactory([{"memory": 1}]))
+    metric = pipeline_metric(config)
+    tuner = _tuner(trainable, config, output_dir / "tune", f"pipeline_{config.name}", metric, "max", param_space)
+    results = tuner.fit()
+    report_pipeline_sweep(results, list(config.sweep.grid), config, output_dir / "sweep")
+    return results
+
+
+def report_pipeline_sweep(results: Any, keys: list[str], config: ExperimentConfig, out: Path) -> str:
+    """Print and save the per-point table with a mean row (CSV) and, for one-key grids, a bar chart."""
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    frame = results.get_dataframe()
+    kind = "success" if config.env.is_meta_world else "return"
+    metrics = [f"{kind}_{stat}_{mode}" for mode in config.eval.modes
+               for stat in (("final", "mean", "once_final") if kind == "success" else ("final", "mean"))]
+    columns = {f"config/{k}": k for k in keys}
+    present = [c for c in columns if c in frame.columns]
+    table = frame[present + [m for m in metrics if m in frame.columns]].rename(columns=columns)
+    table = table.sort_values(by=[columns[c] for c in present]).reset_index(drop=True)
+    shown = [m for m in metrics if m in table.columns]
+    if len(table) and shown:
+        mean_row = {k: f"mean of {len(table)}" if i == 0 else "" for i, k in enumerate(columns[c] for c in present)}
+        mean_row.update({m: table[m].mean() for m in shown})
+        table = pd.concat([table, pd.DataFrame([mean_row])], ignore_index=True)
+    table.to_csv(out / "sweep_results.csv", index=False)
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    if results.num_errors:
+        text += f"\n{results.num_errors} trial(s) failed; see <output>/runs/<point>/pipeline.log and Tune's trial dirs."
+    print(text)
+    if len(present) == 1 and shown and len(table) > 1:
+        _bars(table.iloc[:-1], columns[present[0]], [m for m in shown if "_final_" in m], out / "sweep_bars.png")
+    return text
+
+
+def _bars(table, key: str, metrics: list[str], path: Path) -> None:
+    """Grouped horizontal bars: one group per grid value, one bar per metric (e.g. policy vs plan success)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n, width = len(table), 0.8 / max(1, len(metrics))
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * n * max(1, len(metrics)) ** 0.5))
+    y = np.arange(n)
+    for i, metric in enumerate(metrics):
+        ax.barh(y + i * width, table[metric].astype(float), height=width, label=metric)
+    ax.set_yticks(y + width * (len(metrics) - 1) / 2, [str(v) for v in table[key]])
+    ax.invert_yaxis()
+    ax.set_xlabel("last 10% of in-context episodes")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"pipeline sweep over {key}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report_sweep(results: Any, keys: list[str], metric: str, out: Path) -> str:
     """Print and save the sweep table (CSV) and, for two-key grids, a heat map PNG."""
     import pandas as pd
@@ -204,12 +347,16 @@ def _heatmap(matrices: list, metrics: list[str], path: Path) -> None:
 
 
 def run_sweep(config: ExperimentConfig, output_dir: str | Path, checkpoint: str | None = None) -> Any:
-    """Entry point of `dicp-ray sweep`: a planning or a training sweep, per ``sweep.kind``."""
+    """Entry point of `dicp-ray sweep`: a planning, training or pipeline sweep, per ``sweep.kind``."""
     from dicp_ray.pipeline import collect_stage, record_run, train_stage
     from dicp_ray.runtime import init_ray
 
     output_dir = Path(output_dir).resolve()
+    if config.sweep.kind == "pipeline" and checkpoint is not None:
+        raise ValueError("--checkpoint does not apply to a pipeline sweep (each trial trains its own models)")
     init_ray(config.resources)
+    if config.sweep.kind == "pipeline":
+        return run_pipeline_sweep(config, output_dir)
     if config.sweep.kind == "train":
         # Only the dataset is shared with a pipeline run here; the trials' model/train settings vary.
         return run_train_sweep(config, output_dir, collect_stage(config, output_dir))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dicp_ray.config import ConfigError, config_from_dict, load_config, replace
+from dicp_ray.config import META_WORLD_TASKS, ConfigError, config_from_dict, load_config, replace
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "tune_configs"
 YAMLS = sorted((ROOT / "tune_configs").rglob("*.yaml"))
 
 
@@ -78,6 +79,10 @@ BAD = {
     "sweep key unknown": ({"sweep": {"grid": {"plan.widht": [1]}}}, "sweep.grid.plan.widht"),
     "sweep values empty": ({"sweep": {"grid": {"plan.depth": []}}}, "non-empty list"),
     "bad device": ({"eval": {"device": "tpu"}}, "eval.device = 'tpu' is not known"),
+    "pipeline sweep bad trial": ({"sweep": {"kind": "pipeline", "grid": {"plan.depth": [2, 40]}}},
+                                 "sweep trial {'plan.depth': 40}: plan.depth = 40 is out of range"),
+    "paper budget not meta-world": ({"sweep": {"kind": "pipeline", "paper_eval_budget": True}},
+                                    "Meta-World pipeline sweeps only"),
     "zero cpus": ({"resources": {"num_cpus": 0}}, "resources.num_cpus = 0"),
     "max test tasks zero": ({"env": {"max_test_tasks": 0}}, "env.max_test_tasks = 0"),
 }
@@ -166,3 +171,28 @@ def test_envs_command_prints_random_and_oracle_returns():
     assert set(rows) == {"Darkroom", "DarkKeyToDoor", "DarkroomPermuted"}
     for row in rows.values():
         assert float(row[4]) == float(row[5]) > float(row[3])  # oracle reaches the maximum, random does not
+
+
+def test_pipeline_sweep_trials_get_the_papers_meta_world_budgets():
+    from dicp_ray.config import sweep_points, trial_config
+
+    config = load_config(CONFIGS / "ml1_all.yaml")
+    points = sweep_points(config.sweep.grid)
+    assert [p["env.task"] for p in points] == list(META_WORLD_TASKS)  # all 50, once each
+    budgets = {p["env.task"]: trial_config(config, p) for p in points}
+    assert budgets["reach-v3"].eval.num_episodes == 100          # 10K steps of 100-step episodes
+    assert budgets["push-v3"].eval.num_episodes == 300
+    assert budgets["pick-place-v3"].eval.num_episodes == 2000
+    assert budgets["peg-insert-side-v3"].eval.num_episodes == 2000
+    assert budgets["sweep-v3"].eval.num_episodes == 200
+    trial = budgets["door-open-v3"]
+    assert trial.env.task == "door-open-v3" and trial.sweep.kind == "plan" and not trial.sweep.grid
+    assert trial.train == config.train and trial.collect == config.collect  # only the grid point changes
+
+
+def test_pipeline_sweep_with_a_misspelt_task_is_refused_before_ray(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"base: {CONFIGS / 'ml1_smoke.yaml'}\nsweep:\n  kind: pipeline\n"
+                    "  grid:\n    env.task: [reach-v3, pick-plce-v3]\n")
+    with pytest.raises(ConfigError, match="sweep trial .*did you mean 'pick-place-v3'"):
+        load_config(path)
