@@ -5,8 +5,9 @@ What it does
     checkpoint's split, and runs the in-context loop from an empty context for ``eval.num_episodes``
     episodes: at each step the context is the last k-1 real transitions of that task's history (across
     episode boundaries) and the query is the current observation. Mode "policy" samples the distilled
-    policy (AD / DPT; IDT acts hierarchically through ``dicp_ray.idt.IDTAgent``, see `_rollout_idt`); mode
-    "plan" runs DICP beam search once the context is full (before that it samples), for AD checkpoints only.
+    policy (AD / DPT; IDT acts hierarchically through ``dicp_ray.idt.IDTAgent``, see `_rollout_idt` and
+    `_rollout_idt_continuous`); mode "plan" runs DICP beam search once the context is full (before that it
+    samples), for AD checkpoints, and on Meta-World the depth-1 sampled search for AD and IDT checkpoints.
     ``run_evaluations`` fans (split seed x mode) out as Ray tasks and aggregates over split seeds.
 
 How to run it
@@ -127,14 +128,19 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
     if variant != config.model.variant:
         raise ValueError(f"checkpoint {path} is variant {variant!r} but config.model.variant = "
                          f"{config.model.variant!r}: use --set model.variant={variant}")
-    if mode == "plan" and spec.layout == "idt":
-        raise ValueError(f"mode 'plan': DICP planning is implemented for AD only, checkpoint {path} is IDT: "
-                         "evaluate it in mode 'policy' (--set eval.modes=[policy])")
+    if mode == "plan" and spec.layout == "idt" and spec.discrete_actions:
+        raise ValueError(f"mode 'plan': DICP planning is implemented for AD only on the grid worlds (IDT plans on "
+                         f"Meta-World only), checkpoint {path} is a discrete IDT: evaluate it in mode 'policy' "
+                         "(--set eval.modes=[policy])")
+    if mode == "plan" and spec.layout == "idt" and config.plan_depth != 1:
+        raise ValueError(f"mode 'plan': IDT's sampled search is depth 1 only, plan.depth = {config.plan_depth} "
+                         "(--set plan.depth=1)")
     if mode == "plan" and not spec.world_model:
         raise ValueError(f"mode 'plan' needs a world model, but checkpoint {path} was trained with "
                          "model.world_model=false: evaluate it in mode 'policy' (--set eval.modes=[policy])")
-    if mode == "plan" and spec.layout != "ad":
-        raise ValueError(f"mode 'plan' supports the 'ad' layout only, checkpoint {path} has {spec.layout!r}")
+    if mode == "plan" and spec.layout not in ("ad", "idt"):
+        raise ValueError(f"mode 'plan' supports the 'ad' layout (and 'idt' on Meta-World) only, checkpoint {path} "
+                         f"has {spec.layout!r}")
 
 
 def _resolve_split_seed(payload: dict, split_seed: int | None, config: ExperimentConfig, path: str) -> int:
@@ -278,6 +284,8 @@ def _rollout_continuous(model, env, num_episodes: int, mode: str, settings: Plan
     """
     from tqdm.auto import tqdm
 
+    if model.spec.layout == "idt":
+        return _rollout_idt_continuous(model, env, num_episodes, mode, settings, generator, device, desc)
     num_tasks, horizon, k = env.num_envs, env.horizon, model.spec.context_len
     obs_dim, act_dim, total_steps = model.spec.obs_dim, model.spec.num_actions, num_episodes * horizon
     hist = Context(torch.zeros(num_tasks, total_steps, obs_dim, device=device),
@@ -304,6 +312,44 @@ def _rollout_continuous(model, env, num_episodes: int, mode: str, settings: Plan
             returns[:, episode] += reward
             successes[:, episode] = np.maximum(successes[:, episode], info["success"])
             obs, step = next_obs, step + 1
+    return returns, successes, num_planned
+
+
+def _rollout_idt_continuous(model, env, num_episodes: int, mode: str, settings: PlannerSettings,
+                            generator: torch.Generator, device: torch.device,
+                            desc: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Meta-World IDT: returns, per-episode success (N, E) and planned decisions, recorded as `_rollout_continuous`
+    does (success at any step; the context stores the executed, clipped ``info["action"]``). Every episode's
+    return-to-go starts at ``spec.return_target``, the best episode return of the training data. Plan mode:
+    ``IDTAgent.plan_action`` (L = plan.num_samples, depth 1) once the context holds E-1 finished episodes (should_plan
+    in episode units), with plan.second_half_only from the middle of each episode; the policy samples before."""
+    from tqdm.auto import tqdm
+
+    if model.spec.return_target is None:
+        raise ValueError("this continuous IDT checkpoint has no model_spec.return_target (the best training "
+                         "return): retrain it with this version of dicp_ray")
+    num_tasks, horizon = env.num_envs, env.horizon
+    target = torch.full((num_tasks,), float(model.spec.return_target), device=device)
+    agent = IDTAgent(model, horizon, target, generator)
+    returns, successes = np.zeros((num_tasks, num_episodes)), np.zeros((num_tasks, num_episodes))
+    num_planned = 0
+    for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
+        obs, _ = env.reset()
+        agent.start_episode()
+        for t in range(horizon):
+            query = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            if mode == "plan" and should_plan(settings, agent.context_episodes, agent.num_finished, t, horizon):
+                action = agent.plan_action(query, settings.num_samples)
+                num_planned += num_tasks
+            else:
+                action = agent.act(query)                                                 # (N, A)
+            next_obs, reward, _, _, info = env.step(action.float().cpu().numpy())
+            executed = np.asarray(info["action"])                                         # clipped (N, A)
+            agent.observe(torch.as_tensor(executed), torch.as_tensor(np.asarray(reward)),
+                          torch.as_tensor(np.asarray(next_obs)))
+            returns[:, episode] += reward
+            successes[:, episode] = np.maximum(successes[:, episode], info["success"])
+            obs = next_obs
     return returns, successes, num_planned
 
 
@@ -408,7 +454,8 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         "settings": {"mode": mode, "seed": config.eval.seed, "device": str(device),
                      "torch_threads": torch.get_num_threads(),
                      "planner": vars(settings) if mode == "plan" else None,
-                     **({"idt_return_target": "task max return"} if model.spec.layout == "idt" else {})},
+                     **({"idt_return_target": _idt_return_target(model.spec)} if model.spec.layout == "idt"
+                        else {})},
         "timing": {"wall_s": None, "rollout_s": loop_s, "decisions": num_decisions,
                    "planned_decisions": num_planned, "decisions_per_s": num_decisions / max(loop_s, 1e-9)},
         "checkpoint": os.path.abspath(path), "checkpoint_step": payload.get("step"),
@@ -424,6 +471,11 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
                 "decisions/s", result["label"], split_seed, mean[0], mean[-1], len(mean),
                 "-" if oracle is None else f"{oracle.mean():.2f}", result["timing"]["decisions_per_s"])
     return result
+
+
+def _idt_return_target(spec) -> str | float:
+    """What IDT's episodes start at: the task's max return (grid worlds) or the stored best training return."""
+    return "task max return" if spec.discrete_actions else float(spec.return_target)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1,4 +1,4 @@
-"""IDT: the In-context Decision Transformer (Huang et al., ICML 2024) for the discrete grid worlds.
+"""IDT: the In-context Decision Transformer (Huang et al., ICML 2024), for the grid worlds and Meta-World.
 
 What it is
     A hierarchical in-context agent: three small causal Transformers built from model.py's blocks
@@ -8,26 +8,36 @@ What it is
       multi-episode context, token i = embed(return-to-go at the block start, observation at the block
       start, z of block i-1), and predicts a diagonal Gaussian over the block's high-level decision z_i.
     * Decisions-to-Go (DtG) reads the block's low-level tokens ``z_i, o_0, a_0, o_1 (+r_0), a_1, ...`` and
-      predicts action a_t at o_t's token; with ``spec.world_model`` (DICP-IDT) it also predicts the reward
-      (2-class) and the next cell (81-class) of (o_t, a_t) at a_t's token, the "query action".
+      predicts action a_t at o_t's token; with ``spec.world_model`` (DICP-IDT) it also predicts the reward and
+      the next observation of (o_t, a_t) at a_t's token, the "query action".
     * Reviewing-Decisions (RD) encodes a finished block's transitions (o, a, r, o') into z (``spec.z_dim``),
       which MD reads as the previous decision of the next block.
+
+    Discrete actions (grid worlds): one-hot action features, action logits, 2-class reward and 81-class next cell.
+    Continuous actions (Meta-World, ``spec.discrete_actions=False``): the action vector is embedded as it is, the
+    action head is a diagonal Gaussian (mean and learned log-std clamped to model.py's [LOG_STD_MIN, LOG_STD_MAX],
+    Gaussian NLL), the reward is regressed (clipped to [0, ``spec.reward_max``]) and so is the next observation,
+    i.e. exactly AD's continuous heads and losses (model.py), read at IDT's token positions.
 
     Training windows hold ``context_episodes`` whole episodes of one history (``EpisodeWindowSampler``); their
     episodes are sorted by ascending return and the return-to-go relabelled so every episode starts at the best
     return of the window (``relabel_windows``; SPEC §4). ``train.windows_to_batch(windows, "idt", ...)`` turns
-    them into the batch ``IDTTransformer.forward`` reads. ``IDTAgent`` acts in context on a batch of tasks.
+    them into the batch ``IDTTransformer.forward`` reads. ``IDTAgent`` acts in context on a batch of tasks, and
+    for continuous actions ``IDTAgent.plan_action`` is DICP-IDT's depth-1 sampled search.
 
 How it is used
     model = build_model(spec)                      # spec.layout == "idt" (dicp_ray.model.build_model)
     preds, losses = model(batch, targets)          # same loss keys as AD: loss, loss_action, acc_action, ...
     agent = IDTAgent(model, horizon, return_target=torch.as_tensor(env.max_returns()), generator=gen)
     agent.start_episode(); a = agent.act(obs); agent.observe(a, reward, next_obs)   # once per step
+    a = agent.plan_action(obs, num_samples=10)     # continuous world model: instead of act (DICP-IDT)
 
 Batch (B windows of k = E * H transitions, E episodes of H steps, k a multiple of c):
-    ``ctx_obs (B,k,D) float, ctx_action (B,k) long, ctx_reward (B,k) float, ctx_next_obs (B,k,D) float,
-    ctx_return_to_go (B,k) float``; targets ``target_action (B,k)``, and with the world model
-    ``target_reward (B,k)`` class and ``target_next_obs (B,k)`` cell. Every step is a prediction target.
+    ``ctx_obs (B,k,D) float, ctx_action (B,k) long | (B,k,A) float, ctx_reward (B,k) float, ctx_next_obs (B,k,D)
+    float, ctx_return_to_go (B,k) float``; targets ``target_action`` (B,k) | (B,k,A), and with the world model
+    ``target_reward (B,k)`` (class | float) and ``target_next_obs`` (B,k) cell | (B,k,D) float. Every step is a
+    prediction target. Preds: ``action_logits`` or ``action_mean``/``action_log_std``; ``reward_logits`` /
+    ``next_obs_logits`` or ``reward`` / ``next_obs``; ``z_mean``/``z_log_std``.
 
 Choices that are ours where the paper (and SPEC §4) is silent
     * One MD token per block (a linear embedding of the concatenated return-to-go, observation and previous z,
@@ -37,16 +47,28 @@ Choices that are ours where the paper (and SPEC §4) is silent
       action loss trains all three modules end to end; there is no separate loss on z (as in the authors'
       release). A forward in eval mode uses the mean; ``IDTAgent`` samples by default.
     * DtG sees only its own block (all cross-episode information reaches it through z); the previous reward is
-      folded into the observation token, so a block has 2c + 1 tokens.
+      folded into the observation token, so a block has 2c + 1 tokens. Rewards enter tokens unscaled (as in AD).
     * The world-model heads predict every step of every block (AD predicts one query per window).
     * Windows start at an episode start and hold whole episodes (AD windows start anywhere); the sort and the
       relabelling are per window, ties keep their time order, and the return-to-go of step t is the window's
       best return minus the rewards collected earlier in that episode. Returns-to-go are scaled by
-      ``spec.return_scale`` (1 / horizon from train.model_spec_from_config) before embedding.
-    * Acting: the return target of every episode is the task's maximum achievable return, as in the authors'
-      release (the caller passes it; note that it is task information AD and DPT do not get). The context is
-      the newest E-1 finished episodes sorted by ascending return, then the current episode, i.e. laid out like
-      a training window (the release slides a window of blocks in time order instead).
+      ``spec.return_scale`` before embedding (train.model_spec_from_config: 1 / (max reward per step x horizon),
+      i.e. 1 / horizon on the grid worlds and 1 / (10 x 100) on Meta-World, so returns-to-go lie in [0, 1]).
+    * Acting, return target: the initial return-to-go of every episode. Grid worlds: the task's maximum
+      achievable return, as in the authors' release (the caller passes it; note that it is task information AD
+      and DPT do not get). Meta-World has no known maximum: ``spec.return_target`` = the best episode return in
+      the training data of the split's train tasks (``best_episode_return``, fixed when the model is built, so
+      it is stored in the checkpoint and deterministic), the same for every test task.
+    * Acting, context: the newest E-1 finished episodes sorted by ascending return, then the current episode,
+      i.e. laid out like a training window (the release slides a window of blocks in time order instead).
+    * Acting, continuous actions: ``act`` samples mean + std * N(0, 1) without clipping, like AD's
+      ``plan.sample_policy_action`` (the env clips; the caller records the executed, clipped action).
+    * DICP-IDT (continuous only): ``plan_action`` scores L candidates -- the policy mean and L-1 Gaussian samples,
+      clipped to [-1, 1] -- by the reward DtG predicts at the candidate's query-action token after o_t, and
+      returns the best (ties: the mean). Depth 1, as the paper plans Meta-World; the high-level decision z of the
+      block is the one the agent already took (sampled), not searched over. Evaluation plans like AD's
+      ``plan_continuous``: once the context holds E-1 finished episodes, and with plan.second_half_only from the
+      middle of each episode.
 """
 from __future__ import annotations
 
@@ -63,7 +85,8 @@ class EpisodeWindowSampler(WindowSampler):
 
     ``data.WindowSampler`` with windows aligned to episode starts: ``sample(B)`` returns its columns plus
     ``step (B, k)``, and every (history, first episode) pair is equally likely. Needs histories that start at an
-    episode start and hold episodes of exactly `horizon` steps, as the grid worlds' do (checked on every batch).
+    episode start and hold episodes of exactly `horizon` steps, as the grid worlds' and Meta-World's do (checked on
+    every batch).
     """
 
     def __init__(self, dataset, num_episodes: int, horizon: int, seed):
@@ -118,6 +141,22 @@ def relabel_windows(windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out["return_to_go"] = (sorted_returns[:, -1, None, None] - earlier).reshape(B, k).astype(np.float32)
     out["episode_return"] = sorted_returns.astype(np.float32)
     return out
+
+
+def best_episode_return(dataset) -> float:
+    """The highest episode return in a ``data.HistoryDataset`` (float64 sums of its float32 rewards over the rows
+    of each (stream, episode)): continuous IDT's return target, computed on the train tasks' histories."""
+    best = -np.inf
+    for position in range(len(dataset.task_ids)):
+        columns = dataset.shard_columns(position)
+        stream, episode = np.asarray(columns["stream"]), np.asarray(columns["episode"])
+        if stream.size == 0:
+            continue
+        starts = np.flatnonzero(np.r_[True, (np.diff(stream) != 0) | (np.diff(episode) != 0)])
+        best = max(best, float(np.add.reduceat(np.asarray(columns["reward"], np.float64), starts).max()))
+    if not np.isfinite(best):
+        raise ValueError(f"{dataset.path}: no episodes to take a return target from")
+    return best
 
 
 # ----------------------------------------------------------------------------- the model
@@ -175,7 +214,7 @@ class IDTTransformer(nn.Module):
         self.embed_obs = nn.Linear(D + 1, E)
         self.embed_action = nn.Linear(A, E)
         self.decisions_to_go = CausalStack(spec)
-        self.head_action = nn.Linear(E, A)
+        self.head_action = nn.Linear(E, A if spec.discrete_actions else 2 * A)   # logits | (mean, log_std)
         if spec.world_model:
             self.head_reward = nn.Linear(E, spec.reward_classes or 1)
             self.head_next_obs = nn.Linear(E, spec.num_obs_classes or D)
@@ -186,8 +225,8 @@ class IDTTransformer(nn.Module):
 
     # -- the three modules -------------------------------------------------------
     def review(self, obs, action, reward, next_obs) -> torch.Tensor:
-        """Blocks (..., c, D), (..., c), (..., c), (..., c, D) -> their decisions z (..., Z)."""
-        lead, c = action.shape[:-1], action.shape[-1]
+        """Blocks (..., c, D), (..., c) | (..., c, A), (..., c), (..., c, D) -> their decisions z (..., Z)."""
+        lead, c = obs.shape[:-2], obs.shape[-2]
         feats = torch.cat([self._obs_features(obs), self._action_features(action),
                            reward.to(self._param_dtype()).unsqueeze(-1), self._obs_features(next_obs)], dim=-1)
         hidden = self.reviewing_decisions(self.embed_transition(feats.reshape(-1, c, feats.shape[-1])))
@@ -208,7 +247,7 @@ class IDTTransformer(nn.Module):
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def low_level_tokens(self, z, obs, action, reward) -> torch.Tensor:
-        """Decisions-to-Go input of blocks: z (N, Z), obs (N, T, D), action (N, T') with T' in {T-1, T},
+        """Decisions-to-Go input of blocks: z (N, Z), obs (N, T, D), action (N, T') | (N, T', A) with T' in {T-1, T},
         reward (N, >= T-1) -> (N, 1 + T + T', E) = z, o_0, a_0, o_1 (+r_0), a_1, ... (o_t at 1 + 2t)."""
         N, T = obs.shape[:2]
         Ta = action.shape[1]
@@ -226,10 +265,11 @@ class IDTTransformer(nn.Module):
     def forward(self, batch: dict, targets: dict | None = None, world_model_weight: float = 1.0):
         """Returns (preds, losses or None): ``action_logits (B,k,A)``, with the world model ``reward_logits
         (B,k,C)`` and ``next_obs_logits (B,k,81)``, and the decision Gaussians ``z_mean``/``z_log_std``
-        (B, k/c, Z). Train mode samples each block's z; eval mode uses the mean."""
+        (B, k/c, Z); continuous actions: ``action_mean``/``action_log_std (B,k,A)``, ``reward (B,k)`` and
+        ``next_obs (B,k,D)``. Train mode samples each block's z; eval mode uses the mean."""
         obs, action, reward = batch["ctx_obs"], batch["ctx_action"], batch["ctx_reward"]
         next_obs, rtg = batch["ctx_next_obs"], batch["ctx_return_to_go"]
-        B, k = action.shape
+        B, k = action.shape[:2]
         c, D, Z = self.spec.block_len, self.spec.obs_dim, self.spec.z_dim
         if k % c:
             raise ValueError(f"IDT windows must hold whole blocks of {c} steps, got {k} steps")
@@ -243,11 +283,11 @@ class IDTTransformer(nn.Module):
                   else obs.new_zeros(B, 0, Z))
         mean, log_std = self.decide(rtg[:, ::c], ob[:, :, 0], z_done)                 # (B, n, Z)
         z = mean + log_std.exp() * torch.randn_like(mean) if self.training else mean
-        tokens = self.low_level_tokens(z.reshape(B * n, Z), ob.reshape(B * n, c, D), ab.reshape(B * n, c),
-                                       rb.reshape(B * n, c))
+        tokens = self.low_level_tokens(z.reshape(B * n, Z), ob.reshape(B * n, c, D),
+                                       ab.reshape(B * n, c, *ab.shape[3:]), rb.reshape(B * n, c))
         hidden = self.decisions_to_go(tokens)                                          # (B*n, 2c+1, E)
         h_obs = hidden[:, 1::2].reshape(B, k, -1)     # o_t tokens: the action of step t
-        h_act = hidden[:, 2::2].reshape(B, k, -1)     # a_t tokens: reward and next cell of (o_t, a_t)
+        h_act = hidden[:, 2::2].reshape(B, k, -1)     # a_t tokens: reward and next obs / cell of (o_t, a_t)
         preds = {**self._action_preds(h_obs), **self._world_preds(h_act), "z_mean": mean, "z_log_std": log_std}
         losses = None if targets is None else self.compute_losses(preds, targets, world_model_weight)
         return preds, losses
@@ -260,16 +300,25 @@ def _uniform(shape, generator, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float64).to(device)
 
 
+def _normal(shape, generator, like: torch.Tensor) -> torch.Tensor:
+    """float64 standard normals drawn on the generator's device, cast to `like` (as plan.py draws them)."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float64).to(like)
+
+
 class IDTAgent:
     """In-context acting of an IDTTransformer on N tasks in lockstep (every episode lasts `horizon` steps).
 
     ``start_episode()`` before each episode, then per step ``act(obs)`` -> (N,) actions (sampled from the
-    action head; ``action_logits(obs)`` gives the logits) and ``observe(action, reward, next_obs)``. A new
+    action head; ``policy(obs)`` gives its output: logits, or (mean, log_std) for continuous actions, which
+    ``act`` samples as (N, A) floats) or ``plan_action(obs, L)`` (continuous world model: depth-1 sampled search),
+    and ``observe(action, reward, next_obs)``. A new
     decision z is taken every ``block_len`` steps, the finished block is reviewed into z, and the context is
     the newest E-1 finished episodes sorted by ascending return followed by the current one, E =
     ``context_len // horizon``. `return_target` (N,) is every episode's initial return-to-go.
     `sample_decisions=False` uses each decision's mean instead of a sample (then the action logits are exactly
     those of the model's eval-mode forward on the same window). Deterministic for a generator state.
+    ``num_finished`` counts the finished episodes in the context (at most E-1).
     """
 
     def __init__(self, model: IDTTransformer, horizon: int, return_target: torch.Tensor,
@@ -293,15 +342,29 @@ class IDTAgent:
     def start_episode(self) -> None:
         N, H, D, Z = self.num_tasks, self.horizon, self.model.spec.obs_dim, self.model.spec.z_dim
         zeros = dict(device=self.device, dtype=self.dtype)
+        action = (torch.zeros(N, H, dtype=torch.long, device=self.device) if self.model.spec.discrete_actions
+                  else torch.zeros(N, H, self.model.spec.num_actions, **zeros))
         self.current = {"obs": torch.zeros(N, H, D, **zeros), "next_obs": torch.zeros(N, H, D, **zeros),
-                        "action": torch.zeros(N, H, dtype=torch.long, device=self.device),
+                        "action": action,
                         "reward": torch.zeros(N, H, **zeros), "return_to_go": torch.zeros(N, H, **zeros),
                         "z": torch.zeros(N, H // self.model.spec.block_len, Z, **zeros)}
         self.t, self.z = 0, None
 
+    @property
+    def num_finished(self) -> int:
+        """Finished episodes in the context (0 .. E-1): the context is full at E-1."""
+        return 0 if self.finished is None else int(self.finished["obs"].shape[1])
+
     @torch.no_grad()
-    def action_logits(self, obs) -> torch.Tensor:
-        """Record the observation of step t (and, at a block start, take a decision) -> (N, A) logits."""
+    def policy(self, obs):
+        """Record the observation of step t (and, at a block start, take a decision) -> (N, A) logits, or
+        (mean, log_std), each (N, A), for continuous actions. Call once per step (or `act` / `plan_action`)."""
+        return self.model.action_head(self.model.decisions_to_go(self._step_tokens(obs))[:, -1])
+
+    action_logits = policy  # the discrete name
+
+    def _step_tokens(self, obs) -> torch.Tensor:
+        """Record o_t (and decide at a block start) -> the block's DtG tokens up to o_t, (N, 2 (t mod c) + 2, E)."""
         if self.current is None or self.t >= self.horizon:
             raise RuntimeError("call start_episode() before acting in a new episode")
         c, t, cur = self.model.spec.block_len, self.t, self.current
@@ -310,21 +373,51 @@ class IDTAgent:
         if t % c == 0:
             self.z = self._decide()
         b0 = t - t % c
-        tokens = self.model.low_level_tokens(self.z, cur["obs"][:, b0:t + 1], cur["action"][:, b0:t],
-                                             cur["reward"][:, b0:t])
-        return self.model.action_head(self.model.decisions_to_go(tokens)[:, -1])
+        return self.model.low_level_tokens(self.z, cur["obs"][:, b0:t + 1], cur["action"][:, b0:t],
+                                           cur["reward"][:, b0:t])
 
     def act(self, obs) -> torch.Tensor:
-        """(N, D) observation -> (N,) long actions sampled from the action head (Gumbel-max)."""
-        logits = self.action_logits(obs)
-        u = _uniform(logits.shape, self.generator, logits.device).clamp_min(1e-300)
-        return (logits.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+        """(N, D) observation -> (N,) long actions sampled from the action head (Gumbel-max), or for continuous
+        actions (N, A) samples mean + std * N(0, 1), unclipped, like plan.sample_policy_action."""
+        out = self.policy(obs)
+        if self.model.spec.discrete_actions:
+            u = _uniform(out.shape, self.generator, out.device).clamp_min(1e-300)
+            return (out.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+        mean, log_std = out
+        return mean + log_std.exp() * _normal(mean.shape, self.generator, mean)
+
+    @torch.no_grad()
+    def plan_action(self, obs, num_samples: int) -> torch.Tensor:
+        """DICP-IDT, continuous actions, depth 1: (N, D) observation -> (N, A) the best of L = `num_samples`
+        candidates (the policy mean, then L-1 samples of the policy Gaussian, all clipped to [-1, 1]) by the reward
+        Decisions-to-Go predicts at the candidate's query-action token after o_t; ties go to the mean."""
+        spec = self.model.spec
+        if spec.discrete_actions or not spec.world_model:
+            raise ValueError("IDTAgent.plan_action needs a continuous-action IDT with the world model")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        tokens = self._step_tokens(obs)                                                   # (N, P, E), ends at o_t
+        mean, log_std = self.model.action_head(self.model.decisions_to_go(tokens)[:, -1])  # (N, A) each
+        N, L, A = mean.shape[0], num_samples, spec.num_actions
+        noise = _normal((N, L - 1, A), self.generator, mean)
+        cands = torch.cat([mean[:, None], mean[:, None] + log_std.exp()[:, None] * noise], dim=1).clamp(-1.0, 1.0)
+        reward = self.predicted_rewards(tokens, cands)                                    # (N, L)
+        best = reward.argmax(dim=1)                                                       # first max wins
+        return cands[torch.arange(N, device=best.device), best]
+
+    @torch.no_grad()
+    def predicted_rewards(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """DtG tokens up to o_t (N, P, E) and candidate actions (N, L, A) -> predicted rewards (N, L) of (o_t, a)."""
+        N, L = actions.shape[:2]
+        act_tokens = self.model.embed_action(self.model._action_features(actions.flatten(0, 1)))  # (N*L, E)
+        seq = torch.cat([tokens.repeat_interleave(L, dim=0), act_tokens[:, None]], dim=1)         # (N*L, P+1, E)
+        return self.model.reward_head(self.model.decisions_to_go(seq)[:, -1]).view(N, L)
 
     @torch.no_grad()
     def observe(self, action, reward, next_obs) -> None:
         """Record the outcome of step t; reviews a finished block and closes a finished episode."""
         c, t, cur = self.model.spec.block_len, self.t, self.current
-        cur["action"][:, t] = torch.as_tensor(action).to(self.device, torch.long)
+        cur["action"][:, t] = torch.as_tensor(action).to(self.device, cur["action"].dtype)
         cur["reward"][:, t] = torch.as_tensor(reward).to(self.device, self.dtype)
         cur["next_obs"][:, t] = torch.as_tensor(next_obs).to(self.device, self.dtype)
         self.t = t = t + 1
@@ -376,4 +469,5 @@ class IDTAgent:
         self.current = None
 
 
-__all__ = ["IDTTransformer", "IDTAgent", "EpisodeWindowSampler", "relabel_windows", "CausalStack"]
+__all__ = ["IDTTransformer", "IDTAgent", "EpisodeWindowSampler", "relabel_windows", "CausalStack",
+           "best_episode_return"]

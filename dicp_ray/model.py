@@ -67,6 +67,7 @@ class ModelSpec:
     block_len: int = 10                 # c: steps per high-level decision
     z_dim: int = 8                      # size of a high-level decision z
     return_scale: float = 1.0           # returns-to-go are multiplied by this before embedding
+    return_target: float | None = None  # continuous IDT: every test episode's initial return-to-go (set at training)
 
     def __post_init__(self):
         if self.layout not in ("ad", "dpt", "idt"):
@@ -88,9 +89,12 @@ class ModelSpec:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.reward_max > 0 or not self.obs_scale > 0 or not self.return_scale > 0:
             raise ValueError("reward_max, obs_scale and return_scale must be > 0")
+        if self.return_target is not None and not math.isfinite(self.return_target):
+            raise ValueError(f"return_target must be None or finite, got {self.return_target!r}")
         if self.layout == "idt":
-            if not self.discrete_actions:
-                raise ValueError("layout 'idt' is implemented for discrete actions (grid worlds) only")
+            if not self.discrete_actions and (self.reward_classes or self.num_obs_classes):
+                raise ValueError("layout 'idt' with continuous actions needs regression heads: "
+                                 "reward_classes=None, num_obs_classes=None")
             if self.context_len % self.block_len:
                 raise ValueError(f"layout 'idt' needs context_len={self.context_len} to be a multiple of "
                                  f"block_len={self.block_len}")

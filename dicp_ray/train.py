@@ -42,7 +42,7 @@ import torch
 
 from dicp_ray.config import ConfigError, ExperimentConfig, TrainConfig
 from dicp_ray.envs import GRID_SIZE, GRID_SPECS, cell_index, split_tasks
-from dicp_ray.idt import EpisodeWindowSampler, relabel_windows
+from dicp_ray.idt import EpisodeWindowSampler, best_episode_return, relabel_windows
 from dicp_ray.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -62,14 +62,19 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
     """The model for `config` on `dataset`: obs size and action count from the data, classes from the env."""
     m = config.model
     if getattr(dataset, "is_continuous", False):  # Meta-World: Gaussian actions, reward/next-obs regression
-        if m.variant != "ad":
+        if m.variant not in ("ad", "idt"):
             raise ConfigError(f"model.variant = {m.variant!r}: continuous-action (Meta-World) training is "
-                              "implemented for AD only (--set model.variant=ad)")
-        return ModelSpec(layout="ad", world_model=m.world_model, obs_dim=int(dataset.obs_dim),
+                              "implemented for AD and IDT only (--set model.variant=ad)")
+        reward_max = 10.0  # Meta-World's v2 reward functions pay at most 10 per step
+        # IDT: returns-to-go / (max reward per step x horizon) lie in [0, 1] (the grid worlds' 1 / horizon), and
+        # every test episode starts at the best episode return of the (train-task) data (dicp_ray/idt.py).
+        idt = ({"return_scale": 1.0 / (reward_max * config.env.horizon),
+                "return_target": best_episode_return(dataset)} if m.variant == "idt" else {})
+        return ModelSpec(layout=m.variant, world_model=m.world_model, obs_dim=int(dataset.obs_dim),
                          discrete_actions=False, num_actions=int(dataset.action_dim), num_obs_classes=None,
-                         reward_classes=None, reward_max=10.0, context_len=config.context_len,
+                         reward_classes=None, reward_max=reward_max, context_len=config.context_len,
                          num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
-                         dropout=m.dropout, attn_dropout=m.attn_dropout, obs_scale=1.0)
+                         dropout=m.dropout, attn_dropout=m.attn_dropout, obs_scale=1.0, **idt)
     grid = GRID_SPECS[config.env.name]
     idt = {"return_scale": 1.0 / grid.horizon} if m.variant == "idt" else {}  # returns-to-go -> [0, 1]
     return ModelSpec(layout=m.variant, world_model=m.world_model, obs_dim=int(dataset.obs_dim),
@@ -100,13 +105,16 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
     as well; we use the window's last observation (so AD and DPT see the same tokens and the query state is
     one the source visited in this task) and its target is the oracle action a* of that state at every one
     of the T + 1 action positions. IDT windows (whole episodes with a ``step`` column) are sorted by episode
-    return and their return-to-go relabelled (`dicp_ray.idt.relabel_windows`); every step is a target there.
+    return and their return-to-go relabelled (`dicp_ray.idt.relabel_windows`); every step is a target there
+    (continuous actions: float actions, rewards and next observations are the targets, as in `_continuous_batch`).
     """
     def tensor(x, dtype):
         return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
     if layout == "idt":
         w = relabel_windows(windows)
+        if w["action"].ndim == 3:  # continuous actions (B, k, A): Meta-World, regression targets
+            return _continuous_idt_batch(w, world_model, tensor)
         batch = {"ctx_obs": tensor(w["obs"], torch.float32), "ctx_action": tensor(w["action"], torch.long),
                  "ctx_reward": tensor(w["reward"], torch.float32),
                  "ctx_next_obs": tensor(w["next_obs"], torch.float32),
@@ -142,7 +150,7 @@ def _continuous_batch(windows: dict[str, np.ndarray], layout: str, world_model: 
     """AD layout with float actions: the source's action, reward (clipped to [0, 10] by the loss) and next
     observation of the query transition are the targets."""
     if layout != "ad":
-        raise ValueError(f"continuous actions are implemented for the 'ad' layout only, got {layout!r}")
+        raise ValueError(f"continuous actions are implemented for the 'ad' and 'idt' layouts only, got {layout!r}")
     obs, action, reward = windows["obs"], windows["action"], windows["reward"]
     batch = {"ctx_obs": tensor(obs[:, :-1], torch.float32), "ctx_action": tensor(action[:, :-1], torch.float32),
              "ctx_reward": tensor(reward[:, :-1], torch.float32),
@@ -153,6 +161,19 @@ def _continuous_batch(windows: dict[str, np.ndarray], layout: str, world_model: 
         batch["query_action"] = tensor(action[:, -1], torch.float32)
         targets["target_reward"] = tensor(reward[:, -1], torch.float32)                      # (B,)
         targets["target_next_obs"] = tensor(windows["next_obs"][:, -1], torch.float32)       # (B, D)
+    return batch, targets
+
+
+def _continuous_idt_batch(w: dict[str, np.ndarray], world_model: bool, tensor):
+    """Relabelled IDT windows with float actions: every step's action, reward (clipped to [0, 10] by the loss) and
+    next observation are the targets."""
+    batch = {"ctx_obs": tensor(w["obs"], torch.float32), "ctx_action": tensor(w["action"], torch.float32),
+             "ctx_reward": tensor(w["reward"], torch.float32), "ctx_next_obs": tensor(w["next_obs"], torch.float32),
+             "ctx_return_to_go": tensor(w["return_to_go"], torch.float32)}                    # (B, k, ...)
+    targets = {"target_action": tensor(w["action"], torch.float32)}                            # (B, k, A)
+    if world_model:
+        targets["target_reward"] = tensor(w["reward"], torch.float32)                          # (B, k)
+        targets["target_next_obs"] = tensor(w["next_obs"], torch.float32)                      # (B, k, D)
     return batch, targets
 
 

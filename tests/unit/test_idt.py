@@ -113,8 +113,10 @@ def test_spec_rules():
     assert ModelSpec(layout="idt").block_len == 10 and ModelSpec(layout="idt").z_dim == 8  # paper: c=10, z 8
     with pytest.raises(ValueError, match="multiple of block_len"):
         ModelSpec(layout="idt", context_len=45)
-    with pytest.raises(ValueError, match="discrete"):
-        ModelSpec(layout="idt", discrete_actions=False, num_obs_classes=None, reward_classes=None)
+    assert not ModelSpec(layout="idt", discrete_actions=False, num_obs_classes=None, reward_classes=None,
+                         return_target=500.0).discrete_actions          # Meta-World IDT: test_idt_continuous.py
+    with pytest.raises(ValueError, match="regression heads"):
+        ModelSpec(layout="idt", discrete_actions=False)                 # continuous needs regression heads
     with pytest.raises(ValueError, match="build_model"):
         DICPTransformer(ModelSpec(layout="idt"))
     assert type(build_model(ModelSpec(layout="ad"))) is DICPTransformer
@@ -291,7 +293,7 @@ def test_checkpoint_written_before_the_idt_fields_still_loads(tmp_path):
     path = tmp_path / "ad.pt"
     save_checkpoint(str(path), ad)
     payload = torch.load(path, weights_only=True)
-    for name in ("block_len", "z_dim", "return_scale"):     # as an old checkpoint's spec
+    for name in ("block_len", "z_dim", "return_scale", "return_target"):     # as an old checkpoint's spec
         payload["model_spec"].pop(name)
     torch.save(payload, path)
     loaded, _ = load_checkpoint(str(path))

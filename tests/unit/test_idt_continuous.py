@@ -1,0 +1,365 @@
+"""Unit tests of IDT with continuous actions (Meta-World): Gaussian action head, reward / next-observation
+regression, float-reward relabelling, windows -> batch, acting, DICP-IDT sampled search, checkpoints, config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicp_ray import data
+from dicp_ray.config import ConfigError, config_from_dict, load_config
+from dicp_ray.idt import EpisodeWindowSampler, IDTAgent, IDTTransformer, best_episode_return, relabel_windows
+from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, ModelSpec, build_model, load_checkpoint, save_checkpoint
+from dicp_ray.train import model_spec_from_config, windows_to_batch
+
+D, A, H = 5, 3, 20                      # obs dim, action dim, episode length of the synthetic data
+SMALL = dict(layout="idt", discrete_actions=False, num_actions=A, obs_dim=D, num_obs_classes=None,
+             reward_classes=None, reward_max=10.0, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32,
+             context_len=40, block_len=10, z_dim=4, return_scale=1e-3, return_target=150.0, dropout=0.0,
+             attn_dropout=0.0)
+REPO = Path(__file__).resolve().parents[2]
+LOSS_KEYS = {"loss", "loss_action", "loss_reward", "loss_next_obs"}   # AD continuous reports the same
+
+
+@pytest.fixture(autouse=True)
+def _single_threaded(one_thread):  # tests/conftest.py
+    yield
+
+
+def make_model(seed=0, **kw) -> IDTTransformer:
+    torch.manual_seed(seed)
+    return build_model(ModelSpec(**{**SMALL, **kw}))
+
+
+def make_batch(B=3, k=40, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    batch = {"ctx_obs": torch.randn(B, k, D, generator=g).to(dtype),
+             "ctx_action": (torch.rand(B, k, A, generator=g) * 2 - 1).to(dtype),
+             "ctx_reward": (torch.rand(B, k, generator=g) * 10).to(dtype),
+             "ctx_next_obs": torch.randn(B, k, D, generator=g).to(dtype),
+             "ctx_return_to_go": (torch.rand(B, k, generator=g) * 400).to(dtype)}
+    targets = {"target_action": batch["ctx_action"].clone(), "target_reward": batch["ctx_reward"].clone(),
+               "target_next_obs": batch["ctx_next_obs"].clone()}
+    return batch, targets
+
+
+# ------------------------------------------------------------------------------------------ model
+@pytest.mark.parametrize("world_model", [True, False])
+def test_forward_shapes_losses_and_gradients(world_model):
+    model = make_model(world_model=world_model)
+    batch, targets = make_batch()
+    if not world_model:
+        targets = {"target_action": targets["target_action"]}
+    model.train()
+    preds, losses = model(batch, targets, world_model_weight=0.5)
+    assert preds["action_mean"].shape == preds["action_log_std"].shape == (3, 40, A)
+    assert preds["action_log_std"].min() >= LOG_STD_MIN and preds["action_log_std"].max() <= LOG_STD_MAX
+    assert preds["z_mean"].shape == (3, 4, 4) and "action_logits" not in preds
+    if world_model:
+        assert preds["reward"].shape == (3, 40) and preds["next_obs"].shape == (3, 40, D)
+        assert preds["reward"].min() >= 0 and preds["reward"].max() <= 10       # clipped regression
+        assert set(losses) == LOSS_KEYS
+        expected = losses["loss_action"] + 0.5 * (losses["loss_reward"] + losses["loss_next_obs"])
+        torch.testing.assert_close(losses["loss"], expected)
+        # the heads and losses are AD's: Gaussian NLL summed over action dims, MSE against the clipped reward
+        mean, log_std = preds["action_mean"], preds["action_log_std"]
+        nll = (0.5 * ((targets["target_action"] - mean) / log_std.exp()) ** 2 + log_std
+               + 0.5 * np.log(2 * np.pi)).sum(-1).mean()
+        torch.testing.assert_close(losses["loss_action"], nll)
+        torch.testing.assert_close(losses["loss_reward"], ((preds["reward"] - targets["target_reward"]) ** 2).mean())
+    else:
+        assert "reward" not in preds and set(losses) == {"loss", "loss_action"}
+    losses["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused
+
+
+def test_changing_a_later_transition_never_changes_an_earlier_output():
+    """Continuous causality (float64): actions 0..j and world predictions 0..j-1 ignore everything after o_j;
+    the world prediction of step j ignores r_j, o'_j and later steps."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = make_model(seed=3).double().eval()
+        batch, _ = make_batch(B=2, seed=1, dtype=torch.float64)
+        base = model(batch)[0]
+        other, _ = make_batch(B=2, seed=2, dtype=torch.float64)
+        for j in (0, 9, 10, 23, 39):
+            later = {name: x.clone() for name, x in batch.items()}
+            for name in later:
+                later[name][:, j + 1:] = other[name][:, j + 1:]
+            for name in ("ctx_action", "ctx_reward", "ctx_next_obs"):
+                later[name][:, j] = other[name][:, j]
+            out = model(later)[0]
+            for key in ("action_mean", "action_log_std"):
+                torch.testing.assert_close(out[key][:, : j + 1], base[key][:, : j + 1])
+            for key in ("reward", "next_obs"):
+                torch.testing.assert_close(out[key][:, :j], base[key][:, :j])
+            if j < 39:
+                assert not torch.allclose(out["action_mean"][:, j + 1:], base["action_mean"][:, j + 1:])
+            outcome = {name: x.clone() for name, x in batch.items()}
+            for name in ("ctx_reward", "ctx_next_obs"):
+                outcome[name][:, j:] = other[name][:, j:]
+            out = model(outcome)[0]
+            for key in ("reward", "next_obs"):
+                torch.testing.assert_close(out[key][:, : j + 1], base[key][:, : j + 1])
+            moved = {name: x.clone() for name, x in batch.items()}   # the query action itself does matter
+            moved["ctx_action"][:, j] = other["ctx_action"][:, j]
+            assert not torch.allclose(model(moved)[0]["reward"][:, j], base["reward"][:, j])
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_loss_falls_on_a_tiny_batch():
+    model = make_model(seed=1)
+    batch, targets = make_batch(B=4, seed=5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    history = []
+    for _ in range(80):
+        _, losses = model(batch, targets)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    first, last = history[0], np.mean([h["loss"] for h in history[-5:]])
+    assert last < 0.6 * first["loss"], (first, history[-1])
+    assert np.mean([h["loss_action"] for h in history[-5:]]) < first["loss_action"] - 1.0
+    assert np.mean([h["loss_reward"] for h in history[-5:]]) < 0.5 * first["loss_reward"]
+
+
+def test_checkpoint_round_trip_keeps_the_return_target(tmp_path):
+    model = make_model(seed=4).eval()
+    path = tmp_path / "idt.pt"
+    save_checkpoint(str(path), model, extra={"variant": "idt"})
+    loaded, payload = load_checkpoint(str(path))
+    assert isinstance(loaded, IDTTransformer) and loaded.spec == model.spec
+    assert payload["model_spec"]["return_target"] == 150.0 and not loaded.spec.discrete_actions
+    batch, _ = make_batch()
+    with torch.no_grad():
+        for key in ("action_mean", "action_log_std", "reward", "next_obs", "z_mean"):
+            torch.testing.assert_close(loaded(batch)[0][key], model(batch)[0][key], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ data
+def _float_windows():
+    """2 windows x 3 episodes of 2 steps, float rewards; returns: window 0 -> [1.5, 0.25, 7.0], 1 -> [2, 2, 0.5]."""
+    reward = np.array([[0.5, 1.0, 0.25, 0.0, 3.5, 3.5],
+                       [1.0, 1.0, 1.5, 0.5, 0.25, 0.25]], np.float32)
+    marker = np.arange(6)[None].repeat(2, 0) + np.array([[0], [100]])
+    action = np.stack([marker, -marker, 2 * marker], -1).astype(np.float32) / 1000      # (2, 6, 3)
+    return {"obs": np.stack([marker] * D, -1).astype(np.float32), "action": action, "reward": reward,
+            "next_obs": np.stack([marker + 0.5] * D, -1).astype(np.float32),
+            "success": (reward > 3).astype(np.float32), "step": np.tile(np.arange(2), (2, 3)),
+            "task_id": np.array([7, 8])}
+
+
+def test_relabel_with_float_rewards_and_vector_actions():
+    w = _float_windows()
+    out = relabel_windows(w)
+    order = np.array([[2, 3, 0, 1, 4, 5], [4, 5, 0, 1, 2, 3]])          # ascending return, ties in time order
+    marker = order + np.array([[0], [100]])
+    np.testing.assert_array_equal(out["action"], np.take_along_axis(w["action"], order[..., None], 1))
+    np.testing.assert_allclose(out["action"], np.stack([marker, -marker, 2 * marker], -1) / 1000, rtol=1e-6)
+    np.testing.assert_array_equal(out["obs"][..., 0], marker)
+    np.testing.assert_array_equal(out["success"], np.take_along_axis(w["success"], order, 1))
+    np.testing.assert_allclose(out["episode_return"], [[0.25, 1.5, 7.0], [0.5, 2.0, 2.0]])
+    np.testing.assert_allclose(out["return_to_go"][0], [7.0, 6.75, 7.0, 6.5, 7.0, 3.5])
+    np.testing.assert_allclose(out["return_to_go"][1], [2.0, 1.75, 2.0, 1.0, 2.0, 0.5])
+    assert out["return_to_go"].dtype == np.float32
+
+
+def test_windows_to_batch_for_continuous_idt():
+    w = _float_windows()
+    batch, targets = windows_to_batch(w, "idt", world_model=True)
+    out = relabel_windows(w)
+    assert batch["ctx_action"].shape == (2, 6, A) and batch["ctx_action"].dtype == torch.float32
+    np.testing.assert_array_equal(batch["ctx_return_to_go"].numpy(), out["return_to_go"])
+    np.testing.assert_array_equal(targets["target_action"].numpy(), out["action"])
+    np.testing.assert_array_equal(targets["target_reward"].numpy(), out["reward"])     # floats, not classes
+    np.testing.assert_array_equal(targets["target_next_obs"].numpy(), out["next_obs"])
+    assert all(t.dtype == torch.float32 for t in (*batch.values(), *targets.values()))
+    _, targets = windows_to_batch(w, "idt", world_model=False)
+    assert set(targets) == {"target_action"}
+
+
+def write_continuous_dataset(path: str, task_ids, num_streams=2, num_episodes=4, horizon=H, seed=0) -> list:
+    """A tiny complete Meta-World-like dataset (random floats, whole episodes); returns the episode returns."""
+    rng = np.random.default_rng(seed)
+    sidecars, returns = [], []
+    for task_id in task_ids:
+        n = num_streams * num_episodes * horizon
+        reward = rng.uniform(0, 10, n).astype(np.float32)
+        cols = {"stream": np.repeat(np.arange(num_streams), n // num_streams).astype(np.int32),
+                "episode": np.tile(np.repeat(np.arange(num_episodes), horizon), num_streams).astype(np.int32),
+                "step": np.tile(np.arange(horizon), n // horizon).astype(np.int32),
+                "obs": rng.normal(size=(n, D)).astype(np.float32),
+                "action": rng.uniform(-1, 1, (n, A)).astype(np.float32), "reward": reward,
+                "next_obs": rng.normal(size=(n, D)).astype(np.float32), "terminated": np.zeros(n, bool),
+                "truncated": np.tile(np.arange(horizon) == horizon - 1, n // horizon),
+                "success": (reward > 9).astype(np.float32)}
+        returns += list(reward.astype(np.float64).reshape(-1, horizon).sum(1))
+        sidecars.append(data.write_shard(path, task_id, cols, {}))
+    data.write_manifest(path, env_name="ML1", obs_dim=D, num_actions=None, action_type="continuous", action_dim=A,
+                        env_task="reach-v3", task_ids=list(task_ids), shards=sidecars, collect_config={}, seeds={},
+                        provenance={}, fingerprint="test", complete=True)
+    return returns
+
+
+def test_episode_windows_best_return_and_model_spec_on_continuous_data(tmp_path):
+    path = str(tmp_path / "ds")
+    returns = write_continuous_dataset(path, [0, 1, 50])
+    train = data.HistoryDataset.open(path, task_ids=[0, 1])
+    assert train.is_continuous and train.action_dim == A
+    w = EpisodeWindowSampler(train, num_episodes=2, horizon=H, seed=0).sample(8)
+    assert w["action"].shape == (8, 2 * H, A) and w["reward"].dtype == np.float32
+    np.testing.assert_array_equal(w["step"], np.tile(np.arange(H), (8, 2)))
+    batch, targets = windows_to_batch(w, "idt", world_model=True)
+    model = make_model(context_len=2 * H)
+    assert torch.isfinite(model(batch, targets)[1]["loss"])
+    best_train = max(returns[: 2 * 2 * 4])                                 # the first two tasks' episodes
+    assert best_episode_return(train) == pytest.approx(best_train, rel=1e-12)
+    assert best_episode_return(data.HistoryDataset.open(path)) == pytest.approx(max(returns), rel=1e-12)
+    config = config_from_dict({"env": {"name": "ML1", "task": "reach-v3"},
+                               "model": {"variant": "idt", "context_episodes": 2, "num_heads": 4, "embed_dim": 32,
+                                         "mlp_dim": 128}, "train": {"lr": 1e-3}, "eval": {"modes": ["policy"]}})
+    spec = model_spec_from_config(config, train)
+    assert (spec.layout, spec.discrete_actions, spec.num_actions, spec.obs_dim) == ("idt", False, A, D)
+    assert spec.reward_classes is None and spec.num_obs_classes is None and spec.reward_max == 10.0
+    assert spec.return_scale == pytest.approx(1 / 1000) and spec.return_target == pytest.approx(best_train)
+    assert spec.context_len == 200
+    ad = model_spec_from_config(config_from_dict({**config.to_dict(), "model": {"variant": "ad"}}), train)
+    assert ad.layout == "ad" and ad.return_target is None and ad.return_scale == 1.0   # AD unchanged
+
+
+# ------------------------------------------------------------------------------------------ acting
+def _drive(agent, model, episodes, N, seed, record_last=True):
+    """Feed a fixed random history; returns per-step policy outputs of the last episode and its last state."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(episodes):
+        agent.start_episode()
+        window = agent.context_window()
+        means, log_stds, rewards = [], [], []
+        for _ in range(H):
+            obs = torch.randn(N, D, generator=g)
+            tokens = agent._step_tokens(obs)
+            mean, log_std = model.action_head(model.decisions_to_go(tokens)[:, -1])
+            action = torch.rand(N, A, generator=g) * 2 - 1
+            means.append(mean), log_stds.append(log_std)
+            rewards.append(agent.predicted_rewards(tokens, action[:, None])[:, 0])
+            current = {name: x.clone() for name, x in agent.current.items()}
+            current["action"][:, agent.t] = action
+            agent.observe(action, torch.rand(N, generator=g) * 10, torch.randn(N, D, generator=g))
+    return window, current, [torch.stack(x, 1) for x in (means, log_stds, rewards)]
+
+
+@torch.no_grad()
+def test_agent_policy_and_predicted_rewards_match_the_training_forward():
+    model = make_model(seed=5, context_len=80).eval()                 # E = 4 episodes of H = 20
+    N = 3
+    agent = IDTAgent(model, H, return_target=torch.tensor([150.0, 90.0, 200.0]), sample_decisions=False)
+    window, last, (means, log_stds, rewards) = _drive(agent, model, 6, N, seed=11)
+    assert window["obs"].shape == (N, 3, H, D) and window["action"].shape == (N, 3, H, A)
+    assert agent.num_finished == 3
+    returns = window["reward"].sum(-1)
+    assert torch.all(returns[:, 1:] >= returns[:, :-1])
+    batch = {f"ctx_{name}": torch.cat([window[name].flatten(1, 2), last[name]], dim=1)
+             for name in ("obs", "action", "reward", "next_obs", "return_to_go")}
+    preds = model(batch)[0]
+    torch.testing.assert_close(means, preds["action_mean"][:, -H:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_stds, preds["action_log_std"][:, -H:], rtol=1e-5, atol=1e-5)
+    # the reward scored for a candidate = the forward's world prediction with that action at step t
+    torch.testing.assert_close(rewards, preds["reward"][:, -H:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last["return_to_go"][:, 0], torch.tensor([150.0, 90.0, 200.0]))
+
+
+def test_act_samples_the_gaussian_like_ad_and_is_deterministic():
+    model = make_model(seed=2).eval()                                   # context 40 = 2 episodes of 20
+    obs = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
+    policy = IDTAgent(model, H, torch.full((4,), 100.0), generator=torch.Generator().manual_seed(7))
+    policy.start_episode()
+    mean, log_std = policy.policy(obs)
+    sampler = IDTAgent(model, H, torch.full((4,), 100.0), generator=torch.Generator().manual_seed(7))
+    sampler.start_episode()
+    action = sampler.act(obs)
+    # both agents drew the same decision z; act then draws float64 normals from the generator, like AD
+    expected_noise = torch.randn(4, A, generator=policy.generator, dtype=torch.float64).float()
+    torch.testing.assert_close(action, mean + log_std.exp() * expected_noise)
+    assert action.shape == (4, A) and action.dtype == torch.float32
+    runs = []
+    for _ in range(2):
+        agent = IDTAgent(model, H, torch.full((4,), 100.0), generator=torch.Generator().manual_seed(3))
+        actions = []
+        for _ in range(3):
+            agent.start_episode()
+            for _ in range(H):
+                a = agent.act(obs)
+                actions.append(a)
+                agent.observe(a.clamp(-1, 1), torch.ones(4), obs)
+        assert agent.finished["action"].shape == (4, 1, H, A)
+        runs.append(torch.stack(actions))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_plan_action_picks_the_candidate_with_the_best_predicted_reward():
+    model = make_model(seed=6).eval()
+    obs = torch.randn(5, D, generator=torch.Generator().manual_seed(1))
+
+    def agent_at_step(t, seed=9):
+        agent = IDTAgent(model, H, torch.full((5,), 100.0), generator=torch.Generator().manual_seed(seed))
+        agent.start_episode()
+        for _ in range(t):
+            a = agent.act(obs)
+            agent.observe(a.clamp(-1, 1), torch.full((5,), 2.0), obs)
+        return agent
+
+    for t in (0, 13):
+        reference = agent_at_step(t)
+        tokens = reference._step_tokens(obs)
+        mean, log_std = model.action_head(model.decisions_to_go(tokens)[:, -1])
+        noise = torch.randn(5, 5, A, generator=reference.generator, dtype=torch.float64).float()
+        cands = torch.cat([mean[:, None], mean[:, None] + log_std.exp()[:, None] * noise], 1).clamp(-1, 1)
+        scores = reference.predicted_rewards(tokens, cands)                           # (5, 6)
+        planned = agent_at_step(t).plan_action(obs, num_samples=6)
+        torch.testing.assert_close(planned, cands[torch.arange(5), scores.argmax(1)])
+        assert planned.abs().max() <= 1.0
+        only_mean = agent_at_step(t).plan_action(obs, num_samples=1)                 # L = 1: the policy mean
+        torch.testing.assert_close(only_mean, mean.clamp(-1, 1))
+    with pytest.raises(ValueError, match="world model"):
+        IDTAgent(make_model(world_model=False).eval(), H, torch.zeros(5)).plan_action(obs, 4)
+
+
+# ------------------------------------------------------------------------------------------ config / evaluate
+def test_ml1_reach_2core_idt_config_reuses_the_ml1_reach_2core_dataset():
+    from dicp_ray.collect import collection_task_ids, data_fingerprint
+
+    config = load_config(REPO / "tune_configs" / "ml1_reach_2core_idt.yaml")
+    base = load_config(REPO / "tune_configs" / "ml1_reach_2core.yaml")
+    m = config.model
+    assert (m.variant, m.world_model, m.num_heads, m.embed_dim, m.mlp_dim) == ("idt", True, 4, 32, 128)
+    assert config.train.lr == 1e-3 and config.eval.modes == ("policy", "plan") and config.plan_depth == 1
+    assert data_fingerprint(config) == data_fingerprint(base)
+    assert collection_task_ids(config) == collection_task_ids(base)
+    assert config.env == base.env and config.collect == base.collect
+
+
+def test_idt_plans_on_meta_world_only_and_at_depth_1():
+    meta = {"env": {"name": "ML1", "task": "reach-v3"}, "model": {"variant": "idt", "context_episodes": 2},
+            "train": {"lr": 1e-3}, "eval": {"modes": ["policy", "plan"]}}
+    config = config_from_dict(meta)
+    with pytest.raises(ConfigError, match="depth 1 only"):
+        config_from_dict({**meta, "plan": {"depth": 2}})
+    with pytest.raises(ConfigError, match="implemented for AD only"):
+        config_from_dict({**meta, "env": {"name": "Darkroom"}})
+
+    from dicp_ray.evaluate import _check_compatible, method_label
+
+    payload = {"env_name": "ML1", "variant": "idt", "config": {"env": {"task": "reach-v3"}}}
+    _check_compatible(payload, make_model().spec, config, "plan", "model.pt")          # fine
+    _check_compatible(payload, make_model().spec, config, "policy", "model.pt")
+    deep = config_from_dict({**meta, "eval": {"modes": ["policy"]}, "plan": {"depth": 2}})
+    with pytest.raises(ValueError, match="depth 1 only"):
+        _check_compatible(payload, make_model().spec, deep, "plan", "model.pt")
+    assert method_label("idt", "plan") == "DICP-IDT (plan)"
