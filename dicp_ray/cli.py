@@ -7,6 +7,9 @@
     dicp-ray pipeline --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
     dicp-ray sweep    --config tune_configs/sweeps/plan_darkroom.yaml [--checkpoint PATH] [--output DIR]
     dicp-ray envs     (a few episodes of each grid world with a random and an oracle policy)
+    dicp-ray mw-eval  --checkpoint PATH [--mode policy|plan] [--split-seed S] [--num-evals N]
+                      [--adaptation-episodes N] [--evaluation-episodes N] [--meta-batch-size N]
+                      [--output FILE.json] [--device cpu]   (Meta-World's own metaworld.evaluation)
 
 The config is loaded and validated before anything imports Ray; a bad config, a missing dataset or checkpoint,
 an unwritable output directory or an unreachable --address exits with status 2 and a one-line message naming
@@ -42,7 +45,59 @@ def _parser() -> argparse.ArgumentParser:
         if stage in ("evaluate", "sweep"):
             p.add_argument("--checkpoint", default=None, help="trained model.pt (evaluate: required)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_mw_eval(sub)
     return parser
+
+
+def _add_mw_eval(sub) -> None:
+    p = sub.add_parser("mw-eval", help="score a Meta-World checkpoint with metaworld.evaluation "
+                       "(metalearning_evaluation)")
+    p.add_argument("--checkpoint", required=True, help="trained Meta-World model.pt (continuous AD)")
+    p.add_argument("--mode", default="policy", choices=["policy", "plan"], help="act by sampling the "
+                   "policy or by DICP planning (needs a world model); default policy")
+    p.add_argument("--split-seed", type=int, default=None, help="default: the checkpoint's split seed")
+    p.add_argument("--num-evals", type=int, default=10, help="rounds, each with new goals (default 10)")
+    p.add_argument("--adaptation-episodes", type=int, default=10, help="episodes with rewards (default 10)")
+    p.add_argument("--evaluation-episodes", type=int, default=3, help="scored episodes per task (default 3)")
+    p.add_argument("--meta-batch-size", type=int, default=None, help="envs (a multiple of the test "
+                   "classes: ML1 1, ML10 5; default one env per class, see dicp_ray/metaworld_eval.py)")
+    p.add_argument("--max-episode-steps", type=int, default=100, help="episode length (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the agent's sampling (default 0)")
+    p.add_argument("--output", default=None, help="write the result JSON here (atomically)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _run_mw_eval(args: argparse.Namespace) -> int:
+    """Check everything that can be checked (checkpoint, mode, sizes, output) before the envs are built."""
+    import json
+
+    from dicp_ray import metaworld_eval
+    from dicp_ray.runtime import write_text_atomic
+
+    if not Path(args.checkpoint).is_file():
+        raise ConfigError(f"--checkpoint {args.checkpoint} does not exist: pass the model.pt from a train run")
+    _, _, config = metaworld_eval.load_checkpoint_for_metaworld(args.checkpoint, args.mode)
+    for flag in ("num_evals", "adaptation_episodes", "evaluation_episodes", "max_episode_steps"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} = {getattr(args, flag)} must be >= 1")
+    if args.meta_batch_size is not None:
+        metaworld_eval.check_meta_batch_size(config.env.name, args.meta_batch_size)
+    if args.split_seed is not None and args.split_seed < 0:
+        raise ConfigError(f"--split-seed = {args.split_seed} must be >= 0")
+    output = Path(args.output).resolve() if args.output else None
+    if output is not None and (output.is_dir() or not output.parent.is_dir()):
+        raise ConfigError(f"--output {args.output} must be a file in an existing directory")
+    result = metaworld_eval.score_checkpoint(
+        args.checkpoint, mode=args.mode, split_seed=args.split_seed, meta_batch_size=args.meta_batch_size,
+        num_evals=args.num_evals, adaptation_episodes=args.adaptation_episodes,
+        evaluation_episodes=args.evaluation_episodes, max_episode_steps=args.max_episode_steps,
+        device=args.device, seed=args.seed)
+    print(metaworld_eval.format_table(result))
+    if output is not None:
+        write_text_atomic(output, json.dumps(result, indent=1, sort_keys=True, allow_nan=False))
+        print(f"wrote {output}")
+    return 0
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
@@ -72,6 +127,8 @@ def _output_dir(args: argparse.Namespace, config: ExperimentConfig) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.stage == "mw-eval":
+        return _run_mw_eval(args)
     if args.stage == "envs":
         from dicp_ray.envs.demo import print_env_returns
 

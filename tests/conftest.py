@@ -1,7 +1,9 @@
-"""Shared pytest fixtures: one local Ray instance for every integration test of the session."""
+"""Shared pytest fixtures: one local Ray instance for every integration test of the session, tiny Meta-World
+checkpoints trained in process."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_meta_world_checkpoints(tmp_path_factory):
+    """{"world_model": path, "no_world_model": path}: two tiny ML1 reach-v3 AD checkpoints (tune_configs/
+    ml1_smoke.yaml's model, 20 steps) trained in process, without Ray or RLlib, on random-policy histories of
+    train tasks 0 and 1 (1 stream x 2 episodes each) from our own env. Seconds on one core."""
+    import numpy as np
+
+    from dicp_ray import data
+    from dicp_ray.config import load_config
+    from dicp_ray.envs.meta_world import ML1Env
+    from dicp_ray.train import train_in_process
+
+    root = tmp_path_factory.mktemp("tiny_meta_world")
+    dataset, rng, sidecars = str(root / "dataset"), np.random.default_rng(0), []
+    for task_id in (0, 1):
+        env, rows = ML1Env(task_id, task="reach-v3"), []
+        for episode in range(2):
+            obs, _ = env.reset()
+            for step in range(env.horizon):
+                next_obs, reward, terminated, truncated, info = env.step(rng.uniform(-1.2, 1.2, 4))
+                rows.append((episode, step, obs, info["action"], reward, next_obs, terminated, truncated,
+                             info["success"]))
+                obs = next_obs
+        cols = dict(zip(("episode", "step", "obs", "action", "reward", "next_obs", "terminated", "truncated",
+                         "success"), (np.asarray(c) for c in zip(*rows))))
+        cols = {**cols, "stream": np.zeros(len(rows), np.int32), "episode": cols["episode"].astype(np.int32),
+                "step": cols["step"].astype(np.int32), "reward": cols["reward"].astype(np.float32),
+                "success": cols["success"].astype(np.float32)}
+        sidecars.append(data.write_shard(dataset, task_id, cols, {}))
+    data.write_manifest(dataset, env_name="ML1", obs_dim=11, num_actions=None, action_type="continuous",
+                        action_dim=4, env_task="reach-v3", task_ids=[0, 1], shards=sidecars, collect_config={},
+                        seeds={}, provenance={}, fingerprint="tiny-random", complete=True)
+    paths = {}
+    for key, world_model in (("world_model", "true"), ("no_world_model", "false")):
+        config = load_config(Path(__file__).resolve().parents[1] / "tune_configs" / "ml1_smoke.yaml",
+                             ["train.num_steps=20", f"model.world_model={world_model}", "eval.modes=[policy]"])
+        paths[key] = train_in_process(config, dataset, str(root / key), split_seed=0, device="cpu")
+    return paths
