@@ -43,3 +43,50 @@ def test_mismatched_runs_are_refused(tmp_path):
         report.main(["--out", str(tmp_path / "o"), "--method", f"A={a}:policy", "--method", f"B={b}:policy"])
     with pytest.raises(SystemExit, match="not 'plan'"):
         report.main(["--out", str(tmp_path / "o"), "--method", f"A={a}:plan"])
+
+
+def _meta_world_summary(tmp_path, name, success_by_mode, seeds=(0, 1)):
+    """Meta-World summaries: per-split success curves, no oracle, an ML1 task."""
+    methods = {}
+    for mode, per_seed in success_by_mode.items():
+        once = [np.maximum.accumulate(np.asarray(c, dtype=float)) for c in per_seed]
+        methods[mode] = {"per_split_return_mean": {str(s): list(100 * np.asarray(c)) for s, c in zip(seeds, per_seed)},
+                         "per_split_success_mean": {str(s): list(c) for s, c in zip(seeds, per_seed)},
+                         "per_split_success_once_so_far_mean": {str(s): list(o) for s, o in zip(seeds, once)},
+                         "num_test_tasks": {str(s): 10 for s in seeds}}
+    payload = {"env": "ML1", "split_seeds": list(seeds), "num_episodes": len(per_seed[0]),
+               "oracle_max_return_mean": None, "methods": methods, "config": {"env": {"task": "reach-v3"}}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def test_meta_world_success_tables_with_the_papers_table_1(tmp_path):
+    ad = [[0.0, 0.2, 0.1, 0.3, 0.2], [0.0, 0.4, 0.3, 0.1, 0.4]]
+    dicp = [[0.1, 0.5, 0.3, 0.5, 0.6], [0.1, 0.5, 0.5, 0.3, 0.6]]
+    a = _meta_world_summary(tmp_path, "ad", {"policy": ad})
+    d = _meta_world_summary(tmp_path, "dicp", {"plan": dicp})
+    out = tmp_path / "out"
+    report.main(["--out", str(out), "--method", f"AD={a}:policy", "--method", f"DICP-AD={d}:plan",
+                 "--compare", "DICP-AD", "AD"])
+    table = (out / "table.md").read_text()
+    assert "ML1 reach-v3" in table and "oracle" not in table and "paper, ep 50" not in table
+    assert "per-episode success (%" in table and "succeeded at least once so far (%" in table
+    # AD at episode 5: 20 % and 40 % -> mean 30, half-width t(1) * sd 14.14 / sqrt 2 = 127.06
+    assert "| AD | 0.0 ± 0.0 | 30.0 ± 127.1 |" in table
+    # at least once by episode 5: AD max 0.3 / 0.4 -> 35 %, paper's Table 1 (reach) 86 % beside it
+    assert "| AD | 0.0 ± 0.0 | 35.0 ± 63.5 | 86 |" in table
+    assert "| DICP-AD | 10.0 ± 0.0 | 60.0 ± 0.0 | 84 |" in table
+    # differences are on success, in percentage points: per seed 0.40 - 0.16 and 0.40 - 0.24 -> +20.00
+    assert "DICP-AD − AD (paired by split seed), success (percentage points): mean over all 5 episodes +20.00" in table
+    header = (out / "table.csv").read_text().splitlines()[0]
+    assert header.endswith("success_once_so_far_mean,success_once_so_far_ci_low,success_once_so_far_ci_high")
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_one_split_seed_is_reported_without_an_interval(tmp_path, capsys):
+    a = _meta_world_summary(tmp_path, "ad", {"policy": [[0.0, 0.5]]}, seeds=(0,))
+    report.main(["--out", str(tmp_path / "o"), "--method", f"AD={a}:policy"])
+    table = (tmp_path / "o" / "table.md").read_text()
+    assert "one split seed (0): no interval" in table and "| AD | 0.0 | 50.0 |" in table and "±" not in table
+    assert "warning: split seeds [0]" in capsys.readouterr().out
