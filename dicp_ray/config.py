@@ -157,6 +157,10 @@ class ModelConfig:
     mlp_dim: int = 128
     dropout: float = 0.1
     attn_dropout: float = 0.1
+    reward_loss_weight: float = 1.0
+    """Meta-World: weight of the reward-regression MSE inside the world-model loss. Rewards lie in [0, 10], so
+    their MSE is up to ~100x the action NLL early in training; 0.01 is the MSE of reward / 10 (see
+    docs/results.md, "Reward loss scale"). 1.0 (the default) is the plain MSE of SPEC §4."""
 
 
 @dataclass(frozen=True)
@@ -541,6 +545,7 @@ def _validate_collect(c: CollectConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check_choice("model.variant", m.variant, ["ad", "dpt", "idt"])
+    _require(m.reward_loss_weight > 0, "model.reward_loss_weight", m.reward_loss_weight, "must be > 0", "1.0")
     for key in ("context_episodes", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1", "4")
     for key in ("dropout", "attn_dropout"):

@@ -68,6 +68,7 @@ class ModelSpec:
     z_dim: int = 8                      # size of a high-level decision z
     return_scale: float = 1.0           # returns-to-go are multiplied by this before embedding
     return_target: float | None = None  # continuous IDT: every test episode's initial return-to-go (set at training)
+    reward_loss_weight: float = 1.0     # regression reward: weight of its MSE inside the world-model loss
 
     def __post_init__(self):
         if self.layout not in ("ad", "dpt", "idt"):
@@ -376,14 +377,15 @@ class DICPTransformer(nn.Module):
                                                                   targets["target_reward"])
             else:
                 target = targets["target_reward"].to(preds["reward"].dtype).clamp(0.0, spec.reward_max)
-                losses["loss_reward"] = F.mse_loss(preds["reward"], target)
+                losses["loss_reward"] = F.mse_loss(preds["reward"], target)  # reported in reward units
             if spec.num_obs_classes:
                 losses["loss_next_obs"], losses["acc_next_obs"] = _ce(preds["next_obs_logits"],
                                                                       targets["target_next_obs"])
             else:
                 target = targets["target_next_obs"].to(preds["next_obs"].dtype)
                 losses["loss_next_obs"] = F.mse_loss(preds["next_obs"], target)
-            loss = loss + world_model_weight * (losses["loss_reward"] + losses["loss_next_obs"])
+            reward_weight = 1.0 if spec.reward_classes else spec.reward_loss_weight
+            loss = loss + world_model_weight * (reward_weight * losses["loss_reward"] + losses["loss_next_obs"])
         losses["loss"] = loss
         return losses
 

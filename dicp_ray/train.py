@@ -74,7 +74,8 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
                          discrete_actions=False, num_actions=int(dataset.action_dim), num_obs_classes=None,
                          reward_classes=None, reward_max=reward_max, context_len=config.context_len,
                          num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
-                         dropout=m.dropout, attn_dropout=m.attn_dropout, obs_scale=1.0, **idt)
+                         dropout=m.dropout, attn_dropout=m.attn_dropout, obs_scale=1.0,
+                         reward_loss_weight=m.reward_loss_weight, **idt)
     grid = GRID_SPECS[config.env.name]
     idt = {"return_scale": 1.0 / grid.horizon} if m.variant == "idt" else {}  # returns-to-go -> [0, 1]
     return ModelSpec(layout=m.variant, world_model=m.world_model, obs_dim=int(dataset.obs_dim),
@@ -226,6 +227,8 @@ def run_identity(config_dict: dict[str, Any], split_seed: int, dataset_id: str) 
               for section, keys in _RUN_KEYS.items()}
     if picked["env"].get("task") is None:  # grid worlds have no task: keep their identities as before
         picked["env"].pop("task", None)
+    if picked["model"].get("reward_loss_weight", 1.0) == 1.0:  # the default keeps older runs' identities
+        picked["model"].pop("reward_loss_weight", None)
     return json.loads(json.dumps({**picked, "split_seed": split_seed, "dataset_id": dataset_id}))
 
 
