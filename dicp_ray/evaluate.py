@@ -193,7 +193,8 @@ def planner_settings(config: ExperimentConfig) -> PlannerSettings:
                            num_samples=p.num_samples, second_half_only=p.second_half_only)
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -459,7 +460,7 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         "timing": {"wall_s": None, "rollout_s": loop_s, "decisions": num_decisions,
                    "planned_decisions": num_planned, "decisions_per_s": num_decisions / max(loop_s, 1e-9)},
         "checkpoint": os.path.abspath(path), "checkpoint_step": payload.get("step"),
-        "fingerprint": _fingerprint(config, _file_sha256(path), mode, split_seed),
+        "fingerprint": _fingerprint(config, file_sha256(path), mode, split_seed),
         "config": config.to_dict(), "provenance": provenance(),
     }
     if successes is not None:
@@ -530,7 +531,7 @@ def _precheck(config: ExperimentConfig, checkpoints: dict[int, str], modes: tupl
         for mode in modes:
             _check_compatible(payload, model.spec, config, mode, path)
         _resolve_split_seed(payload, int(seed), config, path)
-        digests[seed] = _file_sha256(path)
+        digests[seed] = file_sha256(path)
     return digests
 
 

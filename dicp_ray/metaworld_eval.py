@@ -56,7 +56,6 @@ checks that for every goal it is given, and records each round's task ids in the
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -419,14 +418,6 @@ def _check_positive(name: str, value: Any) -> int:
     return value
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def score_checkpoint(checkpoint_path: str, *, mode: str = "policy", split_seed: int | None = None,
                      meta_batch_size: int | None = None, num_evals: int = 10, adaptation_episodes: int = 10,
                      evaluation_episodes: int = 3, max_episode_steps: int = HORIZON, device: str = "cpu",
@@ -441,7 +432,7 @@ def score_checkpoint(checkpoint_path: str, *, mode: str = "policy", split_seed: 
     import metaworld
     from metaworld.evaluation import metalearning_evaluation
 
-    from dicp_ray.evaluate import _resolve_split_seed, planner_settings
+    from dicp_ray.evaluate import _resolve_split_seed, file_sha256, planner_settings
     from dicp_ray.runtime import provenance
 
     wall_start = time.perf_counter()
@@ -508,7 +499,7 @@ def score_checkpoint(checkpoint_path: str, *, mode: str = "policy", split_seed: 
         "timing": {"wall_s": None, "evaluation_s": loop_s, "decisions": agent.num_decisions,
                    "planned_decisions": agent.num_planned,
                    "decisions_per_s": agent.num_decisions / max(loop_s, 1e-9)},
-        "checkpoint": os.path.abspath(path), "checkpoint_sha256": _file_sha256(path),
+        "checkpoint": os.path.abspath(path), "checkpoint_sha256": file_sha256(path),
         "checkpoint_step": payload.get("step"), "provenance": provenance(),
     }
     for key in ("success_mean", "return_mean"):
