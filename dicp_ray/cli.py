@@ -177,7 +177,11 @@ def _dispatch(args: argparse.Namespace, config: ExperimentConfig, out: Path) -> 
     elif args.stage == "sweep":
         from dicp_ray.tune import run_sweep
 
-        run_sweep(config, out, checkpoint=args.checkpoint)
+        results = run_sweep(config, out, checkpoint=args.checkpoint)
+        if getattr(results, "num_errors", 0):
+            print(f"dicp-ray sweep: {results.num_errors} trial(s) failed (see above); re-run the same command to "
+                  "retry them", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -446,10 +446,20 @@ def sweep_points(grid: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
 
 
+def point_slug(point: dict[str, Any]) -> str:
+    """A run-directory name for a sweep grid point, e.g. {"env.task": "reach-v3"} -> "task=reach-v3"."""
+    import re
+
+    text = ",".join(f"{key.rpartition('.')[2]}={value}" for key, value in point.items())
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:200] or "default"
+
+
 def trial_config(config: ExperimentConfig, point: dict[str, Any]) -> ExperimentConfig:
     """The config one pipeline-sweep trial runs: the grid point applied (with sweep.paper_eval_budget, also the
     paper's in-context step budget of the trial's ML1 task), the sweep itself removed."""
-    overrides = {**point, "sweep.kind": "plan", "sweep.grid": {}, "sweep.paper_eval_budget": False}
+    # The trial's child pipeline joins the sweep's cluster through RAY_ADDRESS (dicp_ray.tune), not a client address.
+    overrides = {**point, "sweep.kind": "plan", "sweep.grid": {}, "sweep.paper_eval_budget": False,
+                 "resources.address": None}
     if config.sweep.paper_eval_budget:
         task = point.get("env.task", config.env.task)
         steps = META_WORLD_EVAL_STEPS.get(task, META_WORLD_DEFAULT_EVAL_STEPS)
@@ -600,15 +610,6 @@ def _validate_plan_eval(config: ExperimentConfig) -> None:
 def _validate_sweep_resources(config: ExperimentConfig) -> None:
     s, r = config.sweep, config.resources
     _check_choice("sweep.kind", s.kind, ["plan", "train", "pipeline"])
-    if s.paper_eval_budget and not (s.kind == "pipeline" and config.env.is_meta_world):
-        raise ConfigError("sweep.paper_eval_budget = true applies to Meta-World pipeline sweeps only "
-                          "(sweep.kind: pipeline, env.name: ML1 or ML10)")
-    if s.kind == "pipeline":
-        for point in sweep_points(s.grid):  # every trial's config must be valid before anything starts
-            try:
-                trial_config(config, point)
-            except ConfigError as err:
-                raise ConfigError(f"sweep trial {point}: {err}") from None
     _require(s.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", s.max_concurrent_trials,
              "must be >= 1", "2")
     _require(s.cpus_per_trial > 0, "sweep.cpus_per_trial", s.cpus_per_trial, "must be > 0", "1")
@@ -620,6 +621,29 @@ def _validate_sweep_resources(config: ExperimentConfig) -> None:
                                                              _SECTION_CLASSES.items() for f in fields(c)])
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"sweep.grid.{dotted} = {values!r} must be a non-empty list of values")
+    if s.kind == "train" and config.model.variant == "idt":
+        raise ConfigError("sweep.kind = 'train' is implemented for AD/DPT only (its trials build the AD/DPT "
+                          "model and window sampler); train IDT with `dicp-ray train` or a pipeline sweep")
+    if s.paper_eval_budget and not (s.kind == "pipeline" and config.env.name == "ML1"):
+        raise ConfigError("sweep.paper_eval_budget = true applies to ML1 pipeline sweeps only (sweep.kind: "
+                          "pipeline, env.name: ML1): SPEC §6 gives per-task budgets for ML1 tasks only")
+    if s.paper_eval_budget and "eval.num_episodes" in s.grid:
+        raise ConfigError("sweep.grid has eval.num_episodes but sweep.paper_eval_budget = true sets it per task: "
+                          "drop one of them")
+    if s.kind == "pipeline":
+        if not s.grid:
+            raise ConfigError("sweep.kind = 'pipeline' needs sweep.grid, e.g. {env.task: [reach-v3, push-v3]}")
+        slugs: dict[str, dict] = {}
+        for point in sweep_points(s.grid):  # every trial's config must be valid before anything starts
+            try:
+                trial_config(config, point)
+            except ConfigError as err:
+                raise ConfigError(f"sweep trial {point}: {err}") from None
+            slug = point_slug(point)
+            if slug in slugs:
+                raise ConfigError(f"sweep trials {slugs[slug]} and {point} would share the run directory "
+                                  f"runs/{slug}: make the grid values distinct")
+            slugs[slug] = point
     if r.num_cpus is not None:
         _require(r.num_cpus >= 1, "resources.num_cpus", r.num_cpus, "must be >= 1 or null", "2")
     if r.num_gpus is not None:
@@ -638,6 +662,9 @@ def validate(config: ExperimentConfig) -> None:
     _require(config.context_len >= horizon, "model.context_episodes", config.model.context_episodes,
              f"the context (context_episodes * horizon = {config.context_len}) must hold at least one "
              f"episode of {horizon} steps", "4")
+    if config.model.reward_loss_weight != 1.0 and not config.env.is_meta_world:
+        raise ConfigError(f"model.reward_loss_weight = {config.model.reward_loss_weight} applies to Meta-World's "
+                          f"reward regression only; {config.env.name}'s reward is a 2-class prediction: drop it")
     if config.collect.algorithm == "sac" and not config.env.is_meta_world:
         raise ConfigError("collect.algorithm = 'sac' needs a continuous-action env (Meta-World); "
                           f"{config.env.name} is discrete: use --set collect.algorithm=ppo")

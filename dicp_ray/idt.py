@@ -66,9 +66,10 @@ Choices that are ours where the paper (and SPEC §4) is silent
     * DICP-IDT (continuous only): ``plan_action`` scores L candidates -- the policy mean and L-1 Gaussian samples,
       clipped to [-1, 1] -- by the reward DtG predicts at the candidate's query-action token after o_t, and
       returns the best (ties: the mean). Depth 1, as the paper plans Meta-World; the high-level decision z of the
-      block is the one the agent already took (sampled), not searched over. Evaluation plans like AD's
-      ``plan_continuous``: once the context holds E-1 finished episodes, and with plan.second_half_only from the
-      middle of each episode.
+      block is the one the agent already took (sampled), not searched over. Evaluation plans once the context
+      holds E-1 finished episodes (IDT's context is whole episodes), and with plan.second_half_only from the
+      middle of each episode. AD's ``should_plan`` instead waits for k-1 transitions, i.e. the last step of
+      episode E-1, so in a side-by-side run DICP-IDT starts planning up to one episode earlier than DICP-AD.
 """
 from __future__ import annotations
 

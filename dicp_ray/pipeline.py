@@ -15,6 +15,7 @@ with a different config is refused (so results never mix). Output layout::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -79,13 +80,33 @@ def train_stage(config: ExperimentConfig, output_dir: Path) -> dict[int, str]:
             for seed in config.env.split_seeds}
 
 
+@contextlib.contextmanager
+def exclusive_output(output_dir: Path):
+    """Hold an exclusive lock on <output>/.pipeline.lock: a second pipeline on the same directory (a re-run while
+    the first still runs, or a sweep trial's orphaned child) fails at once instead of writing the same files."""
+    import fcntl
+
+    with open(output_dir / ".pipeline.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"--output {output_dir} is in use by another dicp-ray pipeline (it holds "
+                              f"{output_dir / '.pipeline.lock'}): wait for it to finish or stop it") from None
+        yield
+
+
 def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, Any]:
     """Run collect -> train -> evaluate, skipping finished stages; returns the evaluation summary."""
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_output(output_dir):
+        return _run_pipeline(config, output_dir)
+
+
+def _run_pipeline(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     from dicp_ray.evaluate import format_results_table, run_evaluations
     from dicp_ray.runtime import init_ray
 
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
     record_run(config, output_dir)
     init_ray(config.resources)
     timings: dict[str, float] = {}

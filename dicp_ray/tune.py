@@ -30,7 +30,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dicp_ray.config import ExperimentConfig, config_from_dict, replace, trial_config
+from dicp_ray.config import ExperimentConfig, config_from_dict, point_slug, replace, sweep_points, trial_config
 
 logger = logging.getLogger(__name__)
 
@@ -163,16 +163,9 @@ def run_train_sweep(config: ExperimentConfig, output_dir: Path, dataset_dir: Pat
 
 
 # --------------------------------------------------------------------------------------- pipeline sweeps
-def point_slug(point: dict[str, Any]) -> str:
-    """A directory name for a grid point, e.g. {"env.task": "reach-v3"} -> "task=reach-v3"."""
-    import re
-
-    text = ",".join(f"{key.rpartition('.')[2]}={value}" for key, value in point.items())
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:200] or "default"
-
-
 def pipeline_metrics(summary: dict) -> dict[str, float]:
-    """Per-mode scalars of an evaluation summary: the last 10% of episodes (``_final``) and all of them."""
+    """Per-mode scalars of an evaluation summary: the last 10% of episodes (``_final``), all of them (``_mean``),
+    and succeeded-at-least-once-so-far at the last episode (``success_once_last``)."""
     import numpy as np
 
     metrics: dict[str, float] = {}
@@ -183,9 +176,11 @@ def pipeline_metrics(summary: dict) -> dict[str, float]:
         for name, curve in curves.items():
             curve = np.asarray(curve, dtype=float)
             tail = max(1, len(curve) // 10)
+            if name == "success_once":  # the release's curve at its end: what Table 1 reports
+                metrics[f"success_once_last_{mode}"] = float(curve[-1])
+                continue
             metrics[f"{name}_final_{mode}"] = float(curve[-tail:].mean())
-            if name != "success_once":
-                metrics[f"{name}_mean_{mode}"] = float(curve.mean())
+            metrics[f"{name}_mean_{mode}"] = float(curve.mean())
     return metrics
 
 
@@ -199,6 +194,7 @@ def _pipeline_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: s
     """One Tune trial: a whole pipeline for one grid point, as a child `dicp-ray pipeline` on the same cluster."""
     import json
     import os
+    import signal
     import subprocess
     import sys
 
@@ -215,8 +211,20 @@ def _pipeline_trial(params: dict[str, Any], *, base: dict[str, Any], runs_dir: s
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     log_path = trial_dir / "pipeline.log"
     with open(log_path, "ab") as log:
-        code = subprocess.run([sys.executable, "-m", "dicp_ray.cli", "pipeline", "--config", str(config_path),
-                               "--output", str(trial_dir)], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        # Its own process group, so that a stopped or failing trial takes the whole child pipeline down with it
+        # (a second pipeline on the same directory is refused by run_pipeline's lock in any case).
+        child = subprocess.Popen([sys.executable, "-m", "dicp_ray.cli", "pipeline", "--config", str(config_path),
+                                  "--output", str(trial_dir)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+        try:
+            code = child.wait()
+        finally:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, signal.SIGKILL)
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         raise RuntimeError(f"pipeline for {params} exited with code {code}; last lines of {log_path}:\n{tail}")
@@ -228,8 +236,7 @@ def run_pipeline_sweep(config: ExperimentConfig, output_dir: Path) -> Any:
     """One pipeline per grid point (e.g. all 50 ML1 tasks); returns Tune's ResultGrid."""
     from ray import tune
 
-    if not config.sweep.grid:
-        raise ValueError("a pipeline sweep needs sweep.grid, e.g. {env.task: [reach-v3, push-v3]}")
+    _check_same_sweep(config, output_dir)
     param_space = {key: tune.grid_search(list(values)) for key, values in config.sweep.grid.items()}
     # The trial only waits for its child pipeline, whose own tasks and workers ask Ray for their resources: it
     # reserves no CPU (even 0.01 CPU would leave a 2-CPU machine unable to place a 2-worker Ray Train group).
@@ -244,31 +251,76 @@ def run_pipeline_sweep(config: ExperimentConfig, output_dir: Path) -> Any:
     return results
 
 
+def _check_same_sweep(config: ExperimentConfig, output_dir: Path) -> None:
+    """Write <output>/sweep.json once; refuse to resume a pipeline sweep whose grid or settings changed (Tune would
+    keep the old trials and mix their results with new ones in one table)."""
+    import json
+
+    from dicp_ray.config import ConfigError
+    from dicp_ray.runtime import write_text_atomic
+
+    data = config.to_dict()
+    data.pop("resources")
+    for key in ("max_concurrent_trials", "cpus_per_trial"):  # may change between runs
+        data["sweep"].pop(key)
+    current = json.loads(json.dumps(data, default=list))
+    path = output_dir / "sweep.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != current:
+            def flat(data: dict) -> dict:
+                return {f"{k}.{sub}" if isinstance(v, dict) else k: value for k, v in data.items()
+                        for sub, value in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+            before, after = flat(previous), flat(current)
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            raise ConfigError(f"--output {output_dir} holds a pipeline sweep with other settings ({', '.join(changed)}"
+                              f"; {path}): use a new --output directory, or the same config to resume it")
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+
+
 def report_pipeline_sweep(results: Any, keys: list[str], config: ExperimentConfig, out: Path) -> str:
     """Print and save the per-point table with a mean row (CSV) and, for one-key grids, a bar chart."""
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
-    frame = results.get_dataframe()
     kind = "success" if config.env.is_meta_world else "return"
-    metrics = [f"{kind}_{stat}_{mode}" for mode in config.eval.modes
-               for stat in (("final", "mean", "once_final") if kind == "success" else ("final", "mean"))]
-    columns = {f"config/{k}": k for k in keys}
-    present = [c for c in columns if c in frame.columns]
-    table = frame[present + [m for m in metrics if m in frame.columns]].rename(columns=columns)
-    table = table.sort_values(by=[columns[c] for c in present]).reset_index(drop=True)
-    shown = [m for m in metrics if m in table.columns]
-    if len(table) and shown:
-        mean_row = {k: f"mean of {len(table)}" if i == 0 else "" for i, k in enumerate(columns[c] for c in present)}
-        mean_row.update({m: table[m].mean() for m in shown})
+    stats = ("final", "mean", "once_last") if kind == "success" else ("final", "mean")
+    metrics = [f"{kind}_{stat}_{mode}" for mode in config.eval.modes for stat in stats]
+    by_point = {tuple(r.config.get(k) for k in keys): r for r in results}
+    rows = []
+    for point in sweep_points(config.sweep.grid):  # every grid point gets a row, a failed one with its error
+        result = by_point.get(tuple(point[k] for k in keys))
+        row = {**point, **{m: float("nan") for m in metrics}, "error": ""}
+        if result is not None and result.error is None:
+            row.update({m: result.metrics.get(m, float("nan")) for m in metrics})
+        else:
+            error = None if result is None else getattr(result.error, "cause", None) or result.error
+            reason = str(error) if error is not None else "not run"  # the trial's own exception, not Ray's wrapper
+            row["error"] = reason.strip().splitlines()[0][:160] if reason.strip() else "failed"
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values(by=keys, key=lambda c: c.astype(str)).reset_index(drop=True)
+    failed = int((table["error"] != "").sum())
+    if failed == 0:
+        table = table.drop(columns=["error"])
+    done = table[metrics].notna().all(axis=1)
+    finished = table[done]
+    if done.any():
+        label = f"mean of {int(done.sum())}/{len(table)}" + (f" ({failed} failed)" if failed else "")
+        mean_row = {k: label if i == 0 else "" for i, k in enumerate(keys)}
+        mean_row.update({m: table.loc[done, m].mean() for m in metrics})
         table = pd.concat([table, pd.DataFrame([mean_row])], ignore_index=True)
     table.to_csv(out / "sweep_results.csv", index=False)
     text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
-    if results.num_errors:
-        text += f"\n{results.num_errors} trial(s) failed; see <output>/runs/<point>/pipeline.log and Tune's trial dirs."
+    if failed:
+        text += (f"\n{failed} trial(s) failed: the mean is over the others; see <output>/runs/<point>/pipeline.log "
+                 "and re-run the same command to retry them.")
     print(text)
-    if len(present) == 1 and shown and len(table) > 1:
-        _bars(table.iloc[:-1], columns[present[0]], [m for m in shown if "_final_" in m], out / "sweep_bars.png")
+    if len(keys) == 1 and len(finished) > 1:
+        _bars(finished, keys[0], [m for m in metrics if "_final_" in m or "_once_last_" in m],
+              out / "sweep_bars.png")
     return text
 
 

@@ -37,8 +37,9 @@ def test_each_task_runs_a_whole_pipeline(sweep_run):
 def test_table_has_one_row_per_task_and_the_mean(sweep_run):
     _, out, results = sweep_run
     table = pd.read_csv(out / "sweep" / "sweep_results.csv")
-    assert list(table["env.task"]) == ["push-v3", "reach-v3", "mean of 2"]
-    for column in ("success_final_policy", "success_final_plan", "success_once_final_plan"):
+    assert list(table["env.task"]) == ["push-v3", "reach-v3", "mean of 2/2"]
+    assert "error" not in table.columns
+    for column in ("success_final_policy", "success_final_plan", "success_once_last_plan"):
         assert table[column].between(0, 1).all()
         assert table[column].iloc[2] == pytest.approx(table[column].iloc[:2].mean())
     reported = {r.config["env.task"]: r.metrics["success_mean_plan"] for r in results}
@@ -71,3 +72,27 @@ def test_a_failing_pipeline_fails_its_trial_with_the_log_tail(ray_local, tmp_pat
     assert results.num_errors == 1
     message = str(results.errors[0])
     assert "exited with code" in message and "different env/collect/model/train config" in message
+    table = pd.read_csv(tmp_path / "sweep" / "sweep_results.csv", keep_default_na=False)
+    assert list(table["env.task"]) == ["reach-v3"] and "exited with code" in table["error"][0]  # no mean row
+
+
+def test_a_changed_grid_is_refused_on_resume(sweep_run):
+    from dicp_ray.config import ConfigError
+    from dicp_ray.tune import run_sweep
+
+    config, out, _ = sweep_run
+    grown = load_config(CONFIGS / "sweeps" / "pipeline_ml1_smoke.yaml",
+                        ["sweep.grid={env.task: [reach-v3, push-v3, sweep-v3]}"])
+    with pytest.raises(ConfigError, match=r"other settings \(sweep.grid;"):
+        run_sweep(grown, out)
+    with pytest.raises(ConfigError, match=r"other settings \(eval.num_episodes;"):
+        run_sweep(load_config(CONFIGS / "sweeps" / "pipeline_ml1_smoke.yaml", ["eval.num_episodes=4"]), out)
+
+
+def test_a_second_pipeline_on_a_directory_in_use_is_refused(tmp_path):
+    from dicp_ray.config import ConfigError
+    from dicp_ray.pipeline import exclusive_output, run_pipeline
+
+    with exclusive_output(tmp_path):
+        with pytest.raises(ConfigError, match="in use by another dicp-ray pipeline"):
+            run_pipeline(load_config(CONFIGS / "ml1_smoke.yaml"), tmp_path)

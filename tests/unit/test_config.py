@@ -81,8 +81,16 @@ BAD = {
     "bad device": ({"eval": {"device": "tpu"}}, "eval.device = 'tpu' is not known"),
     "pipeline sweep bad trial": ({"sweep": {"kind": "pipeline", "grid": {"plan.depth": [2, 40]}}},
                                  "sweep trial {'plan.depth': 40}: plan.depth = 40 is out of range"),
-    "paper budget not meta-world": ({"sweep": {"kind": "pipeline", "paper_eval_budget": True}},
-                                    "Meta-World pipeline sweeps only"),
+    "paper budget not ML1": ({"sweep": {"kind": "pipeline", "paper_eval_budget": True,
+                                        "grid": {"plan.depth": [1]}}}, "ML1 pipeline sweeps only"),
+    "pipeline sweep without grid": ({"sweep": {"kind": "pipeline"}}, "needs sweep.grid"),
+    "pipeline sweep grid not a list": ({"sweep": {"kind": "pipeline", "grid": {"plan.depth": 2}}},
+                                       "sweep.grid.plan.depth = 2 must be a non-empty list"),
+    "pipeline sweep shared run dir": ({"sweep": {"kind": "pipeline", "grid": {"plan.depth": [2, 2]}}},
+                                      "would share the run directory runs/depth=2"),
+    "idt train sweep": ({"model": {"variant": "idt"}, "eval": {"modes": ["policy"]}, "sweep": {"kind": "train"}},
+                        "sweep.kind = 'train' is implemented for AD/DPT only"),
+    "reward loss weight on a grid world": ({"model": {"reward_loss_weight": 0.5}}, "applies to Meta-World"),
     "zero cpus": ({"resources": {"num_cpus": 0}}, "resources.num_cpus = 0"),
     "max test tasks zero": ({"env": {"max_test_tasks": 0}}, "env.max_test_tasks = 0"),
 }
@@ -188,6 +196,11 @@ def test_pipeline_sweep_trials_get_the_papers_meta_world_budgets():
     trial = budgets["door-open-v3"]
     assert trial.env.task == "door-open-v3" and trial.sweep.kind == "plan" and not trial.sweep.grid
     assert trial.train == config.train and trial.collect == config.collect  # only the grid point changes
+
+
+def test_paper_budget_and_a_num_episodes_grid_conflict():
+    with pytest.raises(ConfigError, match="drop one of them"):
+        load_config(CONFIGS / "ml1_all.yaml", ["sweep.grid={env.task: [reach-v3], eval.num_episodes: [5, 7]}"])
 
 
 def test_pipeline_sweep_with_a_misspelt_task_is_refused_before_ray(tmp_path):
