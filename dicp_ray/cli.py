@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_mw_eval(sub) -> None:
     p = sub.add_parser("mw-eval", help="score a Meta-World checkpoint with metaworld.evaluation "
                        "(metalearning_evaluation)")
-    p.add_argument("--checkpoint", required=True, help="trained Meta-World model.pt (continuous AD)")
+    p.add_argument("--checkpoint", required=True, help="trained Meta-World model.pt (continuous AD or IDT)")
     p.add_argument("--mode", default="policy", choices=["policy", "plan"], help="act by sampling the "
                    "policy or by DICP planning (needs a world model); default policy")
     p.add_argument("--split-seed", type=int, default=None, help="default: the checkpoint's split seed")

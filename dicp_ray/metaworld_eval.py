@@ -1,8 +1,9 @@
 """Score a dicp_ray Meta-World checkpoint with Meta-World's own evaluation code (``metaworld.evaluation``).
 
 What it does
-    ``MetaWorldAgent`` wraps a trained continuous AD checkpoint (with or without world model) in Meta-World's
-    ``MetaLearningAgent`` protocol, and ``score_checkpoint`` builds the test envs with
+    ``MetaWorldAgent`` wraps a trained continuous AD checkpoint and ``MetaWorldIDTAgent`` a continuous IDT one
+    (each with or without world model; ``make_agent`` picks by layout) in Meta-World's ``MetaLearningAgent``
+    protocol, and ``score_checkpoint`` builds the test envs with
     ``metaworld.make_ml_envs(..., split="test", task_select="pseudorandom")`` and runs
     ``metaworld.evaluation.metalearning_evaluation`` on it: per round, every env samples its next test goal,
     the agent acts for ``adaptation_episodes`` episodes and sees their rewards (its in-context phase), then
@@ -15,7 +16,7 @@ How to run it
     from dicp_ray.metaworld_eval import score_checkpoint
     result = score_checkpoint("model.pt", mode="policy", num_evals=10)   # result["success_mean"], ...
 
-The agent, env by env (all envs are batched into one model call per step for each group of envs that share
+The AD agent, env by env (all envs are batched into one model call per step for each group of envs that share
 a context length and a plan/sample decision, plus one world-model call for the predicted reward tokens of
 evaluation steps; in the adaptation phase that is always one group):
 
@@ -28,6 +29,17 @@ evaluation steps; in the adaptation phase that is always one group):
   that clipped action (what our training data stores).
 * Context: each env's last k-1 transitions (k = ``spec.context_len``) across episode boundaries, as in
   ``_rollout_continuous``. A transition's next_obs is the observation of the next call for that env.
+
+The IDT agent (``MetaWorldIDTAgent``) keeps one ``dicp_ray.idt.IDTAgent`` per env (evaluation episodes end at
+success at different steps per env, and IDTAgent steps its batch in lockstep; one small model call per env and
+step) and drives it exactly as ``dicp_ray.evaluate._rollout_idt_continuous`` does (same observation and clipped
+action as above; every episode's return-to-go starts at ``spec.return_target``; mode "plan" is
+``IDTAgent.plan_action``, depth 1, once the context holds E-1 finished episodes, with ``second_half_only`` per
+env; tested: identical actions). Its context is whole episodes: ``adapt()`` freezes each env's finished
+episodes, and episodes must last exactly the agent's ``horizon`` (a multiple of the block length dividing the
+context length). The deviations below apply to it in the same way: the episode's last step observes the predicted
+next observation (or its own repeated), and in evaluation episodes the reward IDT observes (reward token and
+return-to-go decrement) is the predicted one clipped to [0, 10], or 0.
 
 Deviations from ``dicp-ray evaluate`` that the protocol forces (documented in README.md as well):
 
@@ -66,6 +78,7 @@ import numpy as np
 import torch
 
 from dicp_ray.envs.meta_world_tasks import HORIZON, VARIATIONS_PER_TYPE, num_tasks, num_train_tasks
+from dicp_ray.idt import IDTAgent
 from dicp_ray.plan import Context, PlannerSettings, plan_continuous, sample_policy_action, should_plan
 
 logger = logging.getLogger(__name__)
@@ -159,13 +172,17 @@ class MetaWorldAgent:
     The number of envs is taken from the first observation batch after ``init()``.
     """
 
+    LAYOUT = "ad"
+
     def __init__(self, model, *, mode: str = "policy", settings: PlannerSettings | None = None,
                  horizon: int = HORIZON, eval_reward: str | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", on_init: Callable[[], None] | None = None):
         spec = model.spec
-        if spec.layout != "ad" or spec.discrete_actions:
-            raise ValueError(f"MetaWorldAgent needs a continuous-action 'ad' model, got layout {spec.layout!r} "
-                             f"with {'discrete' if spec.discrete_actions else 'continuous'} actions")
+        if spec.layout != self.LAYOUT or spec.discrete_actions:
+            hint = " (IDT: use MetaWorldIDTAgent or make_agent)" if spec.layout == "idt" else ""
+            raise ValueError(f"{type(self).__name__} needs a continuous-action {self.LAYOUT!r} model, got layout "
+                             f"{spec.layout!r} with {'discrete' if spec.discrete_actions else 'continuous'} "
+                             f"actions{hint}")
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not known: choose one of {', '.join(MODES)}")
         self.has_reward_head = bool(spec.world_model and spec.reward_classes is None)
@@ -198,11 +215,10 @@ class MetaWorldAgent:
         self._num_envs: int | None = None
 
     def _ensure(self, num_envs: int) -> None:
-        if self._hist is None:
+        if self._num_envs is None:
             n = num_envs
             self._num_envs = n
-            self._hist = _History(n, self.k - 1, self.obs_dim, self.act_dim)
-            self._frozen = self._hist.copy()
+            self._new_state(n)
             self._t = np.zeros(n, np.int64)                  # step index within each env's episode
             self._pending = np.zeros(n, bool)                # an action whose transition is not stored yet
             self._reward_known = np.zeros(n, bool)
@@ -211,6 +227,17 @@ class MetaWorldAgent:
             self._p_reward = np.zeros(n, np.float32)
         elif num_envs != self._num_envs:
             raise ValueError(f"the agent holds {self._num_envs} envs since init(), got a batch of {num_envs}")
+
+    # Layout-specific state (MetaWorldIDTAgent overrides these): build it, freeze it at adapt(), restore rows.
+    def _new_state(self, n: int) -> None:
+        self._hist = _History(n, self.k - 1, self.obs_dim, self.act_dim)
+        self._frozen = self._hist.copy()
+
+    def _freeze(self) -> None:
+        self._frozen = self._hist.copy()
+
+    def _restore(self, rows: np.ndarray) -> None:
+        self._hist.restore_rows(self._frozen, rows)
 
     def _obs(self, observations) -> np.ndarray:
         obs = model_observation(observations, self.obs_dim)
@@ -308,12 +335,12 @@ class MetaWorldAgent:
     def adapt(self) -> None:
         """End of the adaptation phase: freeze every env's context (a pending transition is stored as an
         episode end: the next phase starts with a reset)."""
-        if self._hist is None:
+        if self._num_envs is None:
             return
         self._finish(np.flatnonzero(self._pending & self._reward_known))
         self._pending[:] = False
         self._t[:] = 0
-        self._frozen = self._hist.copy()
+        self._freeze()
 
     def eval_action(self, observations) -> np.ndarray:
         """Evaluation phase: actions from the frozen context + this episode's transitions (reward tokens:
@@ -326,15 +353,182 @@ class MetaWorldAgent:
         self._ensure(len(mask))
         rows = np.flatnonzero(mask)
         if len(rows):
-            self._hist.restore_rows(self._frozen, rows)
+            self._restore(rows)
             self._pending[rows] = False
             self._t[rows] = 0
+
+
+class MetaWorldIDTAgent(MetaWorldAgent):
+    """``MetaWorldAgent`` for a continuous IDT checkpoint: one ``dicp_ray.idt.IDTAgent`` (N = 1) per env, driven
+    step by step exactly as ``dicp_ray.evaluate._rollout_idt_continuous`` drives its batched one.
+
+    Design: one IDTAgent per env, all drawing from the adapter's one generator in env order. IDTAgent keeps a
+    single step counter for its whole batch, while evaluation episodes end (at success) at different steps per
+    env; separate agents keep every env's episode, block and decision state right at the cost of one small model
+    call per env and step (``meta_batch_size`` is one env per test class by default: 1 for ML1, 5 for ML10).
+
+    Per env: ``start_episode`` at an episode's first observation; a step's ``observe(action, reward, next_obs)``
+    waits for the next observation (as the AD path's transitions do); at an adaptation episode's end (SAME_STEP
+    autoreset) it is called with the world model's predicted next observation (or the observation repeated),
+    which closes the episode into the context. Mode "plan": ``IDTAgent.plan_action`` (L = ``settings.num_samples``,
+    depth 1) once the context holds E-1 finished episodes, with ``second_half_only`` from step ``horizon // 2``,
+    else ``act``. ``adapt()`` freezes each agent's finished episodes (an unfinished episode is dropped: IDT's
+    context is whole episodes); ``reset(mask)`` restores them and the next call starts a fresh episode. In an
+    evaluation episode the reward IDT observes (reward token and return-to-go decrement) is the world model's
+    predicted reward at the executed action, clipped to [0, 10] (``eval_reward="predicted"``), or 0 ("zero").
+    ``horizon`` (the envs' episode length) must be a multiple of the model's block length and divide its
+    context length; adaptation episodes must last exactly ``horizon`` steps.
+    """
+
+    LAYOUT = "idt"
+
+    def __init__(self, model, *, mode: str = "policy", settings: PlannerSettings | None = None,
+                 horizon: int = HORIZON, **kwargs):
+        super().__init__(model, mode=mode, settings=settings, horizon=horizon, **kwargs)
+        spec = self.model.spec
+        if spec.return_target is None:
+            raise ValueError("this continuous IDT checkpoint has no model_spec.return_target (the best training "
+                             "return): retrain it with this version of dicp_ray")
+        if horizon % spec.block_len or self.k % horizon:
+            raise ValueError(f"IDT needs episodes whose length is a multiple of its block length {spec.block_len} "
+                             f"and divides its context length {self.k}, got {horizon} steps: use "
+                             "--max-episode-steps 100 (the training episode length)")
+        if mode == "plan" and self.settings.depth != 1:
+            raise ValueError(f"IDT's sampled search is depth 1 only, got plan depth {self.settings.depth}")
+        self.return_target = float(spec.return_target)
+
+    # -- state: one IDTAgent per env --------------------------------------------
+    def _clear(self) -> None:
+        super()._clear()
+        self.agents: list[IDTAgent] = []
+        self._frozen_episodes: list[dict[str, torch.Tensor] | None] = []
+
+    def _new_state(self, n: int) -> None:
+        target = torch.full((1,), self.return_target, device=self.device)
+        self.agents = [IDTAgent(self.model, self.horizon, target, self.generator) for _ in range(n)]
+        self._frozen_episodes = [None] * n
+
+    @staticmethod
+    def _snapshot(episodes: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        return None if episodes is None else {name: x.clone() for name, x in episodes.items()}
+
+    def _freeze(self) -> None:
+        self._frozen_episodes = [self._snapshot(agent.finished) for agent in self.agents]
+
+    def _restore(self, rows: np.ndarray) -> None:
+        for i in rows:
+            agent = self.agents[int(i)]
+            agent.finished = self._snapshot(self._frozen_episodes[int(i)])
+            agent.current, agent.t, agent.z = None, 0, None      # the next call starts a new episode
+
+    def context(self, env: int, frozen: bool = False) -> dict[str, np.ndarray]:
+        """Env `env`'s finished episodes in time order (m x horizon rows), then (unless `frozen`: the episodes
+        frozen at adapt()) the current episode's observed steps: obs, action, reward, next_obs, return_to_go."""
+        if self._num_envs is None:
+            raise RuntimeError("the agent has seen no observation since init()")
+        agent = self.agents[env]
+        finished = self._frozen_episodes[env] if frozen else agent.finished
+        shapes = {"obs": (self.obs_dim,), "action": (self.act_dim,), "reward": (), "next_obs": (self.obs_dim,),
+                  "return_to_go": ()}
+        out = {}
+        for name, shape in shapes.items():
+            parts = [np.zeros((0, *shape), np.float32)]
+            if finished is not None:
+                parts.append(finished[name][0].reshape(-1, *shape).cpu().numpy())
+            if not frozen and agent.current is not None:
+                parts.append(agent.current[name][0, :agent.t].cpu().numpy())
+            out[name] = np.concatenate(parts).astype(np.float32)
+        return out
+
+    # -- the model ----------------------------------------------------------
+    @torch.no_grad()
+    def _idt_world(self, agent: IDTAgent, action: torch.Tensor):
+        """The world model's reward (1,) and next observation (1, D) (None without that head) for `action`
+        (1, A) at the agent's current step t, whose observation (and decision) the agent has taken already: the
+        Decisions-to-Go tokens of the block up to o_t, then the action's token (the query-action position)."""
+        model, cur, t = agent.model, agent.current, agent.t
+        b0 = t - t % model.spec.block_len
+        tokens = model.low_level_tokens(agent.z, cur["obs"][:, b0:t + 1], cur["action"][:, b0:t],
+                                        cur["reward"][:, b0:t])
+        action_token = model.embed_action(model._action_features(action.to(agent.device, agent.dtype)))
+        hidden = model.decisions_to_go(torch.cat([tokens, action_token[:, None]], dim=1))[:, -1]
+        return model.reward_head(hidden), (model.next_obs_head(hidden) if self.has_next_obs_head else None)
+
+    def _observe(self, i: int, next_obs) -> None:
+        """Give env i's agent its pending step (action, reward, next observation)."""
+        self.agents[i].observe(torch.as_tensor(self._p_action[i:i + 1]), torch.as_tensor(self._p_reward[i:i + 1]),
+                               torch.as_tensor(next_obs).reshape(1, self.obs_dim))
+
+    @torch.no_grad()
+    def _act(self, obs: np.ndarray, evaluating: bool) -> tuple[np.ndarray, np.ndarray]:
+        if self._pending.any() and not evaluating and not self._reward_known[self._pending].all():
+            raise RuntimeError("adapt_action called again before step() reported the previous action's reward")
+        for i in np.flatnonzero(self._pending):               # they waited for this observation
+            self._observe(int(i), obs[i])
+        self._pending[:] = False
+        n = len(obs)
+        actions = np.zeros((n, self.act_dim), np.float32)
+        rewards = np.zeros(n, np.float32)
+        planned = np.zeros(n, bool)
+        for i, agent in enumerate(self.agents):
+            if agent.current is None:
+                agent.start_episode()
+            query = torch.as_tensor(obs[i:i + 1], device=self.device)
+            planned[i] = self.mode == "plan" and should_plan(self.settings, agent.context_episodes,
+                                                             agent.num_finished, agent.t, self.horizon)
+            if planned[i]:
+                action = agent.plan_action(query, self.settings.num_samples)
+                self.num_planned += 1
+            else:
+                action = agent.act(query)
+            action = action.float().clamp(-1.0, 1.0)          # what the env executes and the context stores
+            if evaluating and self.eval_reward == "predicted":
+                reward, _ = self._idt_world(agent, action)
+                rewards[i] = reward.float().clamp(*REWARD_RANGE).cpu().numpy()[0]
+            actions[i] = action[0].cpu().numpy()
+        self.num_decisions += n
+        self._p_obs[:], self._p_action[:], self._p_reward[:] = obs, actions, rewards
+        self._pending[:], self._reward_known[:] = True, evaluating
+        self._t += 1
+        return actions, planned
+
+    def _finish(self, rows: np.ndarray) -> None:
+        """Close the episodes of `rows`: their last step gets the predicted next observation (or repeats its own)."""
+        for i in (int(r) for r in rows):
+            agent = self.agents[i]
+            if agent.current is None or agent.t != self.horizon - 1:
+                steps = 0 if agent.current is None else agent.t + 1
+                raise RuntimeError(f"env {i}'s episode ended after {steps} steps: IDT needs adaptation episodes of "
+                                   f"exactly horizon = {self.horizon} steps (the envs' max_episode_steps)")
+            next_obs = self._p_obs[i]
+            if self.has_next_obs_head:
+                _, predicted = self._idt_world(agent, torch.as_tensor(self._p_action[i:i + 1]))
+                next_obs = predicted.float().cpu().numpy()
+            self._observe(i, next_obs)
+        self._pending[rows] = False
+
+    def adapt(self) -> None:
+        """End of the adaptation phase: freeze every env's finished episodes (a pending, unfinished episode is
+        dropped; metalearning_evaluation ends its adaptation at an episode end of every env)."""
+        if self._num_envs is None:
+            return
+        self._pending[:] = False
+        self._t[:] = 0
+        for agent in self.agents:
+            agent.current, agent.t, agent.z = None, 0, None
+        self._freeze()
+
+
+def make_agent(model, **kwargs) -> MetaWorldAgent:
+    """The adapter for `model`'s layout: ``MetaWorldIDTAgent`` for IDT, else ``MetaWorldAgent`` (AD)."""
+    return (MetaWorldIDTAgent if model.spec.layout == "idt" else MetaWorldAgent)(model, **kwargs)
 
 
 # ----------------------------------------------------------------------------- checkpoint and envs
 def load_checkpoint_for_metaworld(path: str, mode: str):
     """Load and check a checkpoint for scoring -> (model, payload, config); clear errors for what cannot be
-    scored (missing file, not a dicp_ray checkpoint, not Meta-World, IDT / DPT, planning without world model)."""
+    scored (missing file, not a dicp_ray checkpoint, not Meta-World, DPT, planning without world model, IDT
+    planning deeper than 1, IDT without a stored return target)."""
     from dicp_ray.config import config_from_dict
     from dicp_ray.envs.meta_world_tasks import observation_dim
     from dicp_ray.model import load_checkpoint
@@ -346,20 +540,23 @@ def load_checkpoint_for_metaworld(path: str, mode: str):
         raise FileNotFoundError(f"checkpoint not found: {path} (pass a model.pt written by `dicp-ray train`)")
     model, payload = load_checkpoint(path, map_location="cpu")
     spec = model.spec
-    if spec.layout == "idt":
-        raise ValueError(f"checkpoint {path} is an IDT model: scoring IDT with Meta-World's evaluation is not "
-                         "supported yet (the adapter drives the AD layout only)")
     if not isinstance(payload.get("config"), dict):
         raise ValueError(f"checkpoint {path} stores no experiment config, so its benchmark is unknown")
     config = config_from_dict(payload["config"])
     if not config.env.is_meta_world or spec.discrete_actions:
         raise ValueError(f"checkpoint {path} was trained on {config.env.name}, not Meta-World (ML1 / ML10): "
                          "score it with `dicp-ray evaluate`")
-    if spec.layout != "ad":
-        raise ValueError(f"checkpoint {path} has layout {spec.layout!r}: only the AD layout is supported")
+    if spec.layout not in ("ad", "idt"):
+        raise ValueError(f"checkpoint {path} has layout {spec.layout!r}: only the AD and IDT layouts are supported")
     if mode == "plan" and not spec.world_model:
         raise ValueError(f"mode 'plan' needs a world model, but checkpoint {path} was trained with "
                          "model.world_model=false: score it with mode 'policy'")
+    if spec.layout == "idt" and mode == "plan" and config.plan_depth != 1:
+        raise ValueError(f"mode 'plan': IDT's sampled search is depth 1 only, checkpoint {path} has plan.depth = "
+                         f"{config.plan_depth}")
+    if spec.layout == "idt" and spec.return_target is None:
+        raise ValueError(f"checkpoint {path} is a continuous IDT without model_spec.return_target (the best "
+                         "training return): retrain it with this version of dicp_ray")
     expected = observation_dim(config.env.name, config.env.task)
     if spec.obs_dim != expected:
         raise ValueError(f"checkpoint {path} has obs_dim {spec.obs_dim}, {config.env.name} "
@@ -450,8 +647,8 @@ def score_checkpoint(checkpoint_path: str, *, mode: str = "policy", split_seed: 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' but no CUDA device is visible: use --device cpu")
     settings = planner_settings(config)
-    agent = MetaWorldAgent(model, mode=mode, settings=settings, horizon=max_episode_steps,
-                           eval_reward=eval_reward, seed=seed, device=device)
+    agent = make_agent(model, mode=mode, settings=settings, horizon=max_episode_steps,
+                       eval_reward=eval_reward, seed=seed, device=device)
     notes = []
     if meta_batch_size > classes:
         notes.append(f"{meta_batch_size // classes} envs per test class: metaworld.evaluation keeps the first "
@@ -488,6 +685,8 @@ def score_checkpoint(checkpoint_path: str, *, mode: str = "policy", split_seed: 
         "success_mean": float(success), "return_mean": float(mean_return),
         "success_per_task": {str(k): float(v) for k, v in sorted(per_task.items())},
         "task_ids_per_round": rounds, "world_model": bool(model.spec.world_model),
+        "variant": model.spec.layout,
+        **({"idt_return_target": float(model.spec.return_target)} if model.spec.layout == "idt" else {}),
         "settings": {"meta_batch_size": meta_batch_size, "num_evals": num_evals, "adaptation_steps": 1,
                      "adaptation_episodes": adaptation_episodes, "evaluation_episodes": evaluation_episodes,
                      "max_episode_steps": max_episode_steps, "task_select": "pseudorandom",
@@ -526,5 +725,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MetaWorldAgent", "score_checkpoint", "format_table", "load_checkpoint_for_metaworld",
-           "check_meta_batch_size", "current_task_ids", "benchmark_name", "model_observation"]
+__all__ = ["MetaWorldAgent", "MetaWorldIDTAgent", "make_agent", "score_checkpoint", "format_table",
+           "load_checkpoint_for_metaworld", "check_meta_batch_size", "current_task_ids", "benchmark_name",
+           "model_observation"]

@@ -40,18 +40,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_meta_world_checkpoints(tmp_path_factory):
-    """{"world_model": path, "no_world_model": path}: two tiny ML1 reach-v3 AD checkpoints (tune_configs/
-    ml1_smoke.yaml's model, 20 steps) trained in process, without Ray or RLlib, on random-policy histories of
-    train tasks 0 and 1 (1 stream x 2 episodes each) from our own env. Seconds on one core."""
+def tiny_meta_world_dataset(tmp_path_factory):
+    """A tiny ML1 reach-v3 dataset: random-policy histories of train tasks 0 and 1 (1 stream x 2 episodes of
+    100 steps each) from our own env, without Ray or RLlib."""
     import numpy as np
 
     from dicp_ray import data
-    from dicp_ray.config import load_config
     from dicp_ray.envs.meta_world import ML1Env
-    from dicp_ray.train import train_in_process
 
-    root = tmp_path_factory.mktemp("tiny_meta_world")
+    root = tmp_path_factory.mktemp("tiny_meta_world_data")
     dataset, rng, sidecars = str(root / "dataset"), np.random.default_rng(0), []
     for task_id in (0, 1):
         env, rows = ML1Env(task_id, task="reach-v3"), []
@@ -71,9 +68,35 @@ def tiny_meta_world_checkpoints(tmp_path_factory):
     data.write_manifest(dataset, env_name="ML1", obs_dim=11, num_actions=None, action_type="continuous",
                         action_dim=4, env_task="reach-v3", task_ids=[0, 1], shards=sidecars, collect_config={},
                         seeds={}, provenance={}, fingerprint="tiny-random", complete=True)
+    return dataset
+
+
+def _train_tiny_meta_world(dataset: str, root, variant: str) -> dict:
+    """{"world_model": path, "no_world_model": path}: tune_configs/ml1_smoke.yaml's model (2-episode context),
+    20 steps of `train_in_process` on `dataset` with model.variant = `variant`."""
+    from dicp_ray.config import load_config
+    from dicp_ray.train import train_in_process
+
     paths = {}
     for key, world_model in (("world_model", "true"), ("no_world_model", "false")):
         config = load_config(Path(__file__).resolve().parents[1] / "tune_configs" / "ml1_smoke.yaml",
-                             ["train.num_steps=20", f"model.world_model={world_model}", "eval.modes=[policy]"])
+                             ["train.num_steps=20", f"model.world_model={world_model}", "eval.modes=[policy]",
+                              f"model.variant={variant}"])
         paths[key] = train_in_process(config, dataset, str(root / key), split_seed=0, device="cpu")
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_meta_world_checkpoints(tmp_path_factory, tiny_meta_world_dataset):
+    """{"world_model": path, "no_world_model": path}: two tiny ML1 reach-v3 AD checkpoints (tune_configs/
+    ml1_smoke.yaml's model, 20 steps) trained in process, without Ray or RLlib, on `tiny_meta_world_dataset`
+    (random-policy histories of train tasks 0 and 1, 1 stream x 2 episodes each). Seconds on one core."""
+    return _train_tiny_meta_world(tiny_meta_world_dataset, tmp_path_factory.mktemp("tiny_meta_world"), "ad")
+
+
+@pytest.fixture(scope="session")
+def tiny_meta_world_idt_checkpoints(tmp_path_factory, tiny_meta_world_dataset):
+    """The same as `tiny_meta_world_checkpoints` with model.variant=idt: two tiny continuous IDT checkpoints
+    (1 layer per module, block length 10, context of 2 episodes = 200 steps; return target = the best episode
+    return of the dataset)."""
+    return _train_tiny_meta_world(tiny_meta_world_dataset, tmp_path_factory.mktemp("tiny_meta_world_idt"), "idt")

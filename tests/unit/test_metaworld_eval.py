@@ -3,7 +3,9 @@
 Checks that Meta-World's test goals for split seed s are our test ids of split s with the same observations
 and dynamics, that the agent's contexts hold exactly what our env records (rewards from Timestep at the right
 positions, episode ends), the evaluation-phase reward tokens and reset, that it acts exactly like
-``dicp_ray.evaluate._rollout_continuous``, and the CLI's error paths (all raised before any env is built).
+``dicp_ray.evaluate._rollout_continuous``, the same for the IDT adapter (``MetaWorldIDTAgent`` against
+``_rollout_idt_continuous``, frozen episodes restored on reset), and the CLI's error paths (all raised before any
+env is built).
 """
 from __future__ import annotations
 
@@ -257,6 +259,180 @@ def test_agent_acts_exactly_like_rollout_continuous(mode, second_half, tiny_meta
     np.testing.assert_array_equal(np.stack(ours.actions), np.stack(mw_actions))
 
 
+# ----------------------------------------------------------------------------- IDT
+class FinalObsRecorder:
+    """Our vector env for a rollout loop, keeping the executed actions; `final_obs` replaces the next observation
+    of the given global steps (what the adapter stored there: Meta-World never shows it the true one)."""
+
+    def __init__(self, env, final_obs=None):
+        self.env, self.num_envs, self.horizon, self.actions = env, env.num_envs, env.horizon, []
+        self.final_obs, self.true_final_obs = final_obs or {}, {}
+
+    def reset(self):
+        return self.env.reset()
+
+    def step(self, action):
+        next_obs, *rest = self.env.step(action)
+        step = len(self.actions)
+        self.actions.append(rest[-1]["action"][0])
+        if step in self.final_obs:
+            self.true_final_obs[step] = next_obs[0].copy()
+            next_obs = next_obs.copy()
+            next_obs[0] = self.final_obs[step]
+        return (next_obs, *rest)
+
+
+@pytest.mark.parametrize("mode,second_half", [("policy", False), ("plan", False), ("plan", True)])
+def test_idt_agent_acts_exactly_like_rollout_idt_continuous(mode, second_half, tiny_meta_world_idt_checkpoints,
+                                                            one_thread):
+    """1.7 episodes of 100 steps on the same goal with the same seed: Meta-World's env driven through the IDT
+    adapter and our env driven by evaluate._rollout_idt_continuous execute identical actions, given that the
+    reference's first episode ends at the next observation the adapter stored (the world model's prediction)."""
+    import gymnasium
+
+    from dicp_ray.envs import meta_world
+    from dicp_ray.evaluate import _rollout_idt_continuous
+
+    model, horizon, steps = load(tiny_meta_world_idt_checkpoints["world_model"]), 100, 170
+    settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
+    envs = make_test_envs("reach-v3", 0, meta_batch_size=1, steps=horizon)
+    agent = MWE.MetaWorldIDTAgent(model, mode=mode, settings=settings, horizon=horizon, seed=7)
+    try:
+        envs.call("sample_tasks")
+        task_id = MWE.current_task_ids(envs, "ML1", "reach-v3", 0)[0]
+        agent.init()
+        obs, _ = envs.reset()
+        mw_actions, planned = [], []
+        for _ in range(steps):
+            action, aux = agent.adapt_action(obs)
+            next_obs, reward, terminated, truncated, _ = envs.step(action)
+            agent.step(Step(obs, action, reward, terminated, truncated))
+            mw_actions.append(action[0])
+            planned.append(bool(aux["planned"][0]))
+            obs = next_obs
+    finally:
+        envs.close()
+    # IDT plans once the context holds E-1 = 1 finished episode (and with second_half_only from step 50 of it)
+    first_plan = horizon + (horizon // 2 if second_half else 0)
+    assert planned == [mode == "plan" and t >= first_plan for t in range(steps)]
+    assert agent.agents[0].num_finished == 1 and agent.agents[0].t == steps - horizon - 1   # last step pending
+    stored = agent.context(0)
+    assert stored["obs"].shape == (steps - 1, 11)
+
+    ours = FinalObsRecorder(gymnasium.make_vec(meta_world.env_id("ML1"), num_envs=1,
+                                               vectorization_mode="vector_entry_point", task_ids=[task_id],
+                                               task="reach-v3", horizon=horizon),
+                            final_obs={horizon - 1: stored["next_obs"][horizon - 1]})
+    with torch.no_grad():
+        _, _, num_planned = _rollout_idt_continuous(model, ours, 2, mode, settings,
+                                                    torch.Generator().manual_seed(7), torch.device("cpu"), "t")
+    ours.env.close()
+    assert num_planned == (2 * horizon - first_plan if mode == "plan" else 0)
+    assert agent.num_planned == sum(planned)
+    np.testing.assert_array_equal(np.stack(ours.actions[:steps]), np.stack(mw_actions))
+    # the only difference the protocol forces: the episode's true final observation was never shown to the agent
+    assert not np.array_equal(ours.true_final_obs[horizon - 1], stored["next_obs"][horizon - 1])
+
+
+@pytest.mark.parametrize("key,eval_reward", [("world_model", "predicted"), ("world_model", "zero"),
+                                             ("no_world_model", "zero")])
+def test_idt_eval_phase_frozen_context_reward_tokens_and_reset(key, eval_reward, tiny_meta_world_idt_checkpoints,
+                                                              one_thread):
+    from dicp_ray.idt import IDTAgent
+
+    model, rng, n, horizon = load(tiny_meta_world_idt_checkpoints[key]), np.random.default_rng(0), 2, 20
+    agent = MWE.MetaWorldIDTAgent(model, horizon=horizon, eval_reward=eval_reward, seed=0)
+    target = model.spec.return_target
+    agent.init()
+    obs = fake_obs(rng, n)
+    adapt_obs = []
+    for t in range(2 * horizon + 3):                       # adaptation: 2 whole episodes and 3 steps of a third
+        adapt_obs.append(MWE.model_observation(obs, 11))
+        actions, aux = agent.adapt_action(obs)
+        assert actions.dtype == np.float32 and actions.shape == (n, 4) and not aux["planned"].any()
+        done = np.full(n, t % horizon == horizon - 1)
+        agent.step(Step(obs, actions, np.arange(n) + 0.1 * t, np.zeros(n, bool), done))
+        obs = fake_obs(rng, n)
+    agent.adapt()                                          # the unfinished third episode is dropped
+    frozen = [agent.context(i, frozen=True) for i in range(n)]
+    assert all(len(c["reward"]) == 2 * horizon for c in frozen)
+    np.testing.assert_allclose(frozen[1]["reward"], 1 + 0.1 * np.arange(2 * horizon), rtol=1e-6)
+    np.testing.assert_array_equal(frozen[0]["obs"], np.stack(adapt_obs[:2 * horizon])[:, 0])
+    np.testing.assert_array_equal(frozen[0]["next_obs"][:horizon - 1], np.stack(adapt_obs[1:horizon])[:, 0])
+    if key == "no_world_model":                            # episode end: its own observation repeated
+        np.testing.assert_array_equal(frozen[0]["next_obs"][horizon - 1], frozen[0]["obs"][horizon - 1])
+    else:                                                  # episode end: the world model's prediction
+        assert not np.array_equal(frozen[0]["next_obs"][horizon - 1], adapt_obs[horizon][0])
+    np.testing.assert_allclose(frozen[0]["return_to_go"][:horizon],
+                               target - np.concatenate([[0], np.cumsum(frozen[0]["reward"][:horizon - 1])]),
+                               rtol=1e-5)
+
+    agent.reset(np.ones(n, bool))
+    start_obs, start_state = obs, agent.generator.get_state()
+    first, rewards_seen = agent.eval_action(start_obs), []
+    for t in range(3):                                     # an evaluation episode
+        if t:
+            agent.eval_action(obs)
+        rewards_seen.append(agent._p_reward.copy())
+        obs = fake_obs(rng, n)
+        agent.reset(np.zeros(n, bool))                     # no episode ended: a no-op
+    ctx = agent.context(0)
+    assert len(ctx["reward"]) == 2 * horizon + 2           # the 3rd step waits for its next obs
+    own = ctx["reward"][2 * horizon:]
+    np.testing.assert_array_equal(own, [r[0] for r in rewards_seen[:2]])
+    if eval_reward == "zero":
+        assert np.all(own == 0)
+    else:
+        assert np.all((own >= 0) & (own <= 10)) and own.max() > 0
+        # the same reward by IDTAgent's own planning path: a fresh agent on the frozen episodes, same draws
+        ref_gen = torch.Generator()
+        ref_gen.set_state(start_state)
+        ref = IDTAgent(model, horizon, torch.full((1,), target), ref_gen)
+        ref.finished = {name: x.clone() for name, x in agent._frozen_episodes[0].items()}
+        ref.start_episode()
+        action = ref.act(torch.as_tensor(MWE.model_observation(start_obs, 11)[:1])).clamp(-1, 1)
+        np.testing.assert_array_equal(action[0].numpy(), first[0])
+        tokens = model.low_level_tokens(ref.z, ref.current["obs"][:, :1], ref.current["action"][:, :0],
+                                        ref.current["reward"][:, :0])
+        predicted = ref.predicted_rewards(tokens, action[:, None])[0, 0].clamp(0, 10)
+        assert own[0] == pytest.approx(float(predicted), abs=1e-6)
+    # the return-to-go falls by the reward IDT was given
+    np.testing.assert_allclose(ctx["return_to_go"][2 * horizon:], [target, target - own[0]], rtol=1e-6)
+
+    agent.reset(np.array([True, False]))                   # env 0's episode ended: back to the frozen context
+    for name in frozen[0]:
+        np.testing.assert_array_equal(agent.context(0)[name], frozen[0][name])
+    assert agent.agents[0].current is None and len(agent.context(1)["reward"]) == 2 * horizon + 2
+    agent.reset(np.ones(n, bool))                          # a new episode acts like the first one did
+    agent.generator.set_state(start_state)
+    np.testing.assert_array_equal(agent.eval_action(start_obs), first)
+    agent.init()                                           # a new round forgets everything
+    with pytest.raises(RuntimeError, match="no observation"):
+        agent.context(0)
+
+
+def test_idt_options_and_layouts_are_checked(tiny_meta_world_idt_checkpoints, tiny_meta_world_checkpoints):
+    idt, idt_plain = (load(tiny_meta_world_idt_checkpoints[k]) for k in ("world_model", "no_world_model"))
+    ad = load(tiny_meta_world_checkpoints["world_model"])
+    assert isinstance(MWE.make_agent(idt), MWE.MetaWorldIDTAgent) and type(MWE.make_agent(ad)) is MWE.MetaWorldAgent
+    with pytest.raises(ValueError, match="use MetaWorldIDTAgent"):
+        MWE.MetaWorldAgent(idt)
+    with pytest.raises(ValueError, match="needs a continuous-action 'idt' model"):
+        MWE.MetaWorldIDTAgent(ad)
+    with pytest.raises(ValueError, match="needs a world model"):
+        MWE.MetaWorldIDTAgent(idt_plain, mode="plan")
+    with pytest.raises(ValueError, match="block length 10 and divides its context length 200"):
+        MWE.MetaWorldIDTAgent(idt, horizon=30)
+    with pytest.raises(ValueError, match="depth 1 only"):
+        MWE.MetaWorldIDTAgent(idt, mode="plan", settings=PlannerSettings(depth=2))
+    assert MWE.MetaWorldIDTAgent(idt_plain).eval_reward == "zero"
+    agent, rng = MWE.MetaWorldIDTAgent(idt, horizon=20), np.random.default_rng(1)
+    obs = fake_obs(rng, 1)
+    actions, _ = agent.adapt_action(obs)
+    with pytest.raises(RuntimeError, match="ended after 1 steps"):        # episodes must last the horizon
+        agent.step(Step(obs, actions, np.zeros(1), np.zeros(1, bool), np.ones(1, bool)))
+
+
 # ----------------------------------------------------------------------------- checks and CLI errors
 def test_meta_batch_size_must_split_the_test_goals():
     assert MWE.check_meta_batch_size("ML1", 10) == 10 and MWE.check_meta_batch_size("ML10", 25) == 25
@@ -299,14 +475,17 @@ def run_cli(capsys, *argv):
     return code, capsys.readouterr().err
 
 
-def test_cli_errors_come_before_any_env_is_built(tmp_path, capsys, no_envs, tiny_meta_world_checkpoints):
+def test_cli_errors_come_before_any_env_is_built(tmp_path, capsys, no_envs, tiny_meta_world_checkpoints,
+                                                 tiny_meta_world_idt_checkpoints):
     wm, plain = tiny_meta_world_checkpoints["world_model"], tiny_meta_world_checkpoints["no_world_model"]
+    idt, idt_plain = tiny_meta_world_idt_checkpoints["world_model"], tiny_meta_world_idt_checkpoints["no_world_model"]
     cases = [
         (["--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
         (["--checkpoint", str(tmp_path)], "does not exist"),
         (["--checkpoint", grid_checkpoint(tmp_path, "ad")], "trained on Darkroom, not Meta-World"),
-        (["--checkpoint", grid_checkpoint(tmp_path, "idt")], "IDT model: scoring IDT with Meta-World's evaluation "
-                                                              "is not supported yet"),
+        (["--checkpoint", grid_checkpoint(tmp_path, "idt")], "trained on Darkroom, not Meta-World"),
+        (["--checkpoint", idt_plain, "--mode", "plan"], "needs a world model"),
+        (["--checkpoint", idt, "--max-episode-steps", "30"], "multiple of its block length 10"),
         (["--checkpoint", plain, "--mode", "plan"], "needs a world model"),
         (["--checkpoint", wm, "--meta-batch-size", "3"], "must divide its 50 goals"),
         (["--checkpoint", wm, "--num-evals", "0"], "--num-evals = 0 must be >= 1"),
