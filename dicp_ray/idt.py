@@ -351,6 +351,15 @@ class IDTAgent:
                         "z": torch.zeros(N, H // self.model.spec.block_len, Z, **zeros)}
         self.t, self.z = 0, None
 
+    def finished_episodes(self) -> dict[str, torch.Tensor] | None:
+        """A copy of the finished episodes in context (None before the first ends), for `restore_finished`."""
+        return None if self.finished is None else {name: x.clone() for name, x in self.finished.items()}
+
+    def restore_finished(self, episodes: dict[str, torch.Tensor] | None) -> None:
+        """Go back to a copy of `finished_episodes()`, dropping the episode in progress; the next `act` starts one."""
+        self.finished = None if episodes is None else {name: x.clone() for name, x in episodes.items()}
+        self.current, self.t, self.z = None, 0, None
+
     @property
     def num_finished(self) -> int:
         """Finished episodes in the context (0 .. E-1): the context is full at E-1."""

@@ -408,18 +408,12 @@ class MetaWorldIDTAgent(MetaWorldAgent):
         self.agents = [IDTAgent(self.model, self.horizon, target, self.generator) for _ in range(n)]
         self._frozen_episodes = [None] * n
 
-    @staticmethod
-    def _snapshot(episodes: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-        return None if episodes is None else {name: x.clone() for name, x in episodes.items()}
-
     def _freeze(self) -> None:
-        self._frozen_episodes = [self._snapshot(agent.finished) for agent in self.agents]
+        self._frozen_episodes = [agent.finished_episodes() for agent in self.agents]
 
     def _restore(self, rows: np.ndarray) -> None:
-        for i in rows:
-            agent = self.agents[int(i)]
-            agent.finished = self._snapshot(self._frozen_episodes[int(i)])
-            agent.current, agent.t, agent.z = None, 0, None      # the next call starts a new episode
+        for i in rows:  # the next call starts a new episode from the frozen context
+            self.agents[int(i)].restore_finished(self._frozen_episodes[int(i)])
 
     def context(self, env: int, frozen: bool = False) -> dict[str, np.ndarray]:
         """Env `env`'s finished episodes in time order (m x horizon rows), then (unless `frozen`: the episodes
