@@ -63,6 +63,9 @@ def _add_mw_eval(sub) -> None:
                    "classes: ML1 1, ML10 5; default one env per class, see dicp_ray/metaworld_eval.py)")
     p.add_argument("--max-episode-steps", type=int, default=100, help="episode length (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent's sampling (default 0)")
+    p.add_argument("--eval-reward", default=None, choices=["predicted", "zero"], help="reward tokens of the "
+                   "scored (reward-less) episodes: the world model's prediction or 0 (default: predicted when "
+                   "the model has a world model)")
     p.add_argument("--output", default=None, help="write the result JSON here (atomically)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -83,6 +86,9 @@ def _run_mw_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} = {getattr(args, flag)} must be >= 1")
     if args.meta_batch_size is not None:
         metaworld_eval.check_meta_batch_size(config.env.name, args.meta_batch_size)
+    if args.eval_reward == "predicted" and not config.model.world_model:
+        raise ConfigError("--eval-reward predicted needs a world model, but the checkpoint was trained with "
+                          "model.world_model=false: use --eval-reward zero")
     if args.split_seed is not None and args.split_seed < 0:
         raise ConfigError(f"--split-seed = {args.split_seed} must be >= 0")
     output = Path(args.output).resolve() if args.output else None
@@ -92,7 +98,7 @@ def _run_mw_eval(args: argparse.Namespace) -> int:
         args.checkpoint, mode=args.mode, split_seed=args.split_seed, meta_batch_size=args.meta_batch_size,
         num_evals=args.num_evals, adaptation_episodes=args.adaptation_episodes,
         evaluation_episodes=args.evaluation_episodes, max_episode_steps=args.max_episode_steps,
-        device=args.device, seed=args.seed)
+        device=args.device, seed=args.seed, eval_reward=args.eval_reward)
     print(metaworld_eval.format_table(result))
     if output is not None:
         write_text_atomic(output, json.dumps(result, indent=1, sort_keys=True, allow_nan=False))

@@ -487,6 +487,7 @@ def test_cli_errors_come_before_any_env_is_built(tmp_path, capsys, no_envs, tiny
         (["--checkpoint", idt_plain, "--mode", "plan"], "needs a world model"),
         (["--checkpoint", idt, "--max-episode-steps", "30"], "multiple of its block length 10"),
         (["--checkpoint", plain, "--mode", "plan"], "needs a world model"),
+        (["--checkpoint", plain, "--eval-reward", "predicted"], "--eval-reward predicted needs a world model"),
         (["--checkpoint", wm, "--meta-batch-size", "3"], "must divide its 50 goals"),
         (["--checkpoint", wm, "--num-evals", "0"], "--num-evals = 0 must be >= 1"),
         (["--checkpoint", wm, "--split-seed", "1"], "trained on split seed 0"),
