@@ -283,16 +283,21 @@ def _check_same_sweep(config: ExperimentConfig, output_dir: Path) -> None:
 
 def report_pipeline_sweep(results: Any, keys: list[str], config: ExperimentConfig, out: Path) -> str:
     """Print and save the per-point table with a mean row (CSV) and, for one-key grids, a bar chart."""
+    import json
+
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
     kind = "success" if config.env.is_meta_world else "return"
     stats = ("final", "mean", "once_last") if kind == "success" else ("final", "mean")
     metrics = [f"{kind}_{stat}_{mode}" for mode in config.eval.modes for stat in stats]
-    by_point = {tuple(r.config.get(k) for k in keys): r for r in results}
+    def point_key(values) -> str:  # grid values may be lists (e.g. eval.modes): compare them as JSON
+        return json.dumps(list(values), sort_keys=True, default=str)
+
+    by_point = {point_key(r.config.get(k) for k in keys): r for r in results}
     rows = []
     for point in sweep_points(config.sweep.grid):  # every grid point gets a row, a failed one with its error
-        result = by_point.get(tuple(point[k] for k in keys))
+        result = by_point.get(point_key(point[k] for k in keys))
         row = {**point, **{m: float("nan") for m in metrics}, "error": ""}
         if result is not None and result.error is None:
             row.update({m: result.metrics.get(m, float("nan")) for m in metrics})
