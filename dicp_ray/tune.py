@@ -344,7 +344,7 @@ def _bars(table, key: str, metrics: list[str], path: Path) -> None:
         ax.barh(y + i * width, table[metric].astype(float), height=width, label=metric)
     ax.set_yticks(y + width * (len(metrics) - 1) / 2, [str(v) for v in table[key]])
     ax.invert_yaxis()
-    ax.set_xlabel("last 10% of in-context episodes")
+    ax.set_xlabel("*_final_*: mean over the last 10% of in-context episodes; *_once_last_*: at the last episode")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"pipeline sweep over {key}")
     fig.tight_layout()
