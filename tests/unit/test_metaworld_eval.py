@@ -205,20 +205,10 @@ def test_protocol_misuse_and_options_are_refused(tiny_meta_world_checkpoints):
         agent.eval_action(fake_obs(rng, 3))
 
 
-@pytest.mark.parametrize("mode,second_half", [("policy", False), ("plan", False), ("plan", True)])
-def test_agent_acts_exactly_like_rollout_continuous(mode, second_half, tiny_meta_world_checkpoints, one_thread):
-    """One 240-step episode (k-1 = 199, so planning starts at step 199 / 120) on the same goal with the same
-    seed: Meta-World's env driven through the agent and our env driven by evaluate._rollout_continuous
-    execute identical actions."""
-    import gymnasium
-
-    from dicp_ray.envs import meta_world
-    from dicp_ray.evaluate import _rollout_continuous
-
-    model, steps = load(tiny_meta_world_checkpoints["world_model"]), 240
-    settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
-    envs = make_test_envs("reach-v3", 0, meta_batch_size=1, steps=steps)
-    agent = MWE.MetaWorldAgent(model, mode=mode, settings=settings, horizon=steps, seed=7)
+def adapt_on_reach(agent, steps: int, horizon: int) -> tuple[int, list, list]:
+    """Drive `agent` through `steps` adaptation steps on Meta-World's first reach-v3 test goal of split 0 (episodes
+    of `horizon`) -> (our task id of that goal, the actions it took, whether each was planned)."""
+    envs = make_test_envs("reach-v3", 0, meta_batch_size=1, steps=horizon)
     try:
         envs.call("sample_tasks")
         task_id = MWE.current_task_ids(envs, "ML1", "reach-v3", 0)[0]
@@ -234,6 +224,23 @@ def test_agent_acts_exactly_like_rollout_continuous(mode, second_half, tiny_meta
             obs = next_obs
     finally:
         envs.close()
+    return task_id, mw_actions, planned
+
+
+@pytest.mark.parametrize("mode,second_half", [("policy", False), ("plan", False), ("plan", True)])
+def test_agent_acts_exactly_like_rollout_continuous(mode, second_half, tiny_meta_world_checkpoints, one_thread):
+    """One 240-step episode (k-1 = 199, so planning starts at step 199 / 120) on the same goal with the same
+    seed: Meta-World's env driven through the agent and our env driven by evaluate._rollout_continuous
+    execute identical actions."""
+    import gymnasium
+
+    from dicp_ray.envs import meta_world
+    from dicp_ray.evaluate import _rollout_continuous
+
+    model, steps = load(tiny_meta_world_checkpoints["world_model"]), 240
+    settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
+    agent = MWE.MetaWorldAgent(model, mode=mode, settings=settings, horizon=steps, seed=7)
+    task_id, mw_actions, planned = adapt_on_reach(agent, steps, horizon=steps)
     first_plan = 199 if not second_half else max(199, steps // 2)
     assert planned == [mode == "plan" and t >= first_plan for t in range(steps)]
 
@@ -295,23 +302,8 @@ def test_idt_agent_acts_exactly_like_rollout_idt_continuous(mode, second_half, t
 
     model, horizon, steps = load(tiny_meta_world_idt_checkpoints["world_model"]), 100, 170
     settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
-    envs = make_test_envs("reach-v3", 0, meta_batch_size=1, steps=horizon)
     agent = MWE.MetaWorldIDTAgent(model, mode=mode, settings=settings, horizon=horizon, seed=7)
-    try:
-        envs.call("sample_tasks")
-        task_id = MWE.current_task_ids(envs, "ML1", "reach-v3", 0)[0]
-        agent.init()
-        obs, _ = envs.reset()
-        mw_actions, planned = [], []
-        for _ in range(steps):
-            action, aux = agent.adapt_action(obs)
-            next_obs, reward, terminated, truncated, _ = envs.step(action)
-            agent.step(Step(obs, action, reward, terminated, truncated))
-            mw_actions.append(action[0])
-            planned.append(bool(aux["planned"][0]))
-            obs = next_obs
-    finally:
-        envs.close()
+    task_id, mw_actions, planned = adapt_on_reach(agent, steps, horizon=horizon)
     # IDT plans once the context holds E-1 = 1 finished episode (and with second_half_only from step 50 of it)
     first_plan = horizon + (horizon // 2 if second_half else 0)
     assert planned == [mode == "plan" and t >= first_plan for t in range(steps)]
