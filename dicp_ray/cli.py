@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
         if stage in ("evaluate", "sweep"):
             p.add_argument("--checkpoint", default=None, help="trained model.pt (evaluate: required)")
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("-v", "--verbose", action="store_true", help="show everything on the console: debug "
+                       "logging, Ray/RLlib/Ray Train worker output, library warnings (default: those go to "
+                       "<output>/logs/)")
     _add_mw_eval(sub)
     return parser
 
@@ -150,6 +152,10 @@ def _run(args: argparse.Namespace) -> int:
               f"world_model={config.model.world_model}, k={config.context_len}, depth={config.plan_depth})")
         return 0
     out = _output_dir(args, config)
+    from dicp_ray.console import attach_log_file
+
+    log_file = attach_log_file(out)
+    logger.debug("logging to %s", log_file)
     if config.resources.address:
         from dicp_ray.runtime import check_reachable
 
@@ -193,8 +199,9 @@ def _dispatch(args: argparse.Namespace, config: ExperimentConfig, out: Path) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from dicp_ray.console import setup_logging
+
+    setup_logging(verbose=getattr(args, "verbose", False))
     try:
         return _run(args)
     except (ConfigError, FileNotFoundError, ValueError, PermissionError, ConnectionError) as err:

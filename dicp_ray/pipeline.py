@@ -61,6 +61,26 @@ def record_run(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     return run
 
 
+def stage_summary(config: ExperimentConfig, stage: str, output_dir: Path) -> str:
+    """One line saying what a stage will do at this config's scale, for the stage's banner."""
+    env, c, t = config.env, config.collect, config.train
+    if stage == "collect":
+        from dicp_ray.collect import collection_task_ids
+
+        tasks = len(collection_task_ids(config))
+        what = f"{c.algorithm.upper()} on {tasks} {env.name}{'/' + env.task if env.task else ''} tasks"
+        return (f"{what}, {c.num_streams} streams x {c.env_steps_per_task // c.num_streams:,} steps each "
+                f"-> {output_dir / 'dataset'}")
+    if stage == "train":
+        kind = f"{config.model.variant.upper()}{' + world model' if config.model.world_model else ''}"
+        seeds = len(env.split_seeds)
+        return (f"{seeds} {kind} model{'s' if seeds > 1 else ''} (split seed{'s' if seeds > 1 else ''} "
+                f"{', '.join(map(str, env.split_seeds))}), {t.num_steps:,} steps of batch {t.batch_size} "
+                f"-> {output_dir / 'train'}")
+    modes = " and ".join(config.eval.modes)
+    return f"{modes} on the held-out tasks, {config.eval.num_episodes} in-context episodes -> {output_dir / 'eval'}"
+
+
 def collect_stage(config: ExperimentConfig, output_dir: Path) -> Path:
     """Collect histories into <output>/dataset; collect_histories returns at once (without starting Ray)
     when the dataset is complete for this config, and otherwise re-collects only missing or corrupt shards."""
@@ -104,6 +124,7 @@ def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, 
 
 
 def _run_pipeline(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
+    from dicp_ray.console import banner
     from dicp_ray.evaluate import format_results_table, run_evaluations
     from dicp_ray.runtime import init_ray
 
@@ -111,20 +132,26 @@ def _run_pipeline(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     init_ray(config.resources)
     timings: dict[str, float] = {}
 
+    banner(1, 3, "collect", stage_summary(config, "collect", output_dir))
     start = time.perf_counter()
     collect_stage(config, output_dir)
     timings["collect_s"] = time.perf_counter() - start
 
+    banner(2, 3, "train", stage_summary(config, "train", output_dir))
     start = time.perf_counter()
     checkpoints = train_stage(config, output_dir)
     timings["train_s"] = time.perf_counter() - start
 
+    banner(3, 3, "evaluate", stage_summary(config, "evaluate", output_dir))
     start = time.perf_counter()
     summary = run_evaluations(config, checkpoints, str(output_dir / "eval"))
     timings["evaluate_s"] = time.perf_counter() - start
 
     write_json_atomic(output_dir / "timings.json", timings)
+    print()
     print(format_results_table(summary))
-    print(f"\nplot: {output_dir / 'eval' / 'learning_curves.png'}   stage wall times: "
-          + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()))
+    print(f"\nstage wall times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()))
+    print(f"plot:    {output_dir / 'eval' / 'learning_curves.png'}")
+    print(f"results: {output_dir / 'eval' / 'summary.json'} (and .csv); TensorBoard: tensorboard --logdir "
+          f"{output_dir}")
     return summary

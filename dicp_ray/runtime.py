@@ -44,9 +44,20 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             "or drop --address to run locally") from None
 
 
-def init_ray(resources: ResourcesConfig, *, log_to_driver: bool = True) -> dict[str, Any]:
-    """Start or join Ray once per process; returns the cluster's resources. Safe to call repeatedly."""
+def init_ray(resources: ResourcesConfig, *, log_to_driver: bool | None = None) -> dict[str, Any]:
+    """Start or join Ray once per process; returns the cluster's resources. Safe to call repeatedly.
+
+    Workers' stdout/stderr (RLlib's and Ray Train's own messages) reach this console only with --verbose
+    (`log_to_driver` None = follow it); otherwise they stay in Ray's session logs, which the CLI links as
+    ``<output>/logs/ray`` (dicp_ray.console).
+    """
     import ray
+
+    from dicp_ray.console import is_verbose, quiet_library_loggers
+
+    quiet_library_loggers()
+    if log_to_driver is None:
+        log_to_driver = is_verbose()
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray Train's controller polls workers every 2 s by default, which makes every report() slow.
@@ -56,10 +67,13 @@ def init_ray(resources: ResourcesConfig, *, log_to_driver: bool = True) -> dict[
     address = resources.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
     else:
         ray.init(num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus,
                  include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False)
+    from dicp_ray.console import announce_ray_logs
+
+    announce_ray_logs()
     return ray.cluster_resources()
 
 

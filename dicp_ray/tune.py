@@ -69,6 +69,8 @@ def _tuner(trainable, config: ExperimentConfig, storage: Path, name: str, metric
     """Build a Tuner, or restore the same sweep when it ran before (finished trials are kept)."""
     from ray import tune
 
+    from dicp_ray.console import is_verbose
+
     path = storage / name
     if tune.Tuner.can_restore(str(path)):
         logger.info("sweep: resuming %s", path)
@@ -78,7 +80,7 @@ def _tuner(trainable, config: ExperimentConfig, storage: Path, name: str, metric
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                     max_concurrent_trials=config.sweep.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1 if is_verbose() else 0,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
 

@@ -180,3 +180,25 @@ def test_a_failing_trial_does_not_stop_the_sweep(smoke_run, tmp_path, capsys):
     finished = [r for r in results if r.error is None]
     assert len(finished) == 1 and finished[0].config["plan.depth"] == 1 and "return_final" in finished[0].metrics
     assert "1 trial(s) failed" in capsys.readouterr().out
+
+
+def test_cli_console_is_clean_and_logs_go_to_files(tmp_path):
+    """`dicp-ray pipeline` without --verbose: stage banners, bars and the table on the console; Ray's, RLlib's
+    and Ray Train's own output only in <output>/logs (the console of `make demo` once had ~1,050 such lines)."""
+    out = tmp_path / "cli_smoke"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DICP_RAY_VERBOSE", "DICP_RAY_LOG_DIR")}
+    run = subprocess.run([sys.executable, "-m", "dicp_ray.cli", "pipeline", "--config", str(SMOKE), "--output",
+                          str(out), "--set", "resources.num_cpus=2"], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    console = (run.stdout + run.stderr).replace("\r", "\n")
+    lines = [line for line in console.splitlines() if line.strip() and "collect learners" not in line
+             and "%|" not in line]  # progress-bar redraws are one line on a terminal
+    assert len(lines) < 40, "\n".join(lines)
+    for stage in ("[1/3] collect:", "[2/3] train:", "[3/3] evaluate:", "oracle (max)", "learning_curves.png"):
+        assert stage in console
+    for noise in ("Ray Train Controller", "gputil", "Overriding environment", "new API stack",
+                  "Token authentication", "RayTrainWorker", "pid="):
+        assert noise not in console, noise
+    assert (out / "logs" / "dicp_ray.log").read_text().count("dicp_ray") >= 3
+    assert (out / "logs" / "ray").is_symlink() and any((out / "logs" / "ray").iterdir())
