@@ -121,6 +121,12 @@ class CollectConfig:
     """Total env steps per learner, all streams together (paper: 100K grid, 1M Meta-World)."""
     seed: int = 0
     """Base seed; learner for task i uses seed + i."""
+    bootstrap_at_horizon: bool | None = None
+    """Whether the source learner bootstraps V(s_T) when an episode ends at the horizon. None = the authors'
+    release for the env: False on grid worlds (its envs report terminated=True at the horizon, so SB3 PPO
+    never bootstraps there), True on Meta-World (TimeLimit truncation, which SB3 bootstraps). Our envs
+    always truncate; with False the collector shows the learner the horizon as terminal and the recorded
+    histories stay truncated (docs/fidelity.md, row 3). Resolve it with `ExperimentConfig.bootstraps_at_horizon`."""
     include_test_tasks: bool = True
     """Also collect histories of test tasks (never trained on; used for held-out world-model metrics)."""
     num_cpus_per_learner: float = 1.0
@@ -263,6 +269,13 @@ class ExperimentConfig:
     @property
     def plan_depth(self) -> int:
         return self.plan.depth if self.plan.depth is not None else self.env.default_plan_depth
+
+    @property
+    def bootstraps_at_horizon(self) -> bool:
+        """collect.bootstrap_at_horizon resolved: None = the release's behaviour for this env (grid worlds
+        no bootstrap, Meta-World bootstrap)."""
+        setting = self.collect.bootstrap_at_horizon
+        return self.env.is_meta_world if setting is None else setting
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

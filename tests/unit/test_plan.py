@@ -13,7 +13,7 @@ from dicp_ray.plan import (Context, PlannerSettings, _cached_world_logits, _refe
 
 K_CTX = 12  # context_len of the small random models
 OBS_TABLE = torch.tensor([[c // 9, c % 9] for c in range(81)], dtype=torch.float64)  # cell -> (x, y)
-MOVES = torch.tensor([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]])                  # stay, +x, -x, +y, -y
+MOVES = torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1], [0, 0]])                  # +x, -x, +y, -y, stay
 
 
 def random_model(seed: int, **kw) -> DICPTransformer:
@@ -249,7 +249,7 @@ def oracle_context(goals: torch.Tensor, k: int, seed: int) -> Context:
     B, n_goal, g = goals.shape[0], 8, torch.Generator().manual_seed(seed)
     obs = torch.randint(0, 9, (B, k - 1, 2), generator=g)
     action = torch.randint(0, 5, (B, k - 1), generator=g)
-    obs[:, -n_goal:], action[:, -n_goal:] = goals[:, None], 0
+    obs[:, -n_goal:], action[:, -n_goal:] = goals[:, None], 4  # 4 = stay
     next_obs = (obs + MOVES[action]).clamp(0, 8)
     reward = (next_obs == goals[:, None]).all(-1)
     return Context(obs.double(), action, reward.double(), next_obs.double())
