@@ -7,8 +7,8 @@ and `GridVectorEnv` with N = num_envs, so the two cannot drift apart.
 Conventions (see docs/architecture.md): observation = agent cell ``(x, y)`` as int64, actions
 0 +x, 1 -x, 2 +y, 3 -y, 4 stay (the authors' release's labels, ``release:gridworld/env/darkroom.py:85``),
 moves into a wall leave the agent in place. Permuted: action ``a`` executes move ``perm[a]``, with
-``perm = itertools.permutations(range(5))[task_id]``, so task i is the release's permutation i. A cell counts as *reached* on a step whose resulting position is that cell,
-staying on it included; the start cell at reset is not "reached" until a step lands on it. Episodes
+``perm = itertools.permutations(range(5))[task_id]``, so task i is the release's permutation i.
+A cell counts as *reached* on a step whose resulting position is that cell, staying on it included; the start cell at reset is not "reached" until a step lands on it. Episodes
 never terminate; they truncate on the horizon-th step.
 
 Key-to-Door rule, also for key == door: the key reward is paid on the first step that lands on the key

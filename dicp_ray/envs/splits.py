@@ -107,8 +107,8 @@ def split_tasks(
 
     Grid worlds: the list of ids 0..N-1 is shuffled with ``random.Random(split_seed).shuffle`` (the same
     order as the release's ``random.seed(split_seed); random.shuffle(...)``, without touching the global
-    RNG) and the first ``round(N * train_ratio)`` become train ids, the rest test ids. Both lists are returned sorted, as
-    plain Python ints. The result depends only on (name, split_seed, train_ratio).
+    RNG) and the first ``round(N * train_ratio)`` become train ids, the rest test ids. Both lists are
+    returned sorted, as plain Python ints. The result depends only on (name, split_seed, train_ratio).
     Meta-World (``"ML1"``, ``"ML10"``): Meta-World's own split of the benchmark built with seed
     `split_seed`, as global ids (`dicp_ray.envs.meta_world_tasks.split_tasks`); `train_ratio` must be None.
 
