@@ -163,6 +163,15 @@ class ModelConfig:
     mlp_dim: int = 128
     dropout: float = 0.1
     attn_dropout: float = 0.1
+    obs_embedding: str = "auto"
+    """Query-observation token (AD, DPT): auto | cell | transition | linear. auto = the authors' release: a learned
+    table over the 81 cells for AD on the grid worlds (cell), the shared transition embedding of the zero-padded
+    query for DPT (transition), a linear map on Meta-World (linear). docs/fidelity.md, rows 7 and 11."""
+    backbone: str = "auto"
+    """Transformer details (AD, DPT): auto | release | gpt2. release = the authors' TinyLlama blocks (no final norm,
+    dropout on each sublayer's input, attention bias, PyTorch default init, raw grid coordinates); gpt2 = our
+    earlier choice (final RMSNorm, dropout on embeddings and residual branches, normal(0.02) init, coordinates
+    scaled to [0, 1]). auto = release on the grid worlds, gpt2 on Meta-World (not yet measured there). IDT: gpt2."""
     reward_loss_weight: float = 1.0
     """Meta-World: weight of the reward-regression MSE inside the world-model loss. Rewards lie in [0, 10], so
     their MSE is up to ~100x the action NLL early in training; 0.01 is the MSE of reward / 10 (see
@@ -568,6 +577,12 @@ def _validate_collect(c: CollectConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check_choice("model.variant", m.variant, ["ad", "dpt", "idt"])
+    _check_choice("model.obs_embedding", m.obs_embedding, ["auto", "cell", "transition", "linear"])
+    _check_choice("model.backbone", m.backbone, ["auto", "release", "gpt2"])
+    if m.variant == "idt":
+        _require(m.obs_embedding in ("auto", "linear") and m.backbone in ("auto", "gpt2"), "model.obs_embedding",
+                 m.obs_embedding, f"(and model.backbone = {m.backbone!r}) must be auto for variant idt, which "
+                 "embeds observations itself", "auto")
     _require(m.reward_loss_weight > 0, "model.reward_loss_weight", m.reward_loss_weight, "must be > 0", "1.0")
     for key in ("context_episodes", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1", "4")
@@ -678,6 +693,9 @@ def validate(config: ExperimentConfig) -> None:
     if config.model.reward_loss_weight != 1.0 and not config.env.is_meta_world:
         raise ConfigError(f"model.reward_loss_weight = {config.model.reward_loss_weight} applies to Meta-World's "
                           f"reward regression only; {config.env.name}'s reward is a 2-class prediction: drop it")
+    if config.model.obs_embedding == "cell" and config.env.is_meta_world:
+        raise ConfigError(f"model.obs_embedding = 'cell' needs grid cells; {config.env.name} observations are "
+                          "continuous: use auto or linear")
     if config.collect.algorithm == "sac" and not config.env.is_meta_world:
         raise ConfigError("collect.algorithm = 'sac' needs a continuous-action env (Meta-World); "
                           f"{config.env.name} is discrete: use --set collect.algorithm=ppo")

@@ -239,7 +239,7 @@ def _rollout(model, env, num_episodes: int, mode: str, settings: PlannerSettings
             start = max(0, step - (k - 1))
             context = hist.map(lambda x: x[:, start:step])                               # (N, T, ...)
             query = torch.as_tensor(obs, dtype=torch.float32, device=device)             # (N, D)
-            if mode == "plan" and should_plan(settings, k, step - start, t, horizon):
+            if mode == "plan" and should_plan(settings, k, step, t, horizon, discrete=True):  # step: all seen
                 steps_left = torch.full((num_tasks,), horizon - t, dtype=torch.long, device=device)
                 action = plan_discrete(model, context, query, steps_left, obs_table, settings, generator)
                 num_planned += num_tasks

@@ -1,6 +1,6 @@
 """In-context evaluation end to end on Darkroom with a tiny untrained checkpoint (k = 2 episodes x 20 = 40).
 
-Four episodes per run, so plan mode plans from step 39 (context full) on: both code paths run.
+Four episodes per run, so plan mode plans from step 40 (the release's step k) on: both code paths run.
 """
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ def test_results_files_have_tasks_by_episodes(written, mode):
     assert np.all(np.array(result["return_ci_low"]) <= np.array(result["return_mean"]))
     assert result["oracle_max_return_mean"] == pytest.approx(oracle.mean())
     assert result["timing"]["decisions"] == num_tasks * NUM_EPISODES * 20
-    # Plan mode plans once the context holds k-1 = 39 transitions: steps 39..79 of the history.
-    assert result["timing"]["planned_decisions"] == (num_tasks * 41 if mode == "plan" else 0)
+    # Plan mode plans from the release's step k = 40 on (ad.py:102): steps 40..79 of the history.
+    assert result["timing"]["planned_decisions"] == (num_tasks * 40 if mode == "plan" else 0)
 
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["returns"] == result["returns"] and on_disk["mode"] == mode

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dicp_ray.model import DICPTransformer, ModelSpec
 from dicp_ray.plan import (Context, PlannerSettings, _cached_world_logits, _reference_world_logits,
-                           plan_continuous, plan_discrete, sample_policy_action)
+                           plan_continuous, plan_discrete, sample_policy_action, should_plan)
 
 K_CTX = 12  # context_len of the small random models
 OBS_TABLE = torch.tensor([[c // 9, c % 9] for c in range(81)], dtype=torch.float64)  # cell -> (x, y)
@@ -418,3 +418,14 @@ def test_accepts_a_dict_context_and_casts_to_the_model_dtype():
     as_dict["ctx_action"] = ctx.action
     expected = plan(model, ctx.map(lambda t: t[:, -(K_CTX - 1):]), q, steps, seed=0, depth=3)
     assert torch.equal(plan(model, as_dict, q.float(), steps, seed=0, depth=3), expected)
+
+
+def test_grid_planning_starts_at_the_releases_step_k():
+    """release:gridworld/model/ad.py:102 plans when step >= n_transit: k transitions seen, not k-1."""
+    settings, k = PlannerSettings(), 80
+    assert [should_plan(settings, k, seen, seen % 20, 20, discrete=True) for seen in (0, 78, 79, 80, 81, 500)] == [
+        False, False, False, True, True, True]
+    # continuous (Meta-World) keeps its own rule: a full window of k-1, second half optionally
+    assert should_plan(settings, k, 79, 3, 100) and not should_plan(settings, k, 78, 3, 100)
+    half = PlannerSettings(second_half_only=True)
+    assert not should_plan(half, k, 79, 49, 100) and should_plan(half, k, 79, 50, 100)
