@@ -327,9 +327,16 @@ def _write_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, step: int, rn
              "world_model": config.model.world_model, "step": step, "resumed_at_steps": resumed_at_steps,
              "config": config.to_dict(), "train_task_ids": list(loop_config["train_task_ids"]),
              "test_task_ids": list(loop_config["test_task_ids"]), "run_identity": identity,
-             "provenance": loop_config["provenance"]}
+             "provenance": loop_config["provenance"], "data_schema_version": _data_schema_version()}
     save_checkpoint(str(ckpt_dir / "model.pt"), model, extra=extra)
     (ckpt_dir / "meta.json").write_text(json.dumps({"step": step, "run_identity": identity}))
+
+
+def _data_schema_version() -> int:
+    """The dataset schema this code trains on; evaluation refuses grid models trained on another one."""
+    from dicp_ray.data import SCHEMA_VERSION
+
+    return SCHEMA_VERSION
 
 
 class _MetricMeans:

@@ -159,3 +159,14 @@ def test_run_evaluations_over_two_split_seeds(ray_local, tmp_path, config, check
     stamp = (tmp_path / "split_0/plan/results.json").stat().st_mtime_ns
     assert run_evaluations(config, checkpoints, str(tmp_path))["methods"] == summary["methods"]
     assert (tmp_path / "split_0/plan/results.json").stat().st_mtime_ns == stamp
+
+
+def test_grid_model_trained_on_old_action_labels_is_refused(tmp_path, config):
+    """A `dicp-ray train` checkpoint (it names its dataset) from before dataset schema 2 used other action labels."""
+    path = _write_checkpoint(tmp_path / "old.pt", config, 0)
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "dataset_id": "abc"}, path)
+    with pytest.raises(ValueError, match="schema version 1.*0 \\+x"):
+        evaluate_in_context(path, config, str(tmp_path / "out"), mode="policy")
+    torch.save({**payload, "dataset_id": "abc", "data_schema_version": 2}, path)
+    assert evaluate_in_context(path, config, None, mode="policy")["mode"] == "policy"
