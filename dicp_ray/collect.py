@@ -64,47 +64,89 @@ _NOT_IN_FINGERPRINT = ("include_test_tasks", "num_cpus_per_learner", "max_retrie
 # RLlib side: env creator, PPO config, history-recording callback
 # ----------------------------------------------------------------------------------------------------------
 
+HORIZON_TERMINAL_KEY = "dicp_ray_horizon_terminal"  # info flag: terminated=True was added at the horizon
+
+
+class HorizonAsTerminal(gym.Wrapper):
+    """The learner's view of the release's grid envs: an episode that truncates also reports terminated=True.
+
+    The release's envs return ``(terminated, truncated) = (True, True)`` at the horizon, so its SB3 PPO never
+    bootstraps V(s_T) there; RLlib (like SB3) bootstraps at a pure truncation. This wrapper sits between
+    our (correctly truncating) env and RLlib and reports the release's flags, marking the step with
+    ``info[HORIZON_TERMINAL_KEY]`` so that `HistoryRecorder` records the episode as truncated, not terminated.
+    """
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if truncated and not terminated:
+            info = {**info, HORIZON_TERMINAL_KEY: True}
+        return obs, reward, terminated or truncated, truncated, info
+
+
+class VectorHorizonAsTerminal(gym.vector.VectorWrapper):
+    """`HorizonAsTerminal` for a vector env (infos are a dict of arrays with ``_key`` masks)."""
+
+    def step(self, actions):
+        obs, rewards, terminated, truncated, infos = self.env.step(actions)
+        at_horizon = np.asarray(truncated) & ~np.asarray(terminated)
+        if at_horizon.any():
+            infos = {**infos, HORIZON_TERMINAL_KEY: at_horizon, f"_{HORIZON_TERMINAL_KEY}": at_horizon}
+        return obs, rewards, np.asarray(terminated) | at_horizon, truncated, infos
+
+
+def _learner_view(env: gym.Env | gym.vector.VectorEnv, horizon_terminal: bool) -> gym.Env | gym.vector.VectorEnv:
+    if not horizon_terminal:
+        return env
+    return VectorHorizonAsTerminal(env) if isinstance(env, gym.vector.VectorEnv) else HorizonAsTerminal(env)
+
+
 class _GridEnvCreator:
     """RLlib env creator: the batched GridVectorEnv when RLlib asks for ``num_envs``, else a single env.
 
-    Observations are cast to float32 for the RLModule; the values (cells 0..8) stay exact.
+    Observations are cast to float32 for the RLModule; the values (cells 0..8) stay exact. With
+    ``horizon_terminal`` the learner sees the horizon as terminal (`HorizonAsTerminal`).
     """
 
-    def __init__(self, env_id: str):
-        self.env_id = env_id
+    def __init__(self, env_id: str, horizon_terminal: bool = False):
+        self.env_id, self.horizon_terminal = env_id, horizon_terminal
 
     def __call__(self, ctx: dict) -> gym.Env | gym.vector.VectorEnv:
         if "num_envs" in ctx:  # gym_env_vectorize_mode="vector_entry_point"
             vector_env = gym.make_vec(self.env_id, num_envs=ctx["num_envs"], task_id=ctx["task_id"],
                                       vectorization_mode="vector_entry_point")
-            return gym.wrappers.vector.DtypeObservation(vector_env, np.float32)
-        return gym.wrappers.DtypeObservation(gym.make(self.env_id, task_id=ctx["task_id"]), np.float32)
+            env = gym.wrappers.vector.DtypeObservation(vector_env, np.float32)
+        else:
+            env = gym.wrappers.DtypeObservation(gym.make(self.env_id, task_id=ctx["task_id"]), np.float32)
+        return _learner_view(env, self.horizon_terminal)
 
 
 class _MetaWorldEnvCreator:
     """RLlib env creator for ML1 / ML10: ``MetaWorldVectorEnv`` streams (float32 obs already), or one env."""
 
-    def __init__(self, name: str, task: str | None):
-        self.name, self.task = name, task
+    def __init__(self, name: str, task: str | None, horizon_terminal: bool = False):
+        self.name, self.task, self.horizon_terminal = name, task, horizon_terminal
 
     def __call__(self, ctx: dict) -> gym.Env | gym.vector.VectorEnv:
         env_id = envs.meta_world.env_id(self.name)
         if "num_envs" in ctx:
-            return gym.make_vec(env_id, num_envs=ctx["num_envs"], task_id=ctx["task_id"], task=self.task,
-                                vectorization_mode="vector_entry_point")
-        return gym.make(env_id, task_id=ctx["task_id"], task=self.task)
+            env = gym.make_vec(env_id, num_envs=ctx["num_envs"], task_id=ctx["task_id"], task=self.task,
+                               vectorization_mode="vector_entry_point")
+        else:
+            env = gym.make(env_id, task_id=ctx["task_id"], task=self.task)
+        return _learner_view(env, self.horizon_terminal)
 
 
 def _register_rllib_env(config: ExperimentConfig) -> str:
-    """Register this config's env creator with RLlib under a name unique per env (and ML1 task)."""
-    env = config.env
+    """Register this config's env creator with RLlib under a name unique per env (and ML1 task) and horizon rule."""
+    env, horizon_terminal = config.env, not config.bootstraps_at_horizon
+    suffix = "_horizon_terminal" if horizon_terminal else ""
     if env.is_meta_world:
-        name = f"dicp_ray_{env.name}_{env.task}" if env.task else f"dicp_ray_{env.name}"
-        register_env(name, _MetaWorldEnvCreator(env.name, env.task))
+        name = (f"dicp_ray_{env.name}_{env.task}" if env.task else f"dicp_ray_{env.name}") + suffix
+        register_env(name, _MetaWorldEnvCreator(env.name, env.task, horizon_terminal))
         return name
     spec = envs.grid_spec(env.name)
-    register_env(f"dicp_ray_grid_{spec.name}", _GridEnvCreator(spec.env_id))
-    return f"dicp_ray_grid_{spec.name}"
+    register_env(f"dicp_ray_grid_{spec.name}{suffix}", _GridEnvCreator(spec.env_id, horizon_terminal))
+    return f"dicp_ray_grid_{spec.name}{suffix}"
 
 
 class SB3InitPPOModule(DefaultPPOTorchRLModule):
@@ -238,7 +280,9 @@ class HistoryRecorder(RLlibCallback):
             "action": steps(lambda ch: ch.get_actions()),
             "reward": steps(lambda ch: ch.get_rewards(), np.float32),
             "policy_version": steps(lambda ch: ch.get_extra_model_outputs("weights_seq_no"), np.int64),
-            "terminated": bool(episode.is_terminated), "truncated": bool(episode.is_truncated),
+            # HorizonAsTerminal's terminated=True is for the learner only: the data keep the env's truncation.
+            "terminated": bool(episode.is_terminated) and not episode.get_infos(-1).get(HORIZON_TERMINAL_KEY, False),
+            "truncated": bool(episode.is_truncated),
         }
         # infos[0] of a chunk is its reset (or carried-over) info; infos[t + 1] comes from step t.
         infos = [info for ch, n in zip(chunks, lengths) for info in list(ch.get_infos())[1:n + 1]]
@@ -297,9 +341,7 @@ def _oracle_labels(env_name: str, task_id: int, columns: dict[str, np.ndarray]) 
     earned_before -= np.repeat(earned_before[first_row], np.diff(np.r_[first_row, reward.size]))
     key_game = env_name == "DarkKeyToDoor"                          # +1 key, then +1 door: 2 = both paid
     has_key = key_game & (earned_before > 0.5)
-    door_done = key_game & (earned_before > 1.5)
-    return np.asarray(envs.optimal_action(env_name, task_id, columns["obs"].astype(np.int64), has_key,
-                                          door_done), np.int64)
+    return np.asarray(envs.optimal_action(env_name, task_id, columns["obs"].astype(np.int64), has_key), np.int64)
 
 
 def _keep_budget(streams: list[list[dict]], steps_per_stream: int) -> list[list[dict]]:
@@ -416,6 +458,7 @@ def data_fingerprint(config: ExperimentConfig) -> str:
     datasets collected before those keys existed stay valid (resume keeps their shards).
     """
     collect = {k: v for k, v in _collect_settings(config).items() if k not in _NOT_IN_FINGERPRINT}
+    collect["bootstrap_at_horizon"] = config.bootstraps_at_horizon  # None and its resolved value are the same data
     identity = {"env": config.env.name, "collect": collect, "schema": data.SCHEMA_VERSION}
     if config.env.task is not None:
         identity["task"] = config.env.task

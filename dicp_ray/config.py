@@ -121,6 +121,12 @@ class CollectConfig:
     """Total env steps per learner, all streams together (paper: 100K grid, 1M Meta-World)."""
     seed: int = 0
     """Base seed; learner for task i uses seed + i."""
+    bootstrap_at_horizon: bool | None = None
+    """Whether the source learner bootstraps V(s_T) when an episode ends at the horizon. None = the authors'
+    release for the env: False on grid worlds (its envs report terminated=True at the horizon, so SB3 PPO
+    never bootstraps there), True on Meta-World (TimeLimit truncation, which SB3 bootstraps). Our envs
+    always truncate; with False the collector shows the learner the horizon as terminal and the recorded
+    histories stay truncated (docs/fidelity.md, row 3). Resolve it with `ExperimentConfig.bootstraps_at_horizon`."""
     include_test_tasks: bool = True
     """Also collect histories of test tasks (never trained on; used for held-out world-model metrics)."""
     num_cpus_per_learner: float = 1.0
@@ -157,6 +163,15 @@ class ModelConfig:
     mlp_dim: int = 128
     dropout: float = 0.1
     attn_dropout: float = 0.1
+    obs_embedding: str = "auto"
+    """Query-observation token (AD, DPT): auto | cell | transition | linear. auto = the authors' release: a learned
+    table over the 81 cells for AD on the grid worlds (cell), the shared transition embedding of the zero-padded
+    query for DPT (transition), a linear map on Meta-World (linear). docs/fidelity.md, rows 7 and 11."""
+    backbone: str = "auto"
+    """Transformer details (AD, DPT): auto | release | gpt2. release = the authors' TinyLlama blocks (no final norm,
+    dropout on each sublayer's input, attention bias, PyTorch default init, raw grid coordinates); gpt2 = our
+    earlier choice (final RMSNorm, dropout on embeddings and residual branches, normal(0.02) init, coordinates
+    scaled to [0, 1]). auto = release on the grid worlds, gpt2 on Meta-World (not yet measured there). IDT: gpt2."""
     reward_loss_weight: float = 1.0
     """Meta-World: weight of the reward-regression MSE inside the world-model loss. Rewards lie in [0, 10], so
     their MSE is up to ~100x the action NLL early in training; 0.01 is the MSE of reward / 10 (see
@@ -263,6 +278,13 @@ class ExperimentConfig:
     @property
     def plan_depth(self) -> int:
         return self.plan.depth if self.plan.depth is not None else self.env.default_plan_depth
+
+    @property
+    def bootstraps_at_horizon(self) -> bool:
+        """collect.bootstrap_at_horizon resolved: None = the release's behaviour for this env (grid worlds
+        no bootstrap, Meta-World bootstrap)."""
+        setting = self.collect.bootstrap_at_horizon
+        return self.env.is_meta_world if setting is None else setting
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -555,6 +577,12 @@ def _validate_collect(c: CollectConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check_choice("model.variant", m.variant, ["ad", "dpt", "idt"])
+    _check_choice("model.obs_embedding", m.obs_embedding, ["auto", "cell", "transition", "linear"])
+    _check_choice("model.backbone", m.backbone, ["auto", "release", "gpt2"])
+    if m.variant == "idt":
+        _require(m.obs_embedding in ("auto", "linear") and m.backbone in ("auto", "gpt2"), "model.obs_embedding",
+                 m.obs_embedding, f"(and model.backbone = {m.backbone!r}) must be auto for variant idt, which "
+                 "embeds observations itself", "auto")
     _require(m.reward_loss_weight > 0, "model.reward_loss_weight", m.reward_loss_weight, "must be > 0", "1.0")
     for key in ("context_episodes", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1", "4")
@@ -665,6 +693,9 @@ def validate(config: ExperimentConfig) -> None:
     if config.model.reward_loss_weight != 1.0 and not config.env.is_meta_world:
         raise ConfigError(f"model.reward_loss_weight = {config.model.reward_loss_weight} applies to Meta-World's "
                           f"reward regression only; {config.env.name}'s reward is a 2-class prediction: drop it")
+    if config.model.obs_embedding == "cell" and config.env.is_meta_world:
+        raise ConfigError(f"model.obs_embedding = 'cell' needs grid cells; {config.env.name} observations are "
+                          "continuous: use auto or linear")
     if config.collect.algorithm == "sac" and not config.env.is_meta_world:
         raise ConfigError("collect.algorithm = 'sac' needs a continuous-action env (Meta-World); "
                           f"{config.env.name} is discrete: use --set collect.algorithm=ppo")

@@ -40,7 +40,10 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import torch
 
-SCHEMA_VERSION = 1
+# 2: grid actions in the release's labels (0 +x, 1 -x, 2 +y, 3 -y, 4 stay), the release's Key-to-Door oracle
+#    after the door (a*), and source PPO without the horizon bootstrap by default (docs/fidelity.md).
+#    Version-1 datasets are refused: their action columns mean other moves.
+SCHEMA_VERSION = 2
 DATASET_FORMAT = "dicp_ray.histories"
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"

@@ -116,6 +116,7 @@ def _resolve_config(payload: dict, config: ExperimentConfig | None, path: str) -
 def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, path: str) -> None:
     """Refuse a config whose env or variant disagree with the checkpoint, and planning without world model."""
     _check_mode(mode)
+    _check_action_labels(payload, config, path)
     trained_env = payload.get("env_name")
     if trained_env is not None and trained_env != config.env.name:
         raise ValueError(f"checkpoint {path} was trained on {trained_env} but config.env.name = "
@@ -141,6 +142,20 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
     if mode == "plan" and spec.layout not in ("ad", "idt"):
         raise ValueError(f"mode 'plan' supports the 'ad' layout (and 'idt' on Meta-World) only, checkpoint {path} "
                          f"has {spec.layout!r}")
+
+
+def _check_action_labels(payload: dict, config: ExperimentConfig, path: str) -> None:
+    """A grid model trained by `dicp-ray train` on a dataset of another schema (before version 2: other action
+    labels, 0 = stay) would act with the wrong moves in today's envs: refuse it rather than score it."""
+    from dicp_ray.data import SCHEMA_VERSION
+
+    if config.env.is_meta_world or "dataset_id" not in payload:  # hand-built checkpoints carry no dataset
+        return
+    trained = payload.get("data_schema_version", 1)
+    if trained != SCHEMA_VERSION:
+        raise ValueError(f"checkpoint {path} was trained on a dataset of schema version {trained}, whose grid "
+                         f"actions are labelled differently (today: 0 +x, 1 -x, 2 +y, 3 -y, 4 stay, schema "
+                         f"{SCHEMA_VERSION}; docs/fidelity.md): re-collect and retrain it with this dicp_ray")
 
 
 def _resolve_split_seed(payload: dict, split_seed: int | None, config: ExperimentConfig, path: str) -> int:
@@ -239,7 +254,7 @@ def _rollout(model, env, num_episodes: int, mode: str, settings: PlannerSettings
             start = max(0, step - (k - 1))
             context = hist.map(lambda x: x[:, start:step])                               # (N, T, ...)
             query = torch.as_tensor(obs, dtype=torch.float32, device=device)             # (N, D)
-            if mode == "plan" and should_plan(settings, k, step - start, t, horizon):
+            if mode == "plan" and should_plan(settings, k, step, t, horizon, discrete=True):  # step: all seen
                 steps_left = torch.full((num_tasks,), horizon - t, dtype=torch.long, device=device)
                 action = plan_discrete(model, context, query, steps_left, obs_table, settings, generator)
                 num_planned += num_tasks

@@ -69,6 +69,16 @@ class ModelSpec:
     return_scale: float = 1.0           # returns-to-go are multiplied by this before embedding
     return_target: float | None = None  # continuous IDT: every test episode's initial return-to-go (set at training)
     reward_loss_weight: float = 1.0     # regression reward: weight of its MSE inside the world-model loss
+    # "ad" / "dpt" token and backbone details (docs/fidelity.md, row 7). The defaults are the behaviour of
+    # checkpoints written before these fields existed, so those load and act as before; new grid-world
+    # models get the release's choices from train.model_spec_from_config.
+    obs_embedding: str = "linear"       # query-obs token: "linear" = Linear(obs * obs_scale); "cell" = learned
+                                        # table over the num_obs_classes cells (release AD); "transition" = the
+                                        # transition embedding of (obs, 0, 0, 0) (release DPT: zero-padded query)
+    backbone: str = "gpt2"              # "gpt2": final RMSNorm, dropout on embeddings and residual branches, no
+                                        # attention bias, normal(0.02) init; "release": the release's TinyLlama
+                                        # blocks (no final norm, dropout on each sublayer's input before its norm,
+                                        # attention bias, PyTorch default init)
 
     def __post_init__(self):
         if self.layout not in ("ad", "dpt", "idt"):
@@ -92,6 +102,17 @@ class ModelSpec:
             raise ValueError("reward_max, obs_scale and return_scale must be > 0")
         if self.return_target is not None and not math.isfinite(self.return_target):
             raise ValueError(f"return_target must be None or finite, got {self.return_target!r}")
+        if self.obs_embedding not in ("linear", "cell", "transition"):
+            raise ValueError(f"obs_embedding must be 'linear', 'cell' or 'transition', got {self.obs_embedding!r}")
+        if self.backbone not in ("gpt2", "release"):
+            raise ValueError(f"backbone must be 'gpt2' or 'release', got {self.backbone!r}")
+        if self.obs_embedding == "cell" and (self.obs_dim != 2 or not self.num_obs_classes
+                                             or math.isqrt(self.num_obs_classes) ** 2 != self.num_obs_classes):
+            raise ValueError("obs_embedding 'cell' needs grid cells: obs_dim 2 and a square num_obs_classes "
+                             f"(got obs_dim={self.obs_dim}, num_obs_classes={self.num_obs_classes})")
+        if self.layout == "idt" and (self.obs_embedding != "linear" or self.backbone != "gpt2"):
+            raise ValueError("layout 'idt' embeds observations itself: it needs obs_embedding 'linear' and "
+                             "backbone 'gpt2'")
         if self.layout == "idt":
             if not self.discrete_actions and (self.reward_classes or self.num_obs_classes):
                 raise ValueError("layout 'idt' with continuous actions needs regression heads: "
@@ -150,13 +171,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def _branch_dropout(spec: ModelSpec) -> nn.Module:
+    """Dropout on a residual branch's output ("gpt2"); the release drops each sublayer's input instead."""
+    return nn.Dropout(spec.dropout) if spec.backbone == "gpt2" else nn.Identity()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.h, self.hd, self.attn_dropout = spec.num_heads, spec.head_dim, spec.attn_dropout
-        self.qkv = nn.Linear(spec.embed_dim, 3 * spec.embed_dim, bias=False)
-        self.proj = nn.Linear(spec.embed_dim, spec.embed_dim, bias=False)
-        self.resid_drop = nn.Dropout(spec.dropout)
+        bias = spec.backbone == "release"  # the release's attention has biases (tiny_llama Config(bias=True))
+        self.qkv = nn.Linear(spec.embed_dim, 3 * spec.embed_dim, bias=bias)
+        self.proj = nn.Linear(spec.embed_dim, spec.embed_dim, bias=bias)
+        self.resid_drop = _branch_dropout(spec)
 
     def forward(self, x, cos, sin, past: tuple[torch.Tensor, torch.Tensor] | None, mask=None):
         B, L, E = x.shape
@@ -182,7 +209,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.up = nn.Linear(spec.embed_dim, 2 * spec.mlp_dim, bias=False)  # gate and value, fused
         self.down = nn.Linear(spec.mlp_dim, spec.embed_dim, bias=False)
-        self.drop = nn.Dropout(spec.dropout)
+        self.drop = _branch_dropout(spec)
 
     def forward(self, x):
         gate, value = self.up(x).chunk(2, dim=-1)
@@ -190,15 +217,21 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block. "release": norm(dropout(x)) feeds each sublayer, as the release's fused
+    dropout-RMSNorm (``release:gridworld/model/tiny_llama/rmsnorm.py:841``), with its eps 1e-5."""
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(spec.embed_dim), nn.RMSNorm(spec.embed_dim)
+        release = spec.backbone == "release"
+        eps = 1e-5 if release else None
+        self.norm1, self.norm2 = nn.RMSNorm(spec.embed_dim, eps=eps), nn.RMSNorm(spec.embed_dim, eps=eps)
+        self.in_drop = nn.Dropout(spec.dropout) if release else nn.Identity()
         self.attn, self.mlp = CausalSelfAttention(spec), SwiGLU(spec)
 
     def forward(self, x, cos, sin, past, mask=None):
-        a, kv = self.attn(self.norm1(x), cos, sin, past, mask)
+        a, kv = self.attn(self.norm1(self.in_drop(x)), cos, sin, past, mask)
         x = x + a
-        return x + self.mlp(self.norm2(x)), kv
+        return x + self.mlp(self.norm2(self.in_drop(x))), kv
 
 
 # ----------------------------------------------------------------------------- model
@@ -210,19 +243,24 @@ class DICPTransformer(nn.Module):
         self.spec = spec
         D, A, E = spec.obs_dim, spec.action_in_dim, spec.embed_dim
         self.embed_transition = nn.Linear(2 * D + A + 1, E)   # (o, a, r, o') -> one token
-        self.embed_query_obs_proj = nn.Linear(D, E)
+        if spec.obs_embedding == "linear":
+            self.embed_query_obs_proj = nn.Linear(D, E)
+        elif spec.obs_embedding == "cell":
+            self.embed_query_cell = nn.Embedding(spec.num_obs_classes, E)  # cell x * side + y -> token
         self.embed_query_action_proj = nn.Linear(A, E) if spec.world_model else None
-        self.drop = nn.Dropout(spec.dropout)
+        gpt2 = spec.backbone == "gpt2"
+        self.drop = nn.Dropout(spec.dropout) if gpt2 else nn.Identity()
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
-        self.norm = nn.RMSNorm(E)
+        self.norm = nn.RMSNorm(E) if gpt2 else nn.Identity()  # the release feeds the heads unnormalised
         self.head_action = nn.Linear(E, A if spec.discrete_actions else 2 * A)  # logits | (mean, log_std)
         if spec.world_model:
             self.head_reward = nn.Linear(E, spec.reward_classes or 1)
             self.head_next_obs = nn.Linear(E, spec.num_obs_classes or D)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: shrink residual projections with depth
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * spec.num_layers))
+        if gpt2:  # "release" keeps PyTorch's default init, as the release does
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():  # GPT-2: shrink residual projections with depth
+                if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * spec.num_layers))
 
     @staticmethod
     def _init_weights(m):
@@ -254,8 +292,16 @@ class DICPTransformer(nn.Module):
         return self.embed_transition(feats)
 
     def embed_query_obs(self, obs) -> torch.Tensor:
-        """(B, D) -> (B, 1, E)."""
-        return self.embed_query_obs_proj(self._obs_features(obs)).unsqueeze(1)
+        """(B, D) -> (B, 1, E), as ``spec.obs_embedding`` says (cells (x, y) are float copies of integers)."""
+        kind = self.spec.obs_embedding
+        if kind == "linear":
+            return self.embed_query_obs_proj(self._obs_features(obs)).unsqueeze(1)
+        if kind == "cell":
+            xy = obs.round().long()
+            return self.embed_query_cell(xy[..., 0] * math.isqrt(self.spec.num_obs_classes) + xy[..., 1]).unsqueeze(1)
+        zeros = obs.new_zeros(*obs.shape[:-1], self.spec.action_in_dim + 1 + self.spec.obs_dim)
+        feats = torch.cat([self._obs_features(obs), zeros.to(self._param_dtype())], dim=-1)  # (o, 0, 0, 0)
+        return self.embed_transition(feats).unsqueeze(1)
 
     def embed_query_action(self, action) -> torch.Tensor:
         """(B,) long | (B, A) float -> (B, 1, E)."""
@@ -279,7 +325,8 @@ class DICPTransformer(nn.Module):
     def encode(self, tokens: torch.Tensor, cache: KVCache | None = None,
                positions: torch.Tensor | None = None,
                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
-        """Run new tokens (B, L, E) on top of `cache` -> (final-normed hidden (B, L, E), extended cache).
+        """Run new tokens (B, L, E) on top of `cache` -> (hidden (B, L, E) after the final norm, if the backbone
+        has one, extended cache).
 
         By default new tokens attend to every cached token and causally to each other, and RoPE
         positions continue at cache.length, so splitting a sequence across calls gives the same result.
@@ -359,8 +406,12 @@ class DICPTransformer(nn.Module):
         # every context transition (1..T). The world model reads the query-action token (last).
         h_action = hidden[:, T] if self.spec.layout == "ad" else hidden[:, : T + 1]
         preds = {**self._action_preds(h_action), **self._world_preds(hidden[:, -1])}
-        losses = None if targets is None else self.compute_losses(preds, targets, world_model_weight)
-        return preds, losses
+        if targets is None:
+            return preds, None
+        supervised = preds
+        if self.spec.layout == "dpt":  # a* is supervised after 1..T transitions, not at the query alone
+            supervised = {k: v[:, 1:] if k.startswith("action_") else v for k, v in preds.items()}  # dpt.py:63
+        return preds, self.compute_losses(supervised, targets, world_model_weight)
 
     def compute_losses(self, preds: dict, targets: dict, world_model_weight: float = 1.0) -> dict:
         spec, losses = self.spec, {}

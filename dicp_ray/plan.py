@@ -80,8 +80,16 @@ class Context:
         return batch
 
 
-def should_plan(settings: PlannerSettings, context_len: int, num_ctx: int, step: int, horizon: int) -> bool:
-    """Plan once the window is full (num_ctx >= k-1), and with second_half_only from step horizon//2 on."""
+def should_plan(settings: PlannerSettings, context_len: int, num_ctx: int, step: int, horizon: int,
+                discrete: bool = False) -> bool:
+    """Whether to plan at this step; `num_ctx` counts the real transitions seen so far in this task.
+
+    Discrete (grid worlds): from the release's step k on (``release:gridworld/model/ad.py:102``, ``step >=
+    n_transit``), i.e. once k transitions have been seen, so `num_ctx` must not be capped at k-1 there.
+    Continuous: once the window is full (num_ctx >= k-1), and with second_half_only from step horizon//2 on.
+    """
+    if discrete:
+        return num_ctx >= context_len
     return num_ctx >= context_len - 1 and (not settings.second_half_only or step >= horizon // 2)
 
 

@@ -58,6 +58,18 @@ _RUN_KEYS = {"env": ("name", "task", "train_ratio", "max_train_tasks"), "model":
 
 
 # ------------------------------------------------------------------------------------------- model inputs
+def token_choices(config: ExperimentConfig) -> dict[str, str]:
+    """model.obs_embedding / model.backbone resolved ("auto" = the release's choice for the env and layout);
+    IDT keeps ModelSpec's defaults (it embeds observations itself)."""
+    m = config.model
+    if m.variant == "idt":
+        return {}
+    mw = config.env.is_meta_world
+    auto_obs = "linear" if mw else ("cell" if m.variant == "ad" else "transition")
+    return {"obs_embedding": auto_obs if m.obs_embedding == "auto" else m.obs_embedding,
+            "backbone": ("gpt2" if mw else "release") if m.backbone == "auto" else m.backbone}
+
+
 def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
     """The model for `config` on `dataset`: obs size and action count from the data, classes from the env."""
     m = config.model
@@ -75,15 +87,18 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
                          reward_classes=None, reward_max=reward_max, context_len=config.context_len,
                          num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
                          dropout=m.dropout, attn_dropout=m.attn_dropout, obs_scale=1.0,
-                         reward_loss_weight=m.reward_loss_weight, **idt)
+                         reward_loss_weight=m.reward_loss_weight, **idt, **token_choices(config))
     grid = GRID_SPECS[config.env.name]
     idt = {"return_scale": 1.0 / grid.horizon} if m.variant == "idt" else {}  # returns-to-go -> [0, 1]
+    tokens = token_choices(config)
+    # The release feeds raw cells 0..8 to its transition embedding; "gpt2" scales them to [0, 1].
+    obs_scale = 1.0 if tokens.get("backbone") == "release" else 1.0 / (GRID_SIZE - 1)
     return ModelSpec(layout=m.variant, world_model=m.world_model, obs_dim=int(dataset.obs_dim),
                      discrete_actions=True, num_actions=int(dataset.num_actions),
                      num_obs_classes=grid.num_cells, reward_classes=2, reward_max=1.0,
                      context_len=config.context_len, num_layers=m.num_layers, num_heads=m.num_heads,
                      embed_dim=m.embed_dim, mlp_dim=m.mlp_dim, dropout=m.dropout, attn_dropout=m.attn_dropout,
-                     obs_scale=1.0 / (GRID_SIZE - 1), **idt)  # cells 0..8 -> [0, 1]
+                     obs_scale=obs_scale, **idt, **tokens)
 
 
 def make_window_sampler(config: ExperimentConfig, dataset: Any, seed):
@@ -104,8 +119,9 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
     observation and (world model) its action the query action, whose reward class and next cell are the
     world-model targets. AD's target is the action the source took there. DPT conditions on a query state
     as well; we use the window's last observation (so AD and DPT see the same tokens and the query state is
-    one the source visited in this task) and its target is the oracle action a* of that state at every one
-    of the T + 1 action positions. IDT windows (whole episodes with a ``step`` column) are sorted by episode
+    one the source visited in this task) and its target is the oracle action a* of that state after each of
+    the T context transitions (positions 1..T; the query alone, position 0, is not supervised, as in the
+    release). IDT windows (whole episodes with a ``step`` column) are sorted by episode
     return and their return-to-go relabelled (`dicp_ray.idt.relabel_windows`); every step is a target there
     (continuous actions: float actions, rewards and next observations are the targets, as in `_continuous_batch`).
     """
@@ -135,9 +151,9 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
              "query_obs": tensor(obs[:, -1], torch.float32)}
     if layout == "ad":
         targets = {"target_action": tensor(action[:, -1], torch.long)}                        # (B,)
-    elif layout == "dpt":
+    elif layout == "dpt":  # the release supervises a* after each of the T context transitions (dpt.py:63)
         a_star = windows["optimal_action"][:, -1:]                                           # (B, 1)
-        targets = {"target_action": tensor(np.repeat(a_star, obs.shape[1], axis=1), torch.long)}  # (B, T+1)
+        targets = {"target_action": tensor(np.repeat(a_star, obs.shape[1] - 1, axis=1), torch.long)}  # (B, T)
     else:
         raise ValueError(f"layout must be 'ad', 'dpt' or 'idt', got {layout!r}")
     if world_model:
@@ -311,9 +327,16 @@ def _write_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, step: int, rn
              "world_model": config.model.world_model, "step": step, "resumed_at_steps": resumed_at_steps,
              "config": config.to_dict(), "train_task_ids": list(loop_config["train_task_ids"]),
              "test_task_ids": list(loop_config["test_task_ids"]), "run_identity": identity,
-             "provenance": loop_config["provenance"]}
+             "provenance": loop_config["provenance"], "data_schema_version": _data_schema_version()}
     save_checkpoint(str(ckpt_dir / "model.pt"), model, extra=extra)
     (ckpt_dir / "meta.json").write_text(json.dumps({"step": step, "run_identity": identity}))
+
+
+def _data_schema_version() -> int:
+    """The dataset schema this code trains on; evaluation refuses grid models trained on another one."""
+    from dicp_ray.data import SCHEMA_VERSION
+
+    return SCHEMA_VERSION
 
 
 class _MetricMeans:

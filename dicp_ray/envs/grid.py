@@ -5,9 +5,10 @@ The dynamics, rewards and oracles are written ONCE as numpy functions over a bat
 and `GridVectorEnv` with N = num_envs, so the two cannot drift apart.
 
 Conventions (see docs/architecture.md): observation = agent cell ``(x, y)`` as int64, actions
-0 stay, 1 +x, 2 -x, 3 +y, 4 -y, moves into a wall leave the agent in place. Permuted: action ``a``
-executes move ``perm[a]``. A cell counts as *reached* on a step whose resulting position is that cell,
-staying on it included; the start cell at reset is not "reached" until a step lands on it. Episodes
+0 +x, 1 -x, 2 +y, 3 -y, 4 stay (the authors' release's labels, ``release:gridworld/env/darkroom.py:85``),
+moves into a wall leave the agent in place. Permuted: action ``a`` executes move ``perm[a]``, with
+``perm = itertools.permutations(range(5))[task_id]``, so task i is the release's permutation i.
+A cell counts as *reached* on a step whose resulting position is that cell, staying on it included; the start cell at reset is not "reached" until a step lands on it. Episodes
 never terminate; they truncate on the horizon-th step.
 
 Key-to-Door rule, also for key == door: the key reward is paid on the first step that lands on the key
@@ -15,8 +16,10 @@ cell; the door reward on the first step that lands on the door cell while the ke
 *before* that step. With key == door the agent therefore collects the key on arrival and the door on
 the next step it stays there.
 
-Oracle tie-break (deterministic): close the x gap first (+x, then -x), then the y gap (+y, then -y),
-else stay. Key-to-Door targets the key until it is held, then the door, and stays once the door paid.
+Oracle tie-break (deterministic, the release's ``get_optimal_action``): close the x gap first (+x, then
+-x), then the y gap (+y, then -y), else stay. Key-to-Door targets the key until it is held, then the door,
+also after the door has paid (the release's oracle points back to the door and stays on it; DPT's a* labels
+come from this oracle).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from gymnasium.vector.utils import batch_space
 from dicp_ray.envs.splits import GRID_SIZE, cell_obs, grid_spec
 
 NUM_ACTIONS = 5
-# Row m is the displacement of move m: 0 stay, 1 +x, 2 -x, 3 +y, 4 -y.
-MOVES = np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]], dtype=np.int64)
+# Row m is the displacement of move m: 0 +x, 1 -x, 2 +y, 3 -y, 4 stay (the release's order).
+MOVES = np.array([[1, 0], [-1, 0], [0, 1], [0, -1], [0, 0]], dtype=np.int64)
+STAY = 4
 # Row i is the action -> executed-move map of DarkroomPermuted task i.
 PERMUTATIONS = np.array(list(itertools.permutations(range(NUM_ACTIONS))), dtype=np.int64)
 _INVERSE_PERMUTATIONS = np.argsort(PERMUTATIONS, axis=1)
@@ -123,17 +127,17 @@ def transition(
     return new_pos, has_key | on_goal, door_done | door_reward, reward
 
 
-def oracle_actions(
-    tasks: GridTasks, pos: np.ndarray, has_key: np.ndarray, door_done: np.ndarray
-) -> np.ndarray:
-    """Optimal action of each copy (int64, shape (N,)), using the module's documented tie-break."""
+def oracle_actions(tasks: GridTasks, pos: np.ndarray, has_key: np.ndarray) -> np.ndarray:
+    """Optimal action of each copy (int64, shape (N,)), using the module's documented tie-break.
+
+    Key-to-Door needs only whether the key is held: after the door has paid the oracle still heads for
+    the door (and stays on it), as the release's does.
+    """
     target = tasks.goal
     if tasks.name == "DarkKeyToDoor":
         target = np.where(has_key[:, None], tasks.door, tasks.goal)
     dx, dy = (target - pos).T
-    moves = np.select([dx > 0, dx < 0, dy > 0, dy < 0], [1, 2, 3, 4], default=0)
-    if tasks.name == "DarkKeyToDoor":
-        moves = np.where(door_done, 0, moves)
+    moves = np.select([dx > 0, dx < 0, dy > 0, dy < 0], [0, 1, 2, 3], default=STAY)
     return tasks.inv_perm[np.arange(moves.shape[0]), moves]
 
 
@@ -156,20 +160,17 @@ def max_return(name: str, task_id: Any) -> float | np.ndarray:
     return float(returns) if returns.ndim == 0 else returns
 
 
-def optimal_action(
-    name: str, task_id: Any, obs: Any, has_key: Any = False, door_done: Any = False
-) -> int | np.ndarray:
+def optimal_action(name: str, task_id: Any, obs: Any, has_key: Any = False) -> int | np.ndarray:
     """Oracle action(s) in cell(s) `obs` ``(..., 2)``; all arguments broadcast. An int for one state."""
     ids = check_task_ids(name, task_id)
     pos = np.asarray(obs)
     if pos.shape[-1:] != (2,) or pos.dtype.kind not in "iu" or np.any((pos < 0) | (pos >= GRID_SIZE)):
         raise ValueError(f"obs must be integer cells (..., 2) with values in 0..{GRID_SIZE - 1}, got {obs!r}")
-    shape = np.broadcast_shapes(ids.shape, pos.shape[:-1], np.shape(has_key), np.shape(door_done))
+    shape = np.broadcast_shapes(ids.shape, pos.shape[:-1], np.shape(has_key))
     tasks = make_tasks(name, np.broadcast_to(ids, shape).reshape(-1))
     flat_pos = np.broadcast_to(pos, (*shape, 2)).reshape(-1, 2).astype(np.int64)
     keys = np.broadcast_to(np.asarray(has_key, dtype=bool), shape).reshape(-1)
-    done = np.broadcast_to(np.asarray(door_done, dtype=bool), shape).reshape(-1)
-    actions = oracle_actions(tasks, flat_pos, keys, done).reshape(shape)
+    actions = oracle_actions(tasks, flat_pos, keys).reshape(shape)
     return int(actions) if actions.ndim == 0 else actions
 
 
@@ -201,7 +202,7 @@ class _GridState:
 
     def optimal_actions(self) -> np.ndarray:
         """Oracle action of every copy in its current state."""
-        return oracle_actions(self.tasks, self.pos, self.has_key, self.door_done)
+        return oracle_actions(self.tasks, self.pos, self.has_key)
 
 
 class GridEnv(gym.Env):

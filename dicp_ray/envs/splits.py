@@ -2,14 +2,20 @@
 
 `GRID_SPECS` is the single table other stages read (horizon, task count, default planning depth, ...), so
 nothing downstream hard-codes these numbers. `split_tasks` turns a split seed into disjoint, covering
-train/test task-id lists: shuffle 0..N-1 with `np.random.default_rng(split_seed).permutation(N)` and take
-the first `round(N * ratio)` as train. This module imports only numpy, so config validation and data code
-can use it without gymnasium.
+train/test task-id lists exactly as the authors' release does (``release:gridworld/dataset.py:25-34``):
+shuffle the list 0..N-1 with Python's `random` seeded with the split seed and take the first
+`round(N * ratio)` as train. The release's `sample_darkroom`, `sample_dark_key_to_door` and
+`sample_darkroom_permuted` shuffle goals, (key, door) pairs and permutations listed in the same order as
+our task ids (Key-to-Door id ``key * 81 + door``), so split seed s here is the release's ``env_split_seed``
+s. The paper's curves use seed 0 on Darkroom and 4 on Key-to-Door and Permuted (release
+``gridworld/cfg/env/*.yaml``). This module imports only numpy and the stdlib, so config validation and
+data code can use it without gymnasium.
 """
 
 from __future__ import annotations
 
 import numbers
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,9 +105,10 @@ def split_tasks(
 ) -> tuple[list[int], list[int]]:
     """Split the task ids of environment `name` into (train_ids, test_ids).
 
-    Grid worlds: the ids 0..N-1 are shuffled with ``np.random.default_rng(split_seed).permutation(N)`` and the
-    first ``round(N * train_ratio)`` become train ids, the rest test ids. Both lists are returned sorted, as
-    plain Python ints. The result depends only on (name, split_seed, train_ratio).
+    Grid worlds: the list of ids 0..N-1 is shuffled with ``random.Random(split_seed).shuffle`` (the same
+    order as the release's ``random.seed(split_seed); random.shuffle(...)``, without touching the global
+    RNG) and the first ``round(N * train_ratio)`` become train ids, the rest test ids. Both lists are
+    returned sorted, as plain Python ints. The result depends only on (name, split_seed, train_ratio).
     Meta-World (``"ML1"``, ``"ML10"``): Meta-World's own split of the benchmark built with seed
     `split_seed`, as global ids (`dicp_ray.envs.meta_world_tasks.split_tasks`); `train_ratio` must be None.
 
@@ -124,7 +131,8 @@ def split_tasks(
     ratio = spec.train_ratio if train_ratio is None else train_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) < 1.0:
         raise ValueError(f"train_ratio must be a number in the open interval (0, 1), got {ratio!r}")
-    order = np.random.default_rng(int(split_seed)).permutation(spec.num_tasks)
+    order = list(range(spec.num_tasks))
+    random.Random(int(split_seed)).shuffle(order)
     num_train = int(round(spec.num_tasks * float(ratio)))
     if not 0 < num_train < spec.num_tasks:
         raise ValueError(

@@ -27,7 +27,7 @@ import torch
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
 from dicp_ray import data
 from dicp_ray.collect import (SB3InitPPOModule, build_learner_config, collect_histories, collection_task_ids,
-                              learn_task)
+                              data_fingerprint, learn_task)
 from dicp_ray.config import config_from_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Overriding environment rllib-single-agent-env-v0")
@@ -97,6 +97,44 @@ def test_learner_config_matches_the_paper_mapping():
     sac = dataclasses.replace(config, collect=dataclasses.replace(config.collect, algorithm="sac"))
     with pytest.raises(ValueError, match="sac.*continuous"):
         build_learner_config(sac, 0)
+
+
+@pytest.mark.parametrize("bootstrap", [None, True])
+def test_source_ppo_value_target_at_the_horizon(ray_local, bootstrap):
+    """RLlib's own GAE connector on real sampled episodes: by default (the release) the value target of an
+    episode's last step is its reward alone; with collect.bootstrap_at_horizon it adds gamma * V(s_T)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.evaluation.postprocessing import Postprocessing
+
+    algo = build_learner_config(tiny_config(bootstrap_at_horizon=bootstrap), task_id=41).build_algo()
+    try:
+        episodes = algo.env_runner.sample()
+        assert [len(e) for e in episodes] == [HORIZON] * STREAMS and all(e.is_truncated for e in episodes)
+        assert all(bool(e.is_terminated) == (bootstrap is None) for e in episodes)   # the learner's view only
+        learner = algo.learner_group._learner
+        batch = learner._learner_connector(rl_module=learner.module, batch={}, episodes=episodes, shared_data={},
+                                           metrics=learner.metrics)[DEFAULT_MODULE_ID]
+        with torch.no_grad():
+            values = learner.module[DEFAULT_MODULE_ID].compute_values(batch)        # V of every row
+    finally:
+        algo.stop()
+    # Each episode is HORIZON real rows + RLlib's appended bootstrap row, whose value is V(s_T).
+    last = torch.arange(STREAMS) * (HORIZON + 1) + HORIZON - 1
+    target, reward = batch[Postprocessing.VALUE_TARGETS][last], batch[Columns.REWARDS][last]
+    v_final = values[last + 1]
+    assert (v_final.abs() > 1e-3).all()  # so a bootstrap, if any, would show
+    if bootstrap is None:
+        torch.testing.assert_close(target, reward, atol=1e-6, rtol=0)
+    else:
+        torch.testing.assert_close(target, reward + 0.99 * v_final, atol=1e-5, rtol=0)
+
+
+def test_horizon_rule_enters_the_data_fingerprint():
+    default, explicit, boot = (tiny_config(), tiny_config(bootstrap_at_horizon=False),
+                               tiny_config(bootstrap_at_horizon=True))
+    assert not default.bootstraps_at_horizon and boot.bootstraps_at_horizon
+    assert data_fingerprint(default) == data_fingerprint(explicit) != data_fingerprint(boot)
 
 
 def test_histories_are_complete_ordered_and_aligned(first_run):

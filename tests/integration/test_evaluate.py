@@ -1,6 +1,6 @@
 """In-context evaluation end to end on Darkroom with a tiny untrained checkpoint (k = 2 episodes x 20 = 40).
 
-Four episodes per run, so plan mode plans from step 39 (context full) on: both code paths run.
+Four episodes per run, so plan mode plans from step 40 (the release's step k) on: both code paths run.
 """
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ def test_results_files_have_tasks_by_episodes(written, mode):
     assert np.all(np.array(result["return_ci_low"]) <= np.array(result["return_mean"]))
     assert result["oracle_max_return_mean"] == pytest.approx(oracle.mean())
     assert result["timing"]["decisions"] == num_tasks * NUM_EPISODES * 20
-    # Plan mode plans once the context holds k-1 = 39 transitions: steps 39..79 of the history.
-    assert result["timing"]["planned_decisions"] == (num_tasks * 41 if mode == "plan" else 0)
+    # Plan mode plans from the release's step k = 40 on (ad.py:102): steps 40..79 of the history.
+    assert result["timing"]["planned_decisions"] == (num_tasks * 40 if mode == "plan" else 0)
 
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["returns"] == result["returns"] and on_disk["mode"] == mode
@@ -159,3 +159,14 @@ def test_run_evaluations_over_two_split_seeds(ray_local, tmp_path, config, check
     stamp = (tmp_path / "split_0/plan/results.json").stat().st_mtime_ns
     assert run_evaluations(config, checkpoints, str(tmp_path))["methods"] == summary["methods"]
     assert (tmp_path / "split_0/plan/results.json").stat().st_mtime_ns == stamp
+
+
+def test_grid_model_trained_on_old_action_labels_is_refused(tmp_path, config):
+    """A `dicp-ray train` checkpoint (it names its dataset) from before dataset schema 2 used other action labels."""
+    path = _write_checkpoint(tmp_path / "old.pt", config, 0)
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "dataset_id": "abc"}, path)
+    with pytest.raises(ValueError, match="schema version 1.*0 \\+x"):
+        evaluate_in_context(path, config, str(tmp_path / "out"), mode="policy")
+    torch.save({**payload, "dataset_id": "abc", "data_schema_version": 2}, path)
+    assert evaluate_in_context(path, config, None, mode="policy")["mode"] == "policy"

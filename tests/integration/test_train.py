@@ -69,9 +69,9 @@ def test_windows_to_batch_splits_context_and_query(layout):
     np.testing.assert_array_equal(batch["query_action"].numpy(), w["action"][:, -1])
     if layout == "ad":  # the action the source took in the query state
         np.testing.assert_array_equal(targets["target_action"].numpy(), w["action"][:, -1])
-    else:  # a* of the query state at every one of the T + 1 action positions
+    else:  # a* of the query state after each of the T = 4 context transitions (the release's positions)
         np.testing.assert_array_equal(targets["target_action"].numpy(),
-                                      np.repeat(w["optimal_action"][:, -1:], 5, axis=1))
+                                      np.repeat(w["optimal_action"][:, -1:], 4, axis=1))
     np.testing.assert_array_equal(targets["target_reward"].numpy(), w["reward"][:, -1].astype(int))
     np.testing.assert_array_equal(targets["target_next_obs"].numpy(), cell_index(w["next_obs"][:, -1]))
     assert all(t.dtype == torch.long for t in targets.values())
@@ -87,7 +87,8 @@ def test_loss_falls_in_process(dataset_dir, variant, one_thread):
     config = _tiny_config(model={"variant": variant}, num_steps=60, lr=1e-2)
     dataset = data.HistoryDataset.open(dataset_dir, task_ids=TRAIN_IDS[:4])
     spec = model_spec_from_config(config, dataset)
-    assert (spec.obs_dim, spec.num_actions, spec.context_len, spec.obs_scale) == (2, 5, 40, 1 / 8)
+    assert (spec.obs_dim, spec.num_actions, spec.context_len, spec.obs_scale) == (2, 5, 40, 1.0)  # raw cells
+    assert (spec.obs_embedding, spec.backbone) == ("cell" if variant == "ad" else "transition", "release")
     assert (spec.num_obs_classes, spec.reward_classes, spec.layout) == (81, 2, variant)
     torch.manual_seed(0)
     model = DICPTransformer(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import warnings
 
 import gymnasium as gym
@@ -45,7 +46,7 @@ def rollout_oracle(env: E.GridEnv) -> float:
 
 
 @pytest.mark.parametrize("action, expected",
-                         [(0, (4, 4)), (1, (5, 4)), (2, (3, 4)), (3, (4, 5)), (4, (4, 3))])
+                         [(0, (5, 4)), (1, (3, 4)), (2, (4, 5)), (3, (4, 3)), (4, (4, 4))])
 def test_each_action_from_centre(action, expected):
     env = make("Darkroom", 0)
     obs, _ = env.reset(seed=1)
@@ -66,7 +67,7 @@ def test_walls_clip_every_move():
     env = make("Darkroom", 0)
     env.reset()
     for _ in range(6):
-        obs, *_ = env.step(1)
+        obs, *_ = env.step(0)
     assert tuple(obs) == (8, 4)  # four steps reach the wall, the rest stay put
 
 
@@ -94,15 +95,15 @@ def test_cell_index_roundtrip():
 
 def test_darkroom_rewards_every_step_on_goal():
     env = make("Darkroom", 4 * 9 + 5)  # goal (4, 5), one +y step from the start
-    assert run_actions(env, [3, 0, 0, 4, 3, 1]) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert run_actions(env, [2, 4, 4, 3, 2, 0]) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
     env = make("Darkroom", 40)  # goal at the start cell: staying pays on every step
-    assert sum(run_actions(env, [0] * 20)) == 20.0
+    assert sum(run_actions(env, [4] * 20)) == 20.0
 
 
 def test_key_to_door_order_and_max_two():
     env = make("DarkKeyToDoor", kd_id(key=(4, 6), door=(4, 5)))
     # door first (nothing), key (+1), back to door (+1), then nothing ever again
-    rewards = run_actions(env, [3, 3, 4, 0, 3, 4, 4, 3])
+    rewards = run_actions(env, [2, 2, 3, 4, 2, 3, 3, 2])
     assert rewards == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert env.unwrapped.has_key
 
@@ -110,16 +111,16 @@ def test_key_to_door_order_and_max_two():
 def test_key_to_door_key_equals_door():
     env = make("DarkKeyToDoor", kd_id(key=(4, 5), door=(4, 5)))
     # landing on the cell pays the key; the door pays on the next step spent there, once
-    assert run_actions(env, [3, 0, 0, 4, 3]) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert run_actions(env, [2, 4, 4, 3, 2]) == [1.0, 1.0, 0.0, 0.0, 0.0]
     env = make("DarkKeyToDoor", kd_id(key=(4, 4), door=(4, 4)))  # both at the start cell
     obs, info = env.reset()
     assert info == {"has_key": False}
-    assert [env.step(0)[1] for _ in range(3)] == [1.0, 1.0, 0.0]
+    assert [env.step(4)[1] for _ in range(3)] == [1.0, 1.0, 0.0]
 
 
 def test_key_to_door_passing_key_twice_pays_once():
     env = make("DarkKeyToDoor", kd_id(key=(4, 5), door=(0, 0)))
-    assert sum(run_actions(env, [3, 4, 3, 4, 3] + [0] * 10)) == 1.0
+    assert sum(run_actions(env, [2, 3, 2, 3, 2] + [4] * 10)) == 1.0
 
 
 def test_permuted_action_mapping():
@@ -141,7 +142,7 @@ def test_permuted_action_mapping():
 
 def test_permuted_goal_pays_every_step():
     env = make("DarkroomPermuted", 0)  # identity permutation
-    rewards = run_actions(env, [1] * 8 + [3] * 8 + [0, 0, 2])
+    rewards = run_actions(env, [0] * 8 + [2] * 8 + [4, 4, 1])
     assert rewards[:15] == [0.0] * 15 and rewards[15:] == [1.0, 1.0, 1.0, 0.0]
 
 
@@ -200,14 +201,17 @@ def test_key_to_door_oracle_sample():
 
 
 def test_oracle_tie_break_and_functional_helper():
-    # x gap closed before y gap; stay when on the goal
-    assert E.optimal_action("Darkroom", 0, [4, 4]) == 2
-    assert E.optimal_action("Darkroom", 0, [0, 4]) == 4
-    assert E.optimal_action("Darkroom", 0, [0, 0]) == 0
+    # the release's labels and tie-break: x gap closed before y gap; stay (4) when on the goal
+    assert E.optimal_action("Darkroom", 0, [4, 4]) == 1       # -x
+    assert E.optimal_action("Darkroom", 0, [0, 4]) == 3       # -y
+    assert E.optimal_action("Darkroom", 0, [0, 0]) == 4       # stay
+    assert E.optimal_action("Darkroom", 80, [4, 4]) == 0      # +x before +y
+    assert E.optimal_action("Darkroom", 8, [0, 4]) == 2       # +y
     key_door = kd_id((8, 4), (4, 0))
-    assert E.optimal_action("DarkKeyToDoor", key_door, [4, 4]) == 1
-    assert E.optimal_action("DarkKeyToDoor", key_door, [4, 4], has_key=True) == 4
-    assert E.optimal_action("DarkKeyToDoor", key_door, [4, 4], has_key=True, door_done=True) == 0
+    assert E.optimal_action("DarkKeyToDoor", key_door, [4, 4]) == 0
+    # with the key (also after the door has paid) the oracle points to the door and stays on it, as the release's
+    assert E.optimal_action("DarkKeyToDoor", key_door, [4, 4], has_key=True) == 3
+    assert E.optimal_action("DarkKeyToDoor", key_door, [4, 0], has_key=True) == 4
     # vectorised: broadcast ids over states, agree with the per-state scalar calls
     ids = np.arange(120)
     obs = cell_obs(np.arange(81))[:, None, :]
@@ -231,9 +235,49 @@ def test_split_sizes_disjoint_covering(name, sizes):
         assert train == sorted(train) and all(type(i) is int for i in train + test)
 
 
-def test_split_matches_documented_rule_and_is_deterministic():
-    order = np.random.default_rng(3).permutation(81)
-    assert split_tasks("Darkroom", 3) == (sorted(order[:73].tolist()), sorted(order[73:].tolist()))
+def release_split(name: str, seed: int) -> tuple[list[int], list[int]]:
+    """Independent restatement of the release's samplers (``sample_darkroom``, ``sample_dark_key_to_door``,
+    ``sample_darkroom_permuted``): shuffle the goals / (key, door) quadruples / permutation indices with the
+    GLOBAL `random` seeded by the split seed, take the first round(N * ratio), map them back to our ids."""
+    if name == "Darkroom":
+        items, ratio = [(i, j) for i in range(9) for j in range(9)], 0.9
+    elif name == "DarkKeyToDoor":
+        items, ratio = [(i, j, k, l) for i in range(9) for j in range(9) for k in range(9) for l in range(9)], 0.95
+    else:
+        items, ratio = list(range(120)), 0.9
+    state = random.getstate()
+    random.seed(seed)
+    random.shuffle(items)
+    random.setstate(state)
+    n_train = round(len(items) * ratio)
+
+    def task_id(item) -> int:
+        if name == "Darkroom":
+            return item[0] * 9 + item[1]
+        if name == "DarkKeyToDoor":
+            return kd_id((item[0], item[1]), (item[2], item[3]))
+        return item
+
+    return sorted(map(task_id, items[:n_train])), sorted(map(task_id, items[n_train:]))
+
+
+@pytest.mark.parametrize("name, seeds", [("Darkroom", (0, 1, 2, 3, 4, 17)), ("DarkKeyToDoor", (0, 4)),
+                                         ("DarkroomPermuted", (0, 3, 4))])
+def test_split_is_the_releases_partition(name, seeds):
+    for seed in seeds:
+        before = random.getstate()
+        assert split_tasks(name, seed) == release_split(name, seed)
+        assert random.getstate() == before  # a local Random instance: the global RNG is not touched
+
+
+def test_split_paper_seed_test_sets():
+    # the test tasks of the paper's splits (release env_split_seed: Darkroom 0, Permuted 4), written out once:
+    # Darkroom goals (0,5) (3,6) (4,2) (5,4) (5,6) (5,8) (6,8) (7,2)
+    assert split_tasks("Darkroom", 0)[1] == [5, 33, 38, 49, 51, 53, 62, 65]
+    assert split_tasks("DarkroomPermuted", 4)[1] == [2, 8, 11, 13, 19, 30, 38, 50, 51, 61, 70, 92]
+
+
+def test_split_is_deterministic_and_seed_dependent():
     assert split_tasks("DarkKeyToDoor", 1) == split_tasks("DarkKeyToDoor", 1)
     tests = {tuple(split_tasks(name, s)[1]) for name in NAMES for s in range(5)}
     assert len(tests) == 15  # every (env, seed) pair gives a different test set
@@ -306,7 +350,7 @@ def test_batched_autoreset_ignores_actions_and_reset_mask():
     obs, rewards, terminated, truncated, _ = env.step(np.array([-1, 99]))  # ignored actions are not checked
     np.testing.assert_array_equal(obs, [[4, 4], [4, 4]])
     assert not rewards.any() and not terminated.any() and not truncated.any()
-    env.step(np.array([3, 1]))
+    env.step(np.array([2, 0]))  # +y, +x
     obs, _ = env.reset(options={"reset_mask": np.array([False, True])})
     np.testing.assert_array_equal(obs, [[4, 5], [4, 4]])
     np.testing.assert_array_equal(env.elapsed_steps, [1, 0])

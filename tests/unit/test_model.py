@@ -40,7 +40,7 @@ def make_batch(spec: ModelSpec, B=3, T=5, dtype=torch.float32, seed=0):
     }
     if spec.world_model:
         batch["query_action"] = actions(B)
-    n_act = (B,) if spec.layout == "ad" else (B, T + 1)
+    n_act = (B,) if spec.layout == "ad" else (B, T)  # DPT: a* after each context transition (release)
     targets = {"target_action": actions(*n_act)}
     if spec.reward_classes:
         targets["target_reward"] = torch.randint(0, spec.reward_classes, (B,), generator=g)
@@ -70,6 +70,9 @@ def test_shapes_and_losses(layout, discrete, world_model, T):
     model = DICPTransformer(spec)
     B, A, D = 3, spec.num_actions, spec.obs_dim
     batch, targets = make_batch(spec, B=B, T=T)
+    if layout == "dpt" and T == 0:  # acting on the query alone works; there is nothing to supervise
+        assert model(batch)[0][next(iter(model(batch)[0]))].shape[:2] == (B, 1)
+        return
     preds, losses = model(batch, targets)
     act_shape = (B, A) if layout == "ad" else (B, T + 1, A)
     if discrete:
@@ -244,9 +247,11 @@ def test_encode_tree_mask_equals_encoding_each_branch_separately():
     torch.testing.assert_close(h2[1], model.encode(packed, cache)[0][1], atol=1e-10, rtol=0)
 
 
-def test_forward_equals_pieces_with_cache():
+@pytest.mark.parametrize("tokens", [{}, {"obs_embedding": "cell", "backbone": "release"},
+                                    {"obs_embedding": "transition", "backbone": "release"}])
+def test_forward_equals_pieces_with_cache(tokens):
     """The planner's path (embed pieces + cache + predict) reproduces forward() exactly."""
-    spec = make_spec(layout="ad")
+    spec = make_spec(layout="ad", **tokens)
     model = DICPTransformer(spec).double().eval()
     batch, _ = make_batch(spec, T=6, dtype=torch.float64)
     preds, _ = model(batch)
@@ -353,3 +358,103 @@ def test_parameter_and_flop_counts():
     assert 40_000 < n < 80_000  # paper-size grid model: ~50K parameters
     assert flops_per_token(model, 10) == 2 * n + 4 * 4 * 10 * 32
     assert flops_per_token(model) > flops_per_token(model, 10)
+
+
+# ----------------------------------------------------------------------------- release tokens and backbone
+def test_grid_defaults_follow_the_release():
+    """What model_spec_from_config builds for Darkroom AD / DPT: the release's query token and backbone."""
+    from dicp_ray.config import config_from_dict
+    from dicp_ray.train import model_spec_from_config
+
+    class Data:  # the two facts model_spec_from_config reads from a grid dataset
+        obs_dim, num_actions = 2, 5
+
+    def spec_for(**model):
+        config = config_from_dict({"env": {"name": "Darkroom"}, "model": model})
+        return model_spec_from_config(config, Data())
+
+    ad, dpt = spec_for(variant="ad"), spec_for(variant="dpt")
+    assert (ad.obs_embedding, ad.backbone, ad.obs_scale) == ("cell", "release", 1.0)
+    assert (dpt.obs_embedding, dpt.backbone) == ("transition", "release")
+    old = spec_for(variant="ad", obs_embedding="linear", backbone="gpt2")
+    assert (old.obs_embedding, old.backbone, old.obs_scale) == ("linear", "gpt2", 1 / 8)
+    assert ModelSpec().obs_embedding == "linear" and ModelSpec().backbone == "gpt2"  # old checkpoints
+
+
+def test_cell_embedding_is_a_learned_table_over_cells():
+    model = DICPTransformer(make_spec(obs_embedding="cell", backbone="release"))
+    obs = torch.tensor([[0.0, 0.0], [2.0, 7.0], [8.0, 8.0], [7.0, 2.0]])
+    tokens = model.embed_query_obs(obs)                                             # (4, 1, E)
+    table = model.embed_query_cell.weight
+    assert table.shape == (81, 16) and not hasattr(model, "embed_query_obs_proj")
+    torch.testing.assert_close(tokens[:, 0], table[[0, 25, 80, 65]], atol=0, rtol=0)
+    # no affine structure in (x, y): (2, 7) and (7, 2) are unrelated rows, not mirror images
+    assert not torch.allclose(tokens[1] + tokens[3], tokens[0] + tokens[2])
+
+
+def test_transition_query_embedding_is_the_zero_padded_transition():
+    """Release DPT: the query is (obs, zeros) through the shared context embedding (dpt.py:45-50)."""
+    model = DICPTransformer(make_spec(layout="dpt", obs_embedding="transition", backbone="release"))
+    obs = torch.tensor([[3.0, 5.0], [0.0, 8.0]])
+    W, b = model.embed_transition.weight, model.embed_transition.bias                # (E, 2D + A + 1)
+    torch.testing.assert_close(model.embed_query_obs(obs)[:, 0], obs @ W[:, :2].T + b)
+    assert not hasattr(model, "embed_query_obs_proj") and not hasattr(model, "embed_query_cell")
+
+
+def test_release_backbone_details():
+    gpt2, release = DICPTransformer(make_spec()), DICPTransformer(make_spec(backbone="release"))
+    assert isinstance(gpt2.norm, torch.nn.RMSNorm) and isinstance(release.norm, torch.nn.Identity)  # final norm
+    assert gpt2.blocks[0].attn.qkv.bias is None and release.blocks[0].attn.qkv.bias is not None      # bias
+    assert release.blocks[0].attn.proj.bias is not None and release.blocks[0].mlp.up.bias is None
+    # dropout: the release drops each sublayer's input; gpt2 drops the embeddings and the branch outputs
+    assert isinstance(release.blocks[0].in_drop, torch.nn.Dropout) and isinstance(release.drop, torch.nn.Identity)
+    assert isinstance(release.blocks[0].attn.resid_drop, torch.nn.Identity)
+    assert isinstance(gpt2.blocks[0].in_drop, torch.nn.Identity) and isinstance(gpt2.drop, torch.nn.Dropout)
+    assert release.blocks[0].norm1.eps == 1e-5
+    # init: PyTorch's default (uniform +-1/sqrt(fan_in)) vs GPT-2's normal(0, 0.02)
+    assert gpt2.head_action.weight.std() < 0.03 < release.head_action.weight.std()
+    bound = 1 / 16 ** 0.5
+    assert release.head_action.weight.abs().max() <= bound and release.head_action.bias.abs().max() > 0
+
+
+def test_checkpoints_without_token_fields_load_as_linear_gpt2(tmp_path):
+    """A checkpoint written before obs_embedding / backbone existed loads and acts exactly as before."""
+    model = DICPTransformer(make_spec(obs_scale=0.125)).eval()
+    path = tmp_path / "old.pt"
+    save_checkpoint(str(path), model, {})
+    payload = torch.load(path, weights_only=True)
+    for key in ("obs_embedding", "backbone"):
+        del payload["model_spec"][key]
+    torch.save(payload, path)
+    loaded, _ = load_checkpoint(str(path))
+    assert (loaded.spec.obs_embedding, loaded.spec.backbone) == ("linear", "gpt2")
+    batch, _ = make_batch(model.spec)
+    torch.testing.assert_close(loaded(batch)[0]["action_logits"], model(batch)[0]["action_logits"], atol=0, rtol=0)
+    cell = DICPTransformer(make_spec(obs_embedding="cell"))
+    with pytest.raises(ValueError, match="do not match"):  # a cell checkpoint never loads as another spec
+        cell_path = tmp_path / "cell.pt"
+        save_checkpoint(str(cell_path), cell, {})
+        bad = torch.load(cell_path, weights_only=True)
+        bad["model_spec"]["obs_embedding"] = "linear"
+        torch.save(bad, cell_path)
+        load_checkpoint(str(cell_path))
+
+
+def test_dpt_supervises_a_star_after_each_transition_not_the_query_alone():
+    torch.manual_seed(0)
+    spec = make_spec(layout="dpt", world_model=False, obs_embedding="transition", backbone="release")
+    model = DICPTransformer(spec).eval()
+    batch, targets = make_batch(spec, B=4, T=5)
+    preds, losses = model(batch, targets)
+    logits = preds["action_logits"]                                                 # (B, T + 1, A)
+    expected = torch.nn.functional.cross_entropy(logits[:, 1:].reshape(-1, 5), targets["target_action"].reshape(-1))
+    torch.testing.assert_close(losses["loss_action"], expected)
+
+
+@pytest.mark.parametrize("bad", [{"obs_embedding": "table"}, {"backbone": "llama"},
+                                 {"obs_embedding": "cell", "num_obs_classes": None, "reward_classes": None,
+                                  "discrete_actions": False},
+                                 {"layout": "idt", "obs_embedding": "cell"}])
+def test_token_spec_validation(bad):
+    with pytest.raises(ValueError):
+        make_spec(**bad)

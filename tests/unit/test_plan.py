@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from dicp_ray.model import DICPTransformer, ModelSpec
 from dicp_ray.plan import (Context, PlannerSettings, _cached_world_logits, _reference_world_logits,
-                           plan_continuous, plan_discrete, sample_policy_action)
+                           plan_continuous, plan_discrete, sample_policy_action, should_plan)
 
 K_CTX = 12  # context_len of the small random models
 OBS_TABLE = torch.tensor([[c // 9, c % 9] for c in range(81)], dtype=torch.float64)  # cell -> (x, y)
-MOVES = torch.tensor([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]])                  # stay, +x, -x, +y, -y
+MOVES = torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1], [0, 0]])                  # +x, -x, +y, -y, stay
 
 
 def random_model(seed: int, **kw) -> DICPTransformer:
@@ -249,7 +249,7 @@ def oracle_context(goals: torch.Tensor, k: int, seed: int) -> Context:
     B, n_goal, g = goals.shape[0], 8, torch.Generator().manual_seed(seed)
     obs = torch.randint(0, 9, (B, k - 1, 2), generator=g)
     action = torch.randint(0, 5, (B, k - 1), generator=g)
-    obs[:, -n_goal:], action[:, -n_goal:] = goals[:, None], 0
+    obs[:, -n_goal:], action[:, -n_goal:] = goals[:, None], 4  # 4 = stay
     next_obs = (obs + MOVES[action]).clamp(0, 8)
     reward = (next_obs == goals[:, None]).all(-1)
     return Context(obs.double(), action, reward.double(), next_obs.double())
@@ -418,3 +418,14 @@ def test_accepts_a_dict_context_and_casts_to_the_model_dtype():
     as_dict["ctx_action"] = ctx.action
     expected = plan(model, ctx.map(lambda t: t[:, -(K_CTX - 1):]), q, steps, seed=0, depth=3)
     assert torch.equal(plan(model, as_dict, q.float(), steps, seed=0, depth=3), expected)
+
+
+def test_grid_planning_starts_at_the_releases_step_k():
+    """release:gridworld/model/ad.py:102 plans when step >= n_transit: k transitions seen, not k-1."""
+    settings, k = PlannerSettings(), 80
+    assert [should_plan(settings, k, seen, seen % 20, 20, discrete=True) for seen in (0, 78, 79, 80, 81, 500)] == [
+        False, False, False, True, True, True]
+    # continuous (Meta-World) keeps its own rule: a full window of k-1, second half optionally
+    assert should_plan(settings, k, 79, 3, 100) and not should_plan(settings, k, 78, 3, 100)
+    half = PlannerSettings(second_half_only=True)
+    assert not should_plan(half, k, 79, 49, 100) and should_plan(half, k, 79, 50, 100)
