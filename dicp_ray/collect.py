@@ -22,7 +22,10 @@ Meta-World (``env.name`` ML1 / ML10, `dicp_ray.envs.meta_world`): the same loop 
 PPO uses a state-independent log-std Gaussian (SB3's ``MlpPolicy``, ``free_log_std``); ``collect.algorithm:
 sac`` runs RLlib SAC with SB3's defaults and the paper's ``collect.sac_*`` settings (one ``sample()`` of
 ``sac_train_freq`` steps per stream, then ``sac_gradient_steps`` updates of ``sac_batch_size``). Shards store
-the executed (float32, clipped) action from the env's ``info["action"]`` and ``info["success"]``.
+the executed (float32, clipped) action from the env's ``info["action"]`` and ``info["success"]``. The learner
+observes what ``collect.source_obs`` says: ``full`` (default, the authors' release) Meta-World's 39 numbers,
+whose previous frame gives it velocities, ``model`` the 11 / 18-dim model observation; the shards' ``obs`` /
+``next_obs`` are the model observation in both cases.
 """
 from __future__ import annotations
 
@@ -121,19 +124,33 @@ class _GridEnvCreator:
 
 
 class _MetaWorldEnvCreator:
-    """RLlib env creator for ML1 / ML10: ``MetaWorldVectorEnv`` streams (float32 obs already), or one env."""
+    """RLlib env creator for ML1 / ML10: ``MetaWorldVectorEnv`` streams (float32 obs already), or one env.
+
+    ``ctx["observation"]`` is what the learner observes ("full": Meta-World's 39 numbers, "model": 11 / 18).
+    """
 
     def __init__(self, name: str, task: str | None, horizon_terminal: bool = False):
         self.name, self.task, self.horizon_terminal = name, task, horizon_terminal
 
     def __call__(self, ctx: dict) -> gym.Env | gym.vector.VectorEnv:
         env_id = envs.meta_world.env_id(self.name)
+        observation = ctx.get("observation", "model")
         if "num_envs" in ctx:
             env = gym.make_vec(env_id, num_envs=ctx["num_envs"], task_id=ctx["task_id"], task=self.task,
-                               vectorization_mode="vector_entry_point")
+                               observation=observation, vectorization_mode="vector_entry_point")
         else:
-            env = gym.make(env_id, task_id=ctx["task_id"], task=self.task)
+            env = gym.make(env_id, task_id=ctx["task_id"], task=self.task, observation=observation)
         return _learner_view(env, self.horizon_terminal)
+
+
+def _env_config(config: ExperimentConfig, task_id: int) -> dict[str, Any]:
+    """RLlib ``env_config`` of a learner. Meta-World adds what the learner observes (``collect.source_obs``)
+    and ``record_obs_dim``, the model observation's size that ``HistoryRecorder`` keeps of it."""
+    env_config: dict[str, Any] = {"task_id": int(task_id)}
+    if config.env.is_meta_world:
+        env_config.update(observation=config.collect.source_obs,
+                          record_obs_dim=envs.meta_world.observation_dim(config.env.name, config.env.task))
+    return env_config
 
 
 def _register_rllib_env(config: ExperimentConfig) -> str:
@@ -190,7 +207,7 @@ def build_learner_config(config: ExperimentConfig, task_id: int, *,
     rllib_env = _register_rllib_env(config)
     return (
         PPOConfig()
-        .environment(rllib_env, env_config={"task_id": int(task_id)},
+        .environment(rllib_env, env_config=_env_config(config, task_id),
                      **({"normalize_actions": False, "clip_actions": True} if continuous else {}))
         .env_runners(num_env_runners=0, num_envs_per_env_runner=c.num_streams,
                      rollout_fragment_length=c.rollout_steps, batch_mode="truncate_episodes",
@@ -232,7 +249,7 @@ def build_sac_config(config: ExperimentConfig, task_id: int, *,
     intensity = c.sac_gradient_steps * c.sac_batch_size / (c.sac_train_freq * c.num_streams)
     return (
         SACConfig()
-        .environment(_register_rllib_env(config), env_config={"task_id": int(task_id)},
+        .environment(_register_rllib_env(config), env_config=_env_config(config, task_id),
                      normalize_actions=False, clip_actions=True)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=c.num_streams,
                      rollout_fragment_length=c.sac_train_freq, batch_mode="truncate_episodes",
@@ -260,7 +277,9 @@ class HistoryRecorder(RLlibCallback):
     with the earlier chunks of an episode that spanned several ``sample()`` calls. Observations include the
     true final observation RLlib logs at truncation (not the reset observation of the next episode).
     Envs that report ``info["action"]`` (Meta-World: the clipped float32 action it executed) have that
-    stored instead of the policy's raw sample, plus ``info["success"]``.
+    stored instead of the policy's raw sample, plus ``info["success"]``. With ``record_obs_dim`` in the
+    env_config (Meta-World) only the first that many observation numbers are stored: the learner may see
+    Meta-World's 39-dim observation (``collect.source_obs: full``), the histories keep the model's 11 / 18.
     """
 
     def on_episode_end(self, *, episode, prev_episode_chunks=None, env_runner=None, env_index: int,
@@ -273,8 +292,9 @@ class HistoryRecorder(RLlibCallback):
         def steps(getter, dtype=None) -> np.ndarray:
             return np.concatenate([np.asarray(getter(ch), dtype)[:n] for ch, n in zip(chunks, lengths)])
 
-        obs = steps(lambda ch: ch.get_observations(), np.float32)
-        final_obs = np.asarray(episode.get_observations(-1), np.float32)  # the true last cell, not a reset
+        keep = env_runner.config.env_config.get("record_obs_dim")              # None: the whole observation
+        obs = steps(lambda ch: ch.get_observations(), np.float32)[:, :keep]
+        final_obs = np.asarray(episode.get_observations(-1), np.float32)[:keep]  # the true last one, not a reset
         record = {
             "obs": obs, "next_obs": np.concatenate([obs[1:], final_obs[None]]),
             "action": steps(lambda ch: ch.get_actions()),
@@ -441,9 +461,11 @@ def collection_task_ids(config: ExperimentConfig) -> list[int]:
 
 
 def _collect_settings(config: ExperimentConfig) -> dict[str, Any]:
-    """The collect section as stored and hashed: the ``sac_*`` keys only when collecting with SAC."""
-    sac = config.collect.algorithm == "sac"
-    return {k: v for k, v in dataclasses.asdict(config.collect).items() if sac or not k.startswith("sac_")}
+    """The collect section as stored and hashed: the ``sac_*`` keys only when collecting with SAC,
+    ``source_obs`` only on Meta-World (a grid learner sees the model's observation either way)."""
+    sac, meta_world = config.collect.algorithm == "sac", config.env.is_meta_world
+    return {k: v for k, v in dataclasses.asdict(config.collect).items()
+            if (sac or not k.startswith("sac_")) and (meta_world or k != "source_obs")}
 
 
 def _env_settings(config: ExperimentConfig) -> dict[str, Any]:
@@ -455,10 +477,14 @@ def data_fingerprint(config: ExperimentConfig) -> str:
     """Hash of everything that determines a task's shard (env, collect settings, schema version).
 
     The SAC settings count only for SAC and the ML1 task only when set, so fingerprints of grid-world
-    datasets collected before those keys existed stay valid (resume keeps their shards).
+    datasets collected before those keys existed stay valid (resume keeps their shards). Likewise
+    ``source_obs: model`` is what every Meta-World dataset before that key was, so it is hashed as absent:
+    those datasets resume under ``model`` and are refused under the default ``full``.
     """
     collect = {k: v for k, v in _collect_settings(config).items() if k not in _NOT_IN_FINGERPRINT}
     collect["bootstrap_at_horizon"] = config.bootstraps_at_horizon  # None and its resolved value are the same data
+    if collect.get("source_obs") == "model":
+        del collect["source_obs"]
     identity = {"env": config.env.name, "collect": collect, "schema": data.SCHEMA_VERSION}
     if config.env.task is not None:
         identity["task"] = config.env.task

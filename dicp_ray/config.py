@@ -93,6 +93,10 @@ class EnvConfig:
 class CollectConfig:
     algorithm: str = "ppo"
     """Source RL algorithm: ppo (grid worlds, Meta-World) | sac (Meta-World)."""
+    source_obs: str = "full"
+    """Meta-World: what the source learner observes. full = Meta-World's 39 numbers (current frame, previous
+    frame, zeroed goal), as the authors' release (release:metaworld/collect_data.py:59); model = the 11 / 18-dim
+    model observation. The recorded histories are the model observation either way. Grid worlds: ignored."""
     num_streams: int = 100
     """Parallel copies of the task per learner; each stream's episodes form one learning history."""
     rollout_steps: int = 20
@@ -176,6 +180,10 @@ class ModelConfig:
     """Meta-World: weight of the reward-regression MSE inside the world-model loss. Rewards lie in [0, 10], so
     their MSE is up to ~100x the action NLL early in training; 0.01 is the MSE of reward / 10 (see
     docs/results.md, "Reward loss scale"). 1.0 (the default) is the plain MSE of SPEC §4."""
+    next_obs_loss: bool | None = None
+    """World model: also predict (and train on) the next observation. None = the release's per env: on for the
+    grid worlds (81-class next cell, which their beam search needs), off for Meta-World (release
+    learn_transition: False; its depth-1 search ranks by predicted reward only)."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,11 @@ class ExperimentConfig:
         no bootstrap, Meta-World bootstrap)."""
         setting = self.collect.bootstrap_at_horizon
         return self.env.is_meta_world if setting is None else setting
+
+    @property
+    def next_obs_loss(self) -> bool:
+        """model.next_obs_loss resolved: None = on for grid worlds, off for Meta-World (as the release)."""
+        return self.model.next_obs_loss if self.model.next_obs_loss is not None else not self.env.is_meta_world
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -696,6 +709,15 @@ def validate(config: ExperimentConfig) -> None:
     if config.model.obs_embedding == "cell" and config.env.is_meta_world:
         raise ConfigError(f"model.obs_embedding = 'cell' needs grid cells; {config.env.name} observations are "
                           "continuous: use auto or linear")
+    _check_choice("collect.source_obs", config.collect.source_obs, ["full", "model"])
+    if config.model.next_obs_loss is False and not config.env.is_meta_world:
+        raise ConfigError(f"model.next_obs_loss = false: {config.env.name}'s beam search needs the next-cell "
+                          "prediction: drop it (--set model.next_obs_loss=null)")
+    if (config.env.is_meta_world and "plan" in config.eval.modes and config.plan_depth > 1
+            and not config.next_obs_loss):
+        raise ConfigError(f"plan.depth = {config.plan_depth}: continuous search deeper than 1 step rolls on through "
+                          "predicted next observations, which needs --set model.next_obs_loss=true (or "
+                          "--set plan.depth=1, the paper's)")
     if config.collect.algorithm == "sac" and not config.env.is_meta_world:
         raise ConfigError("collect.algorithm = 'sac' needs a continuous-action env (Meta-World); "
                           f"{config.env.name} is discrete: use --set collect.algorithm=ppo")

@@ -48,7 +48,7 @@ from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
 from dicp_ray.idt import IDTAgent
 from dicp_ray.model import load_checkpoint
 from dicp_ray.plan import (Context, PlannerSettings, plan_continuous, plan_discrete, sample_policy_action,
-                           should_plan)
+                           should_plan, should_plan_continuous)
 from dicp_ray.runtime import init_ray, provenance, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def _rollout_continuous(model, env, num_episodes: int, mode: str, settings: Plan
             start = max(0, step - (k - 1))
             context = hist.map(lambda x: x[:, start:step])
             query = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            if mode == "plan" and should_plan(settings, k, step - start, t, horizon):
+            if mode == "plan" and should_plan_continuous(settings, k, step, t, horizon):
                 action = plan_continuous(model, context, query, settings, generator)
                 num_planned += num_tasks
             else:

@@ -218,6 +218,7 @@ class IDTTransformer(nn.Module):
         self.head_action = nn.Linear(E, A if spec.discrete_actions else 2 * A)   # logits | (mean, log_std)
         if spec.world_model:
             self.head_reward = nn.Linear(E, spec.reward_classes or 1)
+        if spec.has_next_obs_head:
             self.head_next_obs = nn.Linear(E, spec.num_obs_classes or D)
         self.apply(DICPTransformer._init_weights)
         for name, p in self.named_parameters():  # as DICPTransformer: shrink residual projections with depth

@@ -79,7 +79,8 @@ import torch
 
 from dicp_ray.envs.meta_world_tasks import HORIZON, VARIATIONS_PER_TYPE, num_tasks, num_train_tasks
 from dicp_ray.idt import IDTAgent
-from dicp_ray.plan import Context, PlannerSettings, plan_continuous, sample_policy_action, should_plan
+from dicp_ray.plan import (Context, PlannerSettings, plan_continuous, sample_policy_action, should_plan,
+                           should_plan_continuous)
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class _History:
         self.reward = np.zeros((num_envs, cap), np.float32)
         self.next_obs = np.zeros((num_envs, cap, obs_dim), np.float32)
         self.length = np.zeros(num_envs, np.int64)
+        self.total = np.zeros(num_envs, np.int64)          # transitions ever appended (uncapped): planning start
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return self.obs, self.action, self.reward, self.next_obs
@@ -118,6 +120,7 @@ class _History:
         for a, v in zip(self.arrays(), values):
             a[i, self.length[i]] = v
         self.length[i] += 1
+        self.total[i] += 1
 
     def num_ctx(self) -> np.ndarray:
         """(N,) transitions each env's context holds now: min(length, k-1)."""
@@ -136,11 +139,12 @@ class _History:
         out = object.__new__(_History)
         out.window = self.window
         out.obs, out.action, out.reward, out.next_obs = (a.copy() for a in self.arrays())
-        out.length = self.length.copy()
+        out.length, out.total = self.length.copy(), self.total.copy()
         return out
 
     def restore_rows(self, source: "_History", rows: np.ndarray) -> None:
-        for mine, theirs in zip((*self.arrays(), self.length), (*source.arrays(), source.length)):
+        for mine, theirs in zip((*self.arrays(), self.length, self.total),
+                                (*source.arrays(), source.length, source.total)):
             mine[rows] = theirs[rows]
 
 
@@ -186,7 +190,7 @@ class MetaWorldAgent:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not known: choose one of {', '.join(MODES)}")
         self.has_reward_head = bool(spec.world_model and spec.reward_classes is None)
-        self.has_next_obs_head = bool(spec.world_model and spec.num_obs_classes is None)
+        self.has_next_obs_head = bool(spec.has_next_obs_head and spec.num_obs_classes is None)
         if mode == "plan" and not self.has_reward_head:
             raise ValueError("mode 'plan' needs a world model with a reward regression head; this model has "
                              f"world_model={spec.world_model}: use mode 'policy'")
@@ -267,8 +271,8 @@ class MetaWorldAgent:
             hist.append(i, (self._p_obs[i], self._p_action[i], self._p_reward[i], obs[i]))
         self._pending[:] = False
         num_ctx = hist.num_ctx()
-        plan = [self.mode == "plan" and should_plan(self.settings, self.k, int(n), int(t), self.horizon)
-                for n, t in zip(num_ctx, self._t)]
+        plan = [self.mode == "plan" and should_plan_continuous(self.settings, self.k, int(n), int(t), self.horizon)
+                for n, t in zip(hist.total, self._t)]
         actions = np.zeros((len(obs), self.act_dim), np.float32)
         rewards = np.zeros(len(obs), np.float32)
         for (_, planned), rows in _groups([(int(n), p) for n, p in zip(num_ctx, plan)]):

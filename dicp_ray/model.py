@@ -10,7 +10,10 @@ What it is
 
 How it is used
     Training calls ``model(batch, targets)`` and gets ``(preds, losses)``; ``losses["loss"]`` is
-    ``loss_action + world_model_weight * (loss_reward + loss_next_obs)``.
+    ``loss_action + world_model_weight * (loss_reward + loss_next_obs)`` (no ``loss_next_obs`` and no
+    next-observation head with ``spec.next_obs_loss=False``, the release's Meta-World models). A Gaussian
+    action loss is averaged over the action dimensions (``spec.action_nll="mean"``) as the release's
+    ``GaussianNLLLoss(full=True, reduction="mean")``.
     The planner uses the lower-level pieces that ``forward`` itself is built from::
 
         ctx = model.embed_transitions(obs, act, rew, next_obs)   # (B, T, E)
@@ -79,6 +82,9 @@ class ModelSpec:
                                         # attention bias, normal(0.02) init; "release": the release's TinyLlama
                                         # blocks (no final norm, dropout on each sublayer's input before its norm,
                                         # attention bias, PyTorch default init)
+    # Loss (issue #14). Checkpoints written before these fields existed load with _LEGACY_SPEC (old behaviour).
+    next_obs_loss: bool = True          # world model: a next-observation head, trained (False: no such head)
+    action_nll: str = "mean"            # Gaussian action NLL over action dims: "mean" (release) | "sum" (old)
 
     def __post_init__(self):
         if self.layout not in ("ad", "dpt", "idt"):
@@ -100,6 +106,11 @@ class ModelSpec:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.reward_max > 0 or not self.obs_scale > 0 or not self.return_scale > 0:
             raise ValueError("reward_max, obs_scale and return_scale must be > 0")
+        if self.action_nll not in ("mean", "sum"):
+            raise ValueError(f"action_nll must be 'mean' or 'sum', got {self.action_nll!r}")
+        if not self.next_obs_loss and self.num_obs_classes:
+            raise ValueError("next_obs_loss=False is for regression observations (num_obs_classes=None): the "
+                             "grid worlds' beam search needs the next-cell head")
         if self.return_target is not None and not math.isfinite(self.return_target):
             raise ValueError(f"return_target must be None or finite, got {self.return_target!r}")
         if self.obs_embedding not in ("linear", "cell", "transition"):
@@ -128,6 +139,15 @@ class ModelSpec:
     @property
     def action_in_dim(self) -> int:
         return self.num_actions  # one-hot width (discrete) == action dim (continuous)
+
+    @property
+    def has_next_obs_head(self) -> bool:
+        """The world model predicts next observations (planning deeper than one step needs them)."""
+        return self.world_model and self.next_obs_loss
+
+
+# Values that ModelSpec fields added later had in every checkpoint written before them (load_checkpoint).
+_LEGACY_SPEC = {"next_obs_loss": True, "action_nll": "sum"}
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -255,6 +275,7 @@ class DICPTransformer(nn.Module):
         self.head_action = nn.Linear(E, A if spec.discrete_actions else 2 * A)  # logits | (mean, log_std)
         if spec.world_model:
             self.head_reward = nn.Linear(E, spec.reward_classes or 1)
+        if spec.has_next_obs_head:
             self.head_next_obs = nn.Linear(E, spec.num_obs_classes or D)
         if gpt2:  # "release" keeps PyTorch's default init, as the release does
             self.apply(self._init_weights)
@@ -378,6 +399,9 @@ class DICPTransformer(nn.Module):
 
     def next_obs_head(self, h: torch.Tensor) -> torch.Tensor:
         """(..., E) -> logits (..., num_obs_classes), or next observation (..., D) for regression."""
+        if not self.spec.has_next_obs_head:
+            raise RuntimeError("this model has no next-observation head (spec.next_obs_loss=False or no world "
+                               "model): it predicts rewards only")
         return self.head_next_obs(h)
 
     def predict(self, h: torch.Tensor) -> dict:
@@ -393,8 +417,10 @@ class DICPTransformer(nn.Module):
     def _world_preds(self, h: torch.Tensor) -> dict:
         if not self.spec.world_model:
             return {}
-        return {"reward_logits" if self.spec.reward_classes else "reward": self.reward_head(h),
-                "next_obs_logits" if self.spec.num_obs_classes else "next_obs": self.next_obs_head(h)}
+        preds = {"reward_logits" if self.spec.reward_classes else "reward": self.reward_head(h)}
+        if self.spec.has_next_obs_head:
+            preds["next_obs_logits" if self.spec.num_obs_classes else "next_obs"] = self.next_obs_head(h)
+        return preds
 
     # -- training forward ------------------------------------------------------
     def forward(self, batch: dict, targets: dict | None = None, world_model_weight: float = 1.0):
@@ -420,7 +446,7 @@ class DICPTransformer(nn.Module):
                                                               targets["target_action"])
         else:
             losses["loss_action"] = _gaussian_nll(preds["action_mean"], preds["action_log_std"],
-                                                  targets["target_action"])
+                                                  targets["target_action"], spec.action_nll)
         loss = losses["loss_action"]
         if spec.world_model:
             if spec.reward_classes:
@@ -429,14 +455,17 @@ class DICPTransformer(nn.Module):
             else:
                 target = targets["target_reward"].to(preds["reward"].dtype).clamp(0.0, spec.reward_max)
                 losses["loss_reward"] = F.mse_loss(preds["reward"], target)  # reported in reward units
+            reward_weight = 1.0 if spec.reward_classes else spec.reward_loss_weight
+            world = reward_weight * losses["loss_reward"]
             if spec.num_obs_classes:
                 losses["loss_next_obs"], losses["acc_next_obs"] = _ce(preds["next_obs_logits"],
                                                                       targets["target_next_obs"])
-            else:
+                world = world + losses["loss_next_obs"]
+            elif spec.next_obs_loss:
                 target = targets["target_next_obs"].to(preds["next_obs"].dtype)
                 losses["loss_next_obs"] = F.mse_loss(preds["next_obs"], target)
-            reward_weight = 1.0 if spec.reward_classes else spec.reward_loss_weight
-            loss = loss + world_model_weight * (reward_weight * losses["loss_reward"] + losses["loss_next_obs"])
+                world = world + losses["loss_next_obs"]
+            loss = loss + world_model_weight * world
         losses["loss"] = loss
         return losses
 
@@ -451,11 +480,15 @@ def _ce(logits: torch.Tensor, target: torch.Tensor):
     return loss, acc
 
 
-def _gaussian_nll(mean, log_std, target):
-    """-log N(target | mean, exp(log_std)^2), summed over action dims, averaged over the rest."""
+def _gaussian_nll(mean, log_std, target, reduction: str = "mean"):
+    """-log N(target | mean, exp(log_std)^2) per action dimension, then "mean": averaged over everything,
+    the release's ``GaussianNLLLoss(full=True, reduction="mean")`` (release:metaworld/model/ad.py:34; its
+    variance floor 1e-6 never binds here, log_std >= -5 gives var >= 4.5e-5), or "sum": summed over the action
+    dims and averaged over the rest (dicp_ray before issue #14: action_dim times the mean, so a quarter of the
+    release's reward weight relative to the action loss with 4 action dims)."""
     z = (target.to(mean.dtype) - mean) * torch.exp(-log_std)
     nll = 0.5 * z.pow(2) + log_std + 0.5 * math.log(2 * math.pi)
-    return nll.sum(-1).mean()
+    return nll.mean() if reduction == "mean" else nll.sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------- utilities
@@ -521,6 +554,7 @@ def load_checkpoint(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     if not isinstance(raw_spec, dict) or set(raw_spec) - known:
         raise ValueError(f"{path}: model_spec is missing or has unknown fields "
                          f"{sorted(set(raw_spec or {}) - known)}")
+    raw_spec = {**_LEGACY_SPEC, **raw_spec}  # fields a checkpoint predates: the behaviour it was trained with
     try:
         model = build_model(ModelSpec(**raw_spec))
         model.load_state_dict(payload["state_dict"])

@@ -93,6 +93,17 @@ def should_plan(settings: PlannerSettings, context_len: int, num_ctx: int, step:
     return num_ctx >= context_len - 1 and (not settings.second_half_only or step >= horizon // 2)
 
 
+def should_plan_continuous(settings: PlannerSettings, context_len: int, steps_done: int, step: int,
+                           horizon: int) -> bool:
+    """The release's rule for continuous AD (``release:metaworld/model/ad.py:113``: ``step >= n_transit and
+    position > beam_start``, beam_start = 50, position = step % horizon): plan once ``steps_done`` >= k real
+    steps precede this decision (uncapped, unlike the context, which holds at most k-1 of them: so the window
+    was already full one step earlier; with k = E * horizon, from the first step of episode E + 1 on), and
+    with ``second_half_only`` only at within-episode steps ``step`` > horizon // 2 (51..99 of 0..99 at horizon
+    100: 49 planned steps per episode). The release always plans in the second half only."""
+    return steps_done >= context_len and (not settings.second_half_only or step > horizon // 2)
+
+
 # ----------------------------------------------------------------------------- shared helpers
 def _prepare(model, context, query_obs) -> tuple[Context, Tensor]:
     """Normalise inputs: Context (or dict) on the model's device/dtype, keeping at most k-1 transitions."""
@@ -317,17 +328,19 @@ def plan_continuous(model, context, query_obs: Tensor, settings: PlannerSettings
                     generator: torch.Generator | None) -> Tensor:
     """Sampled greedy search: policy mean + (L-1) policy samples, scored by predicted reward -> (B, A).
 
-    depth 1 (the paper) scores each candidate by the reward predicted at its query-action token;
-    depth H > 1 (an extension; needs a next-observation regression head) adds the rewards of rolling
-    each candidate H-1 steps further with the policy mean. Ties go to the policy mean (candidate 0).
+    depth 1 (the paper) scores each candidate by the reward predicted at its query-action token and needs
+    no next-observation head (the release's Meta-World models have none: ``spec.next_obs_loss=False``);
+    depth H > 1 (an extension; needs a next-observation regression head, ``model.next_obs_loss: true``) adds
+    the rewards of rolling each candidate H-1 steps further with the policy mean. Ties go to the policy mean
+    (candidate 0).
     """
     spec = model.spec
     if spec.discrete_actions or not spec.world_model or spec.reward_classes or spec.layout != "ad":
         raise ValueError("plan_continuous needs an 'ad' continuous-action world model with a regression "
                          f"reward head; got {spec}")
-    if settings.depth > 1 and spec.num_obs_classes:
-        raise ValueError("continuous depth > 1 needs a next-observation regression head "
-                         "(num_obs_classes=None)")
+    if settings.depth > 1 and (spec.num_obs_classes or not spec.has_next_obs_head):
+        raise ValueError("continuous depth > 1 needs a next-observation regression head (num_obs_classes=None, "
+                         "next_obs_loss=True: train with --set model.next_obs_loss=true), or plan at depth 1")
     context, query_obs = _prepare(model, context, query_obs)
     B, L, A = query_obs.shape[0], settings.num_samples, spec.num_actions
     if settings.use_cache:
@@ -343,7 +356,7 @@ def plan_continuous(model, context, query_obs: Tensor, settings: PlannerSettings
     ctx_rep = context.map(lambda t: t.repeat_interleave(L, dim=0))               # (B*L, T, ...)
     if settings.use_cache:
         h = model.encode(model.embed_query_action(flat), cache.expand(L))[0][:, -1]   # (B*L, E)
-        reward, next_obs = model.reward_head(h), None if spec.num_obs_classes else model.next_obs_head(h)
+        reward, next_obs = model.reward_head(h), model.next_obs_head(h) if settings.depth > 1 else None
     else:
         preds, _ = model(ctx_rep.as_batch(q_rep, flat))
         reward, next_obs = preds["reward"], preds.get("next_obs")
@@ -373,5 +386,5 @@ def _rollout_mean_policy(model, context: Context, imagined: Context, steps: int)
     return total
 
 
-__all__ = ["PlannerSettings", "Context", "should_plan", "sample_policy_action", "plan_discrete",
-           "plan_continuous"]
+__all__ = ["PlannerSettings", "Context", "should_plan", "should_plan_continuous", "sample_policy_action",
+           "plan_discrete", "plan_continuous"]

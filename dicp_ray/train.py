@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicp_ray.config import ConfigError, ExperimentConfig, TrainConfig
+from dicp_ray.config import META_WORLD_ENVS, ConfigError, ExperimentConfig, TrainConfig
 from dicp_ray.envs import GRID_SIZE, GRID_SPECS, cell_index, split_tasks
 from dicp_ray.idt import EpisodeWindowSampler, best_episode_return, relabel_windows
 from dicp_ray.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
@@ -87,7 +87,8 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
                          reward_classes=None, reward_max=reward_max, context_len=config.context_len,
                          num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
                          dropout=m.dropout, attn_dropout=m.attn_dropout, obs_scale=1.0,
-                         reward_loss_weight=m.reward_loss_weight, **idt, **token_choices(config))
+                         reward_loss_weight=m.reward_loss_weight, next_obs_loss=config.next_obs_loss,
+                         action_nll="mean", **idt, **token_choices(config))
     grid = GRID_SPECS[config.env.name]
     idt = {"return_scale": 1.0 / grid.horizon} if m.variant == "idt" else {}  # returns-to-go -> [0, 1]
     tokens = token_choices(config)
@@ -245,6 +246,9 @@ def run_identity(config_dict: dict[str, Any], split_seed: int, dataset_id: str) 
         picked["env"].pop("task", None)
     if picked["model"].get("reward_loss_weight", 1.0) == 1.0:  # the default keeps older runs' identities
         picked["model"].pop("reward_loss_weight", None)
+    next_obs_loss = picked["model"].pop("next_obs_loss", None)  # grid worlds: always on, identities as before
+    if config_dict["env"]["name"] in META_WORLD_ENVS:  # issue #14 changed the continuous loss: refuse older runs
+        picked["model"].update(next_obs_loss=bool(next_obs_loss), action_nll="mean")
     return json.loads(json.dumps({**picked, "split_seed": split_seed, "dataset_id": dataset_id}))
 
 

@@ -72,23 +72,25 @@ def tiny_meta_world_dataset(tmp_path_factory):
 
 
 def _train_tiny_meta_world(dataset: str, root, variant: str) -> dict:
-    """{"world_model": path, "no_world_model": path}: tune_configs/ml1_smoke.yaml's model (2-episode context),
-    20 steps of `train_in_process` on `dataset` with model.variant = `variant`."""
+    """{"world_model": path, "no_world_model": path, "world_model_next_obs": path}: tune_configs/ml1_smoke.yaml's
+    model (2-episode context), 20 steps of `train_in_process` on `dataset` with model.variant = `variant`; the
+    world models predict rewards only (Meta-World's default) or also next observations (model.next_obs_loss)."""
     from dicp_ray.config import load_config
     from dicp_ray.train import train_in_process
 
     paths = {}
-    for key, world_model in (("world_model", "true"), ("no_world_model", "false")):
+    for key, world_model, next_obs in (("world_model", "true", "null"), ("no_world_model", "false", "null"),
+                                       ("world_model_next_obs", "true", "true")):
         config = load_config(Path(__file__).resolve().parents[1] / "tune_configs" / "ml1_smoke.yaml",
                              ["train.num_steps=20", f"model.world_model={world_model}", "eval.modes=[policy]",
-                              f"model.variant={variant}"])
+                              f"model.variant={variant}", f"model.next_obs_loss={next_obs}"])
         paths[key] = train_in_process(config, dataset, str(root / key), split_seed=0, device="cpu")
     return paths
 
 
 @pytest.fixture(scope="session")
 def tiny_meta_world_checkpoints(tmp_path_factory, tiny_meta_world_dataset):
-    """{"world_model": path, "no_world_model": path}: two tiny ML1 reach-v3 AD checkpoints (tune_configs/
+    """{"world_model": path, "no_world_model": path, "world_model_next_obs": path}: tiny ML1 reach-v3 AD (tune_configs/
     ml1_smoke.yaml's model, 20 steps) trained in process, without Ray or RLlib, on `tiny_meta_world_dataset`
     (random-policy histories of train tasks 0 and 1, 1 stream x 2 episodes each). Seconds on one core."""
     return _train_tiny_meta_world(tiny_meta_world_dataset, tmp_path_factory.mktemp("tiny_meta_world"), "ad")
@@ -96,7 +98,7 @@ def tiny_meta_world_checkpoints(tmp_path_factory, tiny_meta_world_dataset):
 
 @pytest.fixture(scope="session")
 def tiny_meta_world_idt_checkpoints(tmp_path_factory, tiny_meta_world_dataset):
-    """The same as `tiny_meta_world_checkpoints` with model.variant=idt: two tiny continuous IDT checkpoints
+    """The same as `tiny_meta_world_checkpoints` with model.variant=idt: tiny continuous IDT checkpoints
     (1 layer per module, block length 10, context of 2 episodes = 200 steps; return target = the best episode
     return of the dataset)."""
     return _train_tiny_meta_world(tiny_meta_world_dataset, tmp_path_factory.mktemp("tiny_meta_world_idt"), "idt")

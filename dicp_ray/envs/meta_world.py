@@ -22,10 +22,16 @@ Observation (the paper's): hand xyz, gripper opening, then position (3) + quater
 11 dims with one object, 18 with two. The count is read from the environment (``_get_pos_objects``),
 not from a list: among the 50 v3 tasks only hammer, stick-push and stick-pull have a second object, and
 all 15 ML10 task types have one (ML10 is 11-dim). The goal is hidden (Meta-World zeroes it in ML mode; we
-drop those dims and the frame-stacked previous observation). Actions are ``Box(-1, 1, (4,), float32)``;
-each action is cast to float32 and clipped before stepping and returned as ``info["action"]``, so a
-recorder stores the action actually executed. ``info["success"]`` is a float (0.0 / 1.0). Episodes
-never terminate (success does not end them) and truncate at step 100 (Meta-World's own limit is 500).
+drop those dims and the frame-stacked previous observation). ``observation="full"`` returns Meta-World's
+own 39 numbers instead (current frame 18, previous frame 18, zeroed goal 3; at a reset the previous frame
+is the current one): what the authors' source learners see (``release:metaworld/collect_data.py:59``, no
+observation wrapper). Collection feeds it to the source PPO / SAC with ``collect.source_obs: full`` and
+records the first ``obs_dim`` numbers, which are exactly the model observation.
+
+Actions are ``Box(-1, 1, (4,), float32)``; each action is cast to float32 and clipped before stepping and
+returned as ``info["action"]``, so a recorder stores the action actually executed. ``info["success"]`` is
+a float (0.0 / 1.0). Episodes never terminate (success does not end them) and truncate at step 100
+(Meta-World's own limit is 500).
 
 Seeding traps in metaworld 3.1.1 (1, 2 and 4 are checked by tests/unit/test_meta_world_envs.py):
 
@@ -125,18 +131,22 @@ class MetaWorldEnv(gym.Env):
     """
 
     ENV_NAME = ""
+    OBSERVATIONS = ("model", "full")
     metadata = {"render_modes": []}
 
     def __init__(self, task_id: int, task: str | None = None, horizon: int = HORIZON,
                  full_info: bool = False, render_mode: str | None = None,
-                 share_model_with: MetaWorldEnv | None = None):
+                 share_model_with: MetaWorldEnv | None = None, observation: str = "model"):
         """``share_model_with``: another env of the same benchmark and task id whose MuJoCo model this one
-        reuses instead of compiling its own (see the module docstring; ``MetaWorldVectorEnv`` does this)."""
+        reuses instead of compiling its own (see the module docstring; ``MetaWorldVectorEnv`` does this).
+        ``observation``: "model" (the paper's 11 / 18 dims) or "full" (Meta-World's 39, module docstring)."""
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
         if render_mode is not None:
             raise ValueError(f"these Meta-World envs run headless: render_mode must be None, not "
                              f"{render_mode!r}")
+        if observation not in self.OBSERVATIONS:
+            raise ValueError(f"observation must be one of {self.OBSERVATIONS}, got {observation!r}")
         self.task = check_task_arg(self.ENV_NAME, task)
         self.task_id = check_int(task_id, f"{self.ENV_NAME} task id")
         self.split_seed, self.index = decode_task_id(self.ENV_NAME, self.task_id)
@@ -157,7 +167,13 @@ class MetaWorldEnv(gym.Env):
         self.meta_world_env = env_class()
         self.meta_world_env.set_task(mw_task)
         self.obs_dim = observation_dim(self.ENV_NAME, self.task)
-        self.observation_space = _observation_space(self.obs_dim)
+        self.observation = observation
+        if observation == "full":
+            full = self.meta_world_env.observation_space
+            self.observation_space = spaces.Box(full.low.astype(np.float32), full.high.astype(np.float32),
+                                                dtype=np.float32)
+        else:
+            self.observation_space = _observation_space(self.obs_dim)
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         self.full_info = bool(full_info)
         self.render_mode = None
@@ -196,7 +212,7 @@ class MetaWorldEnv(gym.Env):
         return self._observe(raw), float(reward), False, truncated, info
 
     def _observe(self, raw: np.ndarray) -> np.ndarray:
-        return raw[:self.obs_dim].astype(np.float32)
+        return (raw if self.observation == "full" else raw[:self.obs_dim]).astype(np.float32)
 
     def close(self) -> None:
         self.meta_world_env.close()
@@ -209,7 +225,7 @@ class MetaWorldVectorEnv(SyncVectorEnv):
     ``SyncVectorEnv`` with NEXT_STEP autoreset; its per-step overhead is ~0-3% of the MuJoCo step
     (benchmarks/bench_meta_world.py), so a hand-batched env would not pay. Streams of the same task id
     share one MuJoCo model unless ``share_model=False`` (module docstring). Infos are batched:
-    ``success (N,)``, ``action (N, 4)``.
+    ``success (N,)``, ``action (N, 4)``. ``observation``: "model" or "full", as for `MetaWorldEnv`.
     """
 
     ENV_NAME = ""
@@ -218,7 +234,7 @@ class MetaWorldVectorEnv(SyncVectorEnv):
     def __init__(self, num_envs: int | None = None, task_id: int | None = None, task_ids: Any = None,
                  task: str | None = None, horizon: int = HORIZON, full_info: bool = False,
                  share_model: bool = True, max_episode_steps: int | None = None,
-                 render_mode: str | None = None):
+                 render_mode: str | None = None, observation: str = "model"):
         if (task_ids is None) == (task_id is None):
             raise ValueError("pass exactly one of task_ids (one per env) or task_id (shared by all envs)")
         if max_episode_steps not in (None, horizon):
@@ -235,7 +251,7 @@ class MetaWorldVectorEnv(SyncVectorEnv):
 
         def make_stream(task_id: int) -> MetaWorldEnv:
             env = self.SINGLE_ENV(task_id, task=task, horizon=horizon, full_info=full_info,
-                                  render_mode=render_mode,
+                                  render_mode=render_mode, observation=observation,
                                   share_model_with=first_of_task.get(task_id) if share_model else None)
             first_of_task.setdefault(task_id, env)
             return env
@@ -244,7 +260,8 @@ class MetaWorldVectorEnv(SyncVectorEnv):
         super().__init__([functools.partial(make_stream, t) for t in self.task_ids],
                          autoreset_mode=AutoresetMode.NEXT_STEP)
         self.horizon = horizon
-        self.obs_dim = int(self.single_observation_space.shape[0])
+        self.obs_dim = observation_dim(self.ENV_NAME, task)     # the model view's size, whatever is observed
+        self.observation = observation
 
 
 class ML1Env(MetaWorldEnv):

@@ -18,7 +18,7 @@ import torch
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
 from dicp_ray import data
 from dicp_ray.collect import build_learner_config, collect_histories, collection_task_ids, data_fingerprint
-from dicp_ray.config import config_from_dict, load_config
+from dicp_ray.config import ConfigError, config_from_dict, load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Overriding environment rllib-single-agent-env-v0")
 
@@ -124,3 +124,51 @@ def test_fingerprints_of_grid_datasets_are_unchanged_and_meta_world_ones_distinc
     push = config_from_dict({**TINY, "env": {**TINY["env"], "task": "push-v3"}})
     assert len({data_fingerprint(reach), data_fingerprint(push), data_fingerprint(sac)}) == 3
     assert data_fingerprint(tiny_config(sac_batch_size=64)) == data_fingerprint(reach)   # SAC keys: SAC only
+
+
+def test_the_learner_sees_metaworlds_39_dims_and_the_history_keeps_the_model_view(ray_local):
+    # Release: PPO / SAC observe the raw 39-dim obs (release:metaworld/collect_data.py:59) and the history stores
+    # the state part (release:metaworld/alg/utils.py:25). Ours: the learner sees the same 39 numbers (current 18,
+    # previous frame 18, zeroed goal 3), the recorder keeps the first 11 (the model observation).
+    from dicp_ray.collect import _EPISODES_ATTR
+
+    assert tiny_config().collect.source_obs == "full"                       # the release's is the default
+    for algorithm in ("ppo", "sac"):
+        algo = build_learner_config(tiny_config(algorithm=algorithm), task_id=0).build_algo()
+        try:
+            runner = algo.env_runner
+            assert runner.env.single_observation_space.shape == (39,)
+            first = next(m for m in runner.module.modules() if isinstance(m, torch.nn.Linear))
+            assert first.in_features == 39                                  # the policy's input layer
+            seen = [ep for ep in runner.sample(num_timesteps=STREAMS * 100) if ep.is_done]
+            recorded = runner.__dict__[_EPISODES_ATTR]
+            assert len(seen) == len(recorded) == STREAMS
+            for episode, (_, record) in zip(seen, recorded):
+                obs = np.asarray(episode.get_observations(), np.float32)   # (101, 39): what the learner saw
+                assert obs.shape == (101, 39)
+                np.testing.assert_array_equal(obs[1:, 18:36], obs[:-1, :18])   # the previous frame
+                np.testing.assert_array_equal(obs[0, 18:36], obs[0, :18])      # a reset repeats the frame
+                assert np.all(obs[:, 36:] == 0) and np.all(obs[:, 11:18] == 0)  # hidden goal, no 2nd object
+                assert record["obs"].shape == record["next_obs"].shape == (100, 11)
+                np.testing.assert_array_equal(record["obs"], obs[:-1, :11])
+                np.testing.assert_array_equal(record["next_obs"], obs[1:, :11])
+        finally:
+            algo.stop()
+    model_view = build_learner_config(tiny_config(source_obs="model"), task_id=0).build_algo()
+    try:
+        assert model_view.env_runner.env.single_observation_space.shape == (11,)
+    finally:
+        model_view.stop()
+
+
+def test_source_obs_is_part_of_the_meta_world_fingerprint_only():
+    full, model = tiny_config(), tiny_config(source_obs="model")
+    assert data_fingerprint(full) != data_fingerprint(model)
+    # `model` is what every Meta-World dataset was before the key existed: their fingerprints (computed with the
+    # code before it) still match, so they resume under source_obs: model and are refused under the default.
+    assert (data_fingerprint(model), data_fingerprint(tiny_config(source_obs="model", algorithm="sac"))) == (
+        "b482af240230369c", "5a1a7dd2d9f665d5")
+    grid = load_config("tune_configs/smoke.yaml", ["collect.source_obs=model"])
+    assert data_fingerprint(grid) == data_fingerprint(load_config("tune_configs/smoke.yaml"))
+    with pytest.raises(ConfigError, match="collect.source_obs"):
+        tiny_config(source_obs="raw")

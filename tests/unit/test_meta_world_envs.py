@@ -57,6 +57,29 @@ def test_observation_has_11_dims_for_one_object_and_18_for_two():
     assert np.any(hammer.reset()[0][11:14] != 0)                 # hammer's second object (the nail) is there
 
 
+@pytest.mark.parametrize("task, dim", [("reach-v3", 11), ("hammer-v3", 18)])
+def test_full_observation_is_metaworlds_39_numbers_with_the_previous_frame(task, dim):
+    # What the release's source learners see (release:metaworld/collect_data.py:59): the model view is its head.
+    full, model = make(2, task, observation="full"), make(2, task)
+    first = full.reset(seed=0)[0]
+    assert first.shape == full.observation_space.shape == (39,) and first.dtype == np.float32
+    np.testing.assert_array_equal(first[18:36], first[:18])               # a reset repeats the frame
+    np.testing.assert_array_equal(first[:dim], model.reset(seed=0)[0])
+    previous = first
+    for action in RNG_ACTIONS[:20]:
+        obs, reward, _, _, info = full.step(action)
+        model_obs, model_reward, _, _, model_info = model.step(action)
+        assert full.observation_space.contains(obs)
+        np.testing.assert_array_equal(obs[18:36], previous[:18])          # the previous frame: velocities
+        np.testing.assert_array_equal(obs[:dim], model_obs)                # the model observation, exactly
+        assert np.all(obs[36:] == 0) and (reward, info["success"]) == (model_reward, model_info["success"])
+        previous = obs
+    venv = M.ML1VectorEnv(num_envs=2, task_id=2, task=task, observation="full")
+    assert venv.reset(seed=0)[0].shape == (2, 39) and venv.obs_dim == dim
+    with pytest.raises(ValueError, match="observation must be one of"):
+        make(2, task, observation="raw")
+
+
 def test_step_info_action_clipping_and_truncation_at_100():
     env = make(3)
     env.reset(seed=1)

@@ -83,7 +83,7 @@ class RecordingAgent(MWE.MetaWorldAgent):
         super().step(timestep)
 
 
-@pytest.mark.parametrize("key", ["world_model", "no_world_model"])
+@pytest.mark.parametrize("key", ["world_model", "no_world_model", "world_model_next_obs"])
 def test_adaptation_context_equals_what_our_env_records(key, tiny_meta_world_checkpoints, one_thread):
     from metaworld.evaluation import metalearning_evaluation
 
@@ -112,8 +112,10 @@ def test_adaptation_context_equals_what_our_env_records(key, tiny_meta_world_che
                 np.testing.assert_array_equal(ctx["next_obs"][t], next_obs)
                 obs = next_obs
                 continue
-            # Episode end: Meta-World gives the agent the reset obs, not the final one.
-            if model.spec.world_model:
+            # Episode end: Meta-World gives the agent the reset obs, not the final one. A world model that
+            # predicts next observations stores its prediction; the others (Meta-World's default) the obs again.
+            assert agent.has_next_obs_head == (key == "world_model_next_obs")
+            if agent.has_next_obs_head:
                 past = Context(*(torch.as_tensor(ctx[c][None, :t]) for c in ("obs", "action", "reward",
                                                                             "next_obs")))
                 _, predicted = agent._world(past, torch.as_tensor(ctx["obs"][None, t]),
@@ -229,37 +231,35 @@ def adapt_on_reach(agent, steps: int, horizon: int) -> tuple[int, list, list]:
 
 @pytest.mark.parametrize("mode,second_half", [("policy", False), ("plan", False), ("plan", True)])
 def test_agent_acts_exactly_like_rollout_continuous(mode, second_half, tiny_meta_world_checkpoints, one_thread):
-    """One 240-step episode (k-1 = 199, so planning starts at step 199 / 120) on the same goal with the same
-    seed: Meta-World's env driven through the agent and our env driven by evaluate._rollout_continuous
-    execute identical actions."""
+    """Two 150-step episodes (k = 200) on the same goal with the same seed: Meta-World's env driven through the
+    agent and our env driven by evaluate._rollout_continuous execute identical actions, planned where the
+    release plans (release:metaworld/model/ad.py:113)."""
     import gymnasium
 
     from dicp_ray.envs import meta_world
     from dicp_ray.evaluate import _rollout_continuous
 
-    model, steps = load(tiny_meta_world_checkpoints["world_model"]), 240
+    model, horizon, steps = load(tiny_meta_world_checkpoints["world_model"]), 150, 300
     settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
-    agent = MWE.MetaWorldAgent(model, mode=mode, settings=settings, horizon=steps, seed=7)
-    task_id, mw_actions, planned = adapt_on_reach(agent, steps, horizon=steps)
-    first_plan = 199 if not second_half else max(199, steps // 2)
-    assert planned == [mode == "plan" and t >= first_plan for t in range(steps)]
+    agent = MWE.MetaWorldAgent(model, mode=mode, settings=settings, horizon=horizon, seed=7)
+    task_id, mw_actions, planned = adapt_on_reach(agent, steps, horizon=horizon)
+    # The release's rule, restated: global step >= n_transit (k) and, in the second half, position > horizon / 2.
+    k = model.spec.context_len
+    assert planned == [mode == "plan" and t >= k and (not second_half or t % horizon > horizon // 2)
+                       for t in range(steps)]
+    assert sum(planned) == {"policy": 0, "plan": 74 if second_half else 100}[mode]   # steps 226.. / 200..
 
-    class Recorder:                                    # our vector env, keeping the executed actions
-        def __init__(self, env):
-            self.env, self.num_envs, self.horizon, self.actions = env, env.num_envs, env.horizon, []
-
-        def reset(self):
-            return self.env.reset()
-
-        def step(self, action):
-            out = self.env.step(action)
-            self.actions.append(out[4]["action"][0])
-            return out
-
-    ours = Recorder(gymnasium.make_vec(meta_world.env_id("ML1"), num_envs=1, vectorization_mode="vector_entry_point",
-                                       task_ids=[task_id], task="reach-v3", horizon=steps))
+    # Our env, whose first episode ends at the next observation the adapter stored (Meta-World never shows it
+    # the true final one: with no next-observation head, its own observation again).
+    stored = agent.context(0)                          # the last k-1 of the `steps` stored transitions
+    end = horizon - 1 - (steps - len(stored["obs"]))
+    np.testing.assert_array_equal(stored["next_obs"][end], stored["obs"][end])
+    ours = FinalObsRecorder(gymnasium.make_vec(meta_world.env_id("ML1"), num_envs=1,
+                                               vectorization_mode="vector_entry_point", task_ids=[task_id],
+                                               task="reach-v3", horizon=horizon),
+                            final_obs={horizon - 1: stored["next_obs"][end]})
     with torch.no_grad():
-        _, _, num_planned = _rollout_continuous(model, ours, 1, mode, settings,
+        _, _, num_planned = _rollout_continuous(model, ours, steps // horizon, mode, settings,
                                                 torch.Generator().manual_seed(7), torch.device("cpu"), "t")
     ours.env.close()
     assert num_planned == agent.num_planned == sum(planned)
