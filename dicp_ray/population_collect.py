@@ -89,7 +89,7 @@ def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir:
     from dicp_ray.collect import data_fingerprint
 
     torch.set_num_threads(1)  # one core per population: measured 6x slower on 2 threads (issue #16)
-    start_time = time.perf_counter()
+    start_time, start_cpu = time.perf_counter(), time.process_time()
     c, name = config.collect, config.env.name
     spec = envs.grid_spec(name)
     n, streams, steps, horizon = len(task_ids), c.num_streams, c.rollout_steps, spec.horizon
@@ -111,6 +111,7 @@ def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir:
     cells = torch.tensor([[x, y] for x in range(GRID_SIZE) for y in range(GRID_SIZE)], dtype=torch.float32)
     rows = np.arange(n)[:, None]
     histories, curves = _Histories(), [{"env_steps": [], "return_mean": []} for _ in task_ids]
+    update_cpu = 0.0                                                       # CPU seconds inside ppo_update
 
     for update in range(num_updates):
         with torch.no_grad():
@@ -161,18 +162,22 @@ def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir:
                  "log_probs": torch.from_numpy(rec["log_prob"].reshape(n, size)),
                  "advantages": torch.from_numpy(advantages.reshape(n, size)),
                  "returns": torch.from_numpy(returns.reshape(n, size))}
+        update_start = time.process_time()
         ppo_update(params, optimizer, layout, ppo, batch, torch.from_numpy(perms))
+        update_cpu += time.process_time() - update_start
         for i, curve in enumerate(curves):
             curve["env_steps"].append((update + 1) * size)
             curve["return_mean"].append(float(np.mean(finished[i])) if finished[i] else None)
 
     fingerprint, wall = data_fingerprint(config), round(time.perf_counter() - start_time, 3)
+    cpu = round(time.process_time() - start_cpu, 3)
     sidecars = []
     for i, task_id in enumerate(task_ids):
         columns = histories.columns(i, name, int(task_id), steps_per_stream, horizon)
         extra = {"fingerprint": fingerprint, "env_name": name, "seed": seeds[i], "num_updates": num_updates,
                  "updates_aligned": True, "env_steps": int(columns["reward"].size), "curve": curves[i],
-                 "learner": "population", "population_size": n, "wall_s": wall}
+                 "learner": "population", "population_size": n, "wall_s": wall, "cpu_s": cpu,
+                 "update_cpu_s": round(update_cpu, 3)}
         sidecars.append(data.write_shard(dataset_dir, int(task_id), columns, extra))
     return sidecars
 
