@@ -157,8 +157,8 @@ def main() -> None:
         cpu_eff = 1.0
     hours = KTD_TASKS * KTD_STEPS / ktd_rate / 3600
     print(f"\nprojected paper Dark Key-to-Door collection ({KTD_TASKS} tasks x {KTD_STEPS:,} steps) at "
-          f"{ktd_rate:,.0f} steps per CPU-second: {hours:.1f} core-hours = {hours / 2 / cpu_eff:.1f} h on 2 free "
-          f"cores, {hours / 16 / cpu_eff:.2f} h on a 16-core node (CPU efficiency {cpu_eff:.0%} assumed)")
+          f"{ktd_rate:,.0f} steps per CPU-second: {hours:.1f} core-hours = {hours / 2 / cpu_eff:.1f} h on 2 "
+          f"free cores, {hours / 16 / cpu_eff:.2f} h on a 16-core node (CPU efficiency {cpu_eff:.0%} assumed)")
 
 
 if __name__ == "__main__":

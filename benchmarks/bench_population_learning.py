@@ -4,7 +4,7 @@ Per goal (the first 8 train tasks of split seed 0; 100 streams x 100K env steps,
 20 epochs): mean episode return in each stream's first and last 10% of episodes, and the episodes until a
 stream first reaches the task's maximum return (median over streams; streams that never do count as never).
 
-    .venv/bin/python benchmarks/bench_population_learning.py population            # horizon terminal (release)
+    .venv/bin/python benchmarks/bench_population_learning.py population        # horizon terminal (release)
     .venv/bin/python benchmarks/bench_population_learning.py population --bootstrap
     .venv/bin/python benchmarks/bench_population_learning.py sb3                   # 8 independent SB3 PPOs
 Add --steps 20000 for a quicker, reduced budget. Prints one table row per goal and the mean row.
@@ -105,7 +105,8 @@ def main() -> None:
     returns, wall = runner(tasks, args.steps, args.bootstrap)
     print(f"{args.learner}, bootstrap_at_horizon={args.bootstrap}, {args.steps:,} steps per goal, "
           f"{wall:.0f} CPU s ({len(tasks) * args.steps / wall:,.0f} env steps per CPU-second, 1 thread)")
-    print(f"{'task':>5}{'max':>5}{'first 10%':>11}{'last 10%':>10}{'episodes to max (median)':>26}{'reached':>9}")
+    print(f"{'task':>5}{'max':>5}{'first 10%':>11}{'last 10%':>10}{'episodes to max (median)':>26}"
+          f"{'reached':>9}")
     rows = []
     for task in tasks:
         m = stream_metrics(returns[task], max_return("Darkroom", task))

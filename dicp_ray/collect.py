@@ -412,7 +412,8 @@ def _collect_settings(config: ExperimentConfig) -> dict[str, Any]:
     """The collect section as stored and hashed: the ``sac_*`` keys only when collecting with SAC, the
     learner resolved (so ``auto`` and its explicit value give the same dataset identity)."""
     sac = config.collect.algorithm == "sac"
-    settings = {k: v for k, v in dataclasses.asdict(config.collect).items() if sac or not k.startswith("sac_")}
+    settings = {k: v for k, v in dataclasses.asdict(config.collect).items()
+                if sac or not k.startswith("sac_")}
     return {**settings, "learner": resolved_learner(config)}
 
 

@@ -101,7 +101,8 @@ def init_params(layout: Layout, seeds: list[int]) -> torch.Tensor:
         for layers, head_gain in ((layout.actor, 0.01), (layout.critic, 1.0)):
             for k, layer in enumerate(layers):
                 gain = head_gain if k == len(layers) - 1 else math.sqrt(2)
-                weight = torch.nn.init.orthogonal_(torch.empty(layer.fan_out, layer.fan_in), gain, generator=gen)
+                weight = torch.empty(layer.fan_out, layer.fan_in)
+                torch.nn.init.orthogonal_(weight, gain, generator=gen)
                 layout.weight(params[row:row + 1], layer)[0] = weight.t()
     return params
 
@@ -138,7 +139,7 @@ def forward(params: torch.Tensor, layout: Layout, obs: torch.Tensor) -> tuple[to
 
 def gae(rewards: np.ndarray, values: np.ndarray, episode_starts: np.ndarray, last_values: np.ndarray,
         last_dones: np.ndarray, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """SB3's ``RolloutBuffer.compute_returns_and_advantage`` over ``(..., T)`` arrays -> (advantages, returns).
+    """SB3's ``RolloutBuffer.compute_returns_and_advantage`` on ``(..., T)`` arrays -> (advantages, returns).
 
     ``episode_starts[..., t]`` is 1 where step t began a new episode, ``last_dones`` whether the last step
     ended one, ``last_values`` V of the observation after the last step. Float32 throughout, like SB3.

@@ -85,7 +85,7 @@ class _Histories:
 
 
 def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir: str) -> list[dict]:
-    """Train one PPO learner per task in ``task_ids`` as one population; write their shards; return sidecars."""
+    """Train one PPO learner per task of ``task_ids`` as one population, write their shards, return sidecars."""
     from dicp_ray.collect import data_fingerprint
 
     torch.set_num_threads(1)  # one core per population: measured 6x slower on 2 threads (issue #16)
@@ -106,7 +106,7 @@ def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir:
     tasks = make_tasks(name, np.repeat(np.asarray(task_ids, np.int64), streams))
     pos, has_key = tasks.start.copy(), np.zeros(n * streams, bool)
     door_done, elapsed = np.zeros(n * streams, bool), np.zeros(n * streams, np.int64)
-    starts = np.ones((n, streams), bool)                                  # SB3: the first step starts an episode
+    starts = np.ones((n, streams), bool)                       # SB3: the first step starts an episode
     running = np.zeros((n, streams))
     cells = torch.tensor([[x, y] for x in range(GRID_SIZE) for y in range(GRID_SIZE)], dtype=torch.float32)
     rows = np.arange(n)[:, None]
@@ -123,7 +123,7 @@ def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir:
         rec = {k: np.zeros((n, streams, steps), dtype) for k, dtype in (
             ("action", np.int64), ("reward", np.float32), ("gae_reward", np.float32), ("value", np.float32),
             ("log_prob", np.float32), ("start", bool))}
-        rec_pos, rec_next = np.zeros((n, streams, steps, 2), np.int64), np.zeros((n, streams, steps, 2), np.int64)
+        rec_pos, rec_next = (np.zeros((n, streams, steps, 2), np.int64) for _ in range(2))
         finished: list[list[float]] = [[] for _ in task_ids]
         for t in range(steps):
             cell = (pos[:, 0] * GRID_SIZE + pos[:, 1]).reshape(n, streams)

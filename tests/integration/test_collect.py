@@ -2,10 +2,10 @@
 
 The grid-world default is the population learner (dicp_ray/population_collect.py), so the end-to-end tests
 below run it; ``learn_task`` and ``test_rllib_learner_end_to_end`` keep the RLlib learner covered
-(``collect.learner=rllib``). Tiny scale: 3 Darkroom tasks x 4 streams x 3 updates of 20 steps. Checks that the histories are complete,
-ordered, replay exactly in a fresh env (true terminal next_obs, oracle labels), that every PPO update held
-exactly rollout_steps consecutive steps of each stream, and that resuming after damage or a SIGKILL gives
-the byte-identical dataset of an uninterrupted run.
+(``collect.learner=rllib``). Tiny scale: 3 Darkroom tasks x 4 streams x 3 updates of 20 steps. Checks that
+the histories are complete, ordered, replay exactly in a fresh env (true terminal next_obs, oracle labels),
+that every PPO update held exactly rollout_steps consecutive steps of each stream, and that resuming after
+damage or a SIGKILL gives the byte-identical dataset of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -232,7 +232,8 @@ def _running_learner_pids() -> list[int]:
                 parent = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if parent == raylet and title.startswith((b"ray::_learn_task_remote", b"ray::_learn_population_remote")):
+        learner = (b"ray::_learn_task_remote", b"ray::_learn_population_remote")
+        if parent == raylet and title.startswith(learner):
             pids.append(int(entry))
     return pids
 

@@ -1,7 +1,7 @@
-"""Population learners writing shards (dicp_ray/population_collect.py): population-independent bytes, learning.
+"""Population learners writing shards (dicp_ray/population_collect.py): split-independent bytes, learning.
 
-The end-to-end ``collect_histories`` checks (complete, ordered, replayable histories, resume, SIGKILL) run with
-the population learner in tests/integration/test_collect.py, where it is the grid-world default.
+The end-to-end ``collect_histories`` checks (complete, ordered, replayable histories, resume, SIGKILL) run
+with the population learner in tests/integration/test_collect.py, where it is the grid-world default.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def shard_bytes(path) -> dict[str, str]:
 @pytest.mark.parametrize("env_name, rollout", [("Darkroom", 10), ("DarkKeyToDoor", 50)])
 def test_shard_bytes_do_not_depend_on_the_population(tmp_path, env_name, rollout):
     """4 tasks as one population of 4 == two populations of 2 == populations of 1, byte for byte."""
-    config = tiny_config({"name": env_name}, rollout_steps=rollout, env_steps_per_task=4 * 150 if rollout == 50
-                         else 4 * 60)
+    config = tiny_config({"name": env_name}, rollout_steps=rollout,
+                         env_steps_per_task=4 * 150 if rollout == 50 else 4 * 60)
     tasks = [5, 17, 40, 66] if env_name == "Darkroom" else [40 * 81 + 41, 100, 12, 6000]
     sidecars = learn_population(config, tasks, str(tmp_path / "one"))
     assert [s["task_id"] for s in sidecars] == tasks and all(s["population_size"] == 4 for s in sidecars)
@@ -56,13 +56,15 @@ def test_sidecar_curve_and_alignment(tmp_path):
     assert sidecar["curve"]["env_steps"] == [40 * (u + 1) for u in range(6)]
     # Episodes of 20 steps end on every second update of 10 steps.
     assert [r is None for r in sidecar["curve"]["return_mean"]] == [True, False] * 3
-    assert data.read_sidecar(str(tmp_path), 7) == sidecar and sidecar["fingerprint"] == data_fingerprint(config)
+    assert data.read_sidecar(str(tmp_path), 7) == sidecar
+    assert sidecar["fingerprint"] == data_fingerprint(config)
 
 
 def test_horizon_bootstrap_changes_the_learner_not_the_format(tmp_path):
     settings = {"num_streams": 20, "num_epochs": 10, "env_steps_per_task": 20 * 100}
     plain = learn_population(tiny_config(**settings), [30], str(tmp_path / "plain"))[0]
-    boot = learn_population(tiny_config(bootstrap_at_horizon=True, **settings), [30], str(tmp_path / "boot"))[0]
+    boot = learn_population(tiny_config(bootstrap_at_horizon=True, **settings), [30],
+                            str(tmp_path / "boot"))[0]
     assert plain["sha256"] != boot["sha256"] and plain["columns"] == boot["columns"]
     assert data_fingerprint(tiny_config()) != data_fingerprint(tiny_config(bootstrap_at_horizon=True))
 

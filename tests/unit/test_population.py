@@ -136,8 +136,10 @@ def test_population_update_equals_single_learner_updates_bit_for_bit():
     batch = {"obs": torch.randint(0, 9, (n, size, 2), generator=gen).float(),
              "actions": torch.randint(0, 5, (n, size), generator=gen),
              "log_probs": torch.full((n, size), -math.log(5)) + 0.05 * torch.randn(n, size, generator=gen),
-             "advantages": torch.randn(n, size, generator=gen), "returns": torch.randn(n, size, generator=gen)}
-    perms = torch.stack([torch.stack([torch.randperm(size, generator=gen) for _ in range(4)]) for _ in range(n)])
+             "advantages": torch.randn(n, size, generator=gen),
+             "returns": torch.randn(n, size, generator=gen)}
+    perms = torch.stack([torch.stack([torch.randperm(size, generator=gen) for _ in range(4)])
+                         for _ in range(n)])
     ppo = PPOSettings(4, 25, 0.2, 0.5, 0.0, 0.5)
 
     def run(rows: list[int]) -> torch.Tensor:
