@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 _EPISODES_ATTR = "dicp_ray_episodes"      # where HistoryRecorder leaves episodes on its EnvRunner
 _SAMPLES_ATTR = "dicp_ray_sample_steps"   # env steps of every sample() call, for the alignment check
 # Collect settings that change which tasks run or how, but never the content of a task's shard.
-_NOT_IN_FINGERPRINT = ("include_test_tasks", "num_cpus_per_learner", "max_retries")
+# (tasks_per_population: a task's shard bytes do not depend on its population, tests/unit/test_population.py)
+_NOT_IN_FINGERPRINT = ("include_test_tasks", "num_cpus_per_learner", "max_retries", "tasks_per_population")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,12 +461,23 @@ def collection_task_ids(config: ExperimentConfig) -> list[int]:
     return sorted(ids)
 
 
+def resolved_learner(config: ExperimentConfig) -> str:
+    """``collect.learner`` with ``auto`` resolved: population for grid-world PPO, else rllib."""
+    learner = config.collect.learner
+    if learner == "auto":
+        grid_ppo = not config.env.is_meta_world and config.collect.algorithm == "ppo"
+        return "population" if grid_ppo else "rllib"
+    return learner
+
+
 def _collect_settings(config: ExperimentConfig) -> dict[str, Any]:
     """The collect section as stored and hashed: the ``sac_*`` keys only when collecting with SAC,
-    ``source_obs`` only on Meta-World (a grid learner sees the model's observation either way)."""
+    ``source_obs`` only on Meta-World (a grid learner sees the model's observation either way), and the
+    learner resolved (so ``auto`` and its explicit value give the same dataset identity)."""
     sac, meta_world = config.collect.algorithm == "sac", config.env.is_meta_world
-    return {k: v for k, v in dataclasses.asdict(config.collect).items()
-            if (sac or not k.startswith("sac_")) and (meta_world or k != "source_obs")}
+    settings = {k: v for k, v in dataclasses.asdict(config.collect).items()
+                if (sac or not k.startswith("sac_")) and (meta_world or k != "source_obs")}
+    return {**settings, "learner": resolved_learner(config)}
 
 
 def _env_settings(config: ExperimentConfig) -> dict[str, Any]:
@@ -525,14 +537,27 @@ def _write_manifest(config: ExperimentConfig, dataset_dir: str, task_ids: list[i
 
 def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], writer: Any,
                   progress: bool, done_before: int, total: int) -> list[dict]:
-    """Submit learners with at most ~2x cluster CPUs in flight; returns their sidecars."""
+    """Submit learners (or populations of learners) with at most ~2x cluster CPUs in flight.
+
+    Each Ray task returns the sidecars of the shards it wrote: one (RLlib) or one per population member.
+    """
     from tqdm.auto import tqdm
 
+    from dicp_ray.population_collect import _learn_population_remote, population_sizes
+
     c = config.collect
-    max_in_flight = max(1, int(2 * ray.cluster_resources().get("CPU", 1) / c.num_cpus_per_learner))
-    remote = _learn_task_remote.options(num_cpus=c.num_cpus_per_learner, max_retries=c.max_retries,
-                                        retry_exceptions=False)
-    queue, pending, sidecars = list(todo), {}, []
+    cpus = ray.cluster_resources().get("CPU", 1)
+    max_in_flight = max(1, int(2 * cpus / c.num_cpus_per_learner))
+    options = {"num_cpus": c.num_cpus_per_learner, "max_retries": c.max_retries, "retry_exceptions": False}
+    if resolved_learner(config) == "population":
+        remote = _learn_population_remote.options(**options)
+        sizes = population_sizes(len(todo), cpus / c.num_cpus_per_learner, c.tasks_per_population)
+        bounds = np.cumsum([0, *sizes])
+        queue = [todo[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+        remote = _learn_task_remote.options(**options)
+        queue = list(todo)
+    pending, sidecars = {}, []
     start, env_steps = time.perf_counter(), 0
     with tqdm(total=total, initial=done_before, desc="collect learners", unit="learner",
               disable=not progress) as bar:
@@ -543,14 +568,15 @@ def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], w
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 del pending[ref]
-                sidecar = ray.get(ref)
-                sidecars.append(sidecar)
-                env_steps += sidecar["env_steps"]
-                steps_per_s = env_steps / (time.perf_counter() - start)
-                if writer is not None:
-                    writer.add_scalar("collect/env_steps_per_s", steps_per_s, env_steps)
-                bar.set_postfix(env_steps_per_s=f"{steps_per_s:,.0f}")
-                bar.update(1)
+                result = ray.get(ref)
+                for sidecar in result if isinstance(result, list) else [result]:
+                    sidecars.append(sidecar)
+                    env_steps += sidecar["env_steps"]
+                    steps_per_s = env_steps / (time.perf_counter() - start)
+                    if writer is not None:
+                        writer.add_scalar("collect/env_steps_per_s", steps_per_s, env_steps)
+                    bar.set_postfix(env_steps_per_s=f"{steps_per_s:,.0f}")
+                    bar.update(1)
     return sidecars
 
 

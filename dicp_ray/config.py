@@ -137,6 +137,13 @@ class CollectConfig:
     """Ray CPUs reserved per learner task."""
     max_retries: int = 3
     """Ray retries of a learner whose process died."""
+    learner: str = "auto"
+    """PPO implementation: population (one process trains many task learners as one stacked network,
+    dicp_ray/population.py; grid worlds only) | rllib (one RLlib learner per task) | auto = population on the
+    grid worlds, rllib on Meta-World (and for SAC)."""
+    tasks_per_population: int = 0
+    """population learner: task learners per population (one Ray task on one core); 0 = spread the tasks
+    evenly over the cluster's CPUs, at most 81 per population. Shards do not depend on it."""
     sac_learning_starts: int = 100
     """SAC: env steps (all streams) of the untrained policy before the first update (paper: 100)."""
     sac_batch_size: int = 128
@@ -579,6 +586,9 @@ def _validate_collect(c: CollectConfig) -> None:
              list(c.hidden_sizes), "needs positive layer sizes", "[64,64]")
     _require(c.seed >= 0, "collect.seed", c.seed, "must be >= 0", "0")
     _require(c.max_retries >= 0, "collect.max_retries", c.max_retries, "must be >= 0", "3")
+    _check_choice("collect.learner", c.learner, ["auto", "population", "rllib"])
+    _require(c.tasks_per_population >= 0, "collect.tasks_per_population", c.tasks_per_population,
+             "must be >= 0 (0 = spread over the CPUs)", "0")
     if c.algorithm != "ppo":
         return
     batch = c.rollout_steps * c.num_streams
@@ -721,6 +731,11 @@ def validate(config: ExperimentConfig) -> None:
     if config.collect.algorithm == "sac" and not config.env.is_meta_world:
         raise ConfigError("collect.algorithm = 'sac' needs a continuous-action env (Meta-World); "
                           f"{config.env.name} is discrete: use --set collect.algorithm=ppo")
+    population_ok = not config.env.is_meta_world and config.collect.algorithm == "ppo"
+    if config.collect.learner == "population" and not population_ok:
+        raise ConfigError(f"collect.learner = 'population' runs PPO on the grid worlds only, not "
+                          f"{config.collect.algorithm.upper()} on {config.env.name}: use --set "
+                          "collect.learner=auto (or rllib)")
     if config.model.variant == "dpt" and config.env.is_meta_world:
         raise ConfigError(f"model.variant = 'dpt' needs optimal-action labels, which only the grid worlds "
                           f"have; {config.env.name} is Meta-World: use --set model.variant=ad (continuous "
