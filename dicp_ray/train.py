@@ -180,9 +180,14 @@ def _continuous_idt_batch(w: dict[str, np.ndarray], world_model: bool, tensor):
 
 # ------------------------------------------------------------------------------------------- optimisation
 def build_optimizer(model: torch.nn.Module, train: TrainConfig):
-    """AdamW + cosine decay from train.lr to 0 over train.num_steps, no warm-up (closed form: resumable)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
-                                  weight_decay=train.weight_decay)
+    """AdamW + cosine decay from train.lr to 0 over train.num_steps, no warm-up (closed form: resumable).
+
+    The fused AdamW kernel (one pass over every tensor, CPU and CUDA) where the parameters' device has one:
+    the same update rule as the per-tensor loop, fewer kernel launches on a GPU."""
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.beta1, train.beta2),
+                                  weight_decay=train.weight_decay, fused=fused or None)
     num_steps = train.num_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, num_steps) / num_steps)))
