@@ -31,6 +31,15 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- stacked leaves
+class _Stacked(nn.Module):
+    """Base of the stacked leaves: ``active`` (a slice of models, set by `ModelGroup` for a partial pass)."""
+
+    active: slice | None = None
+
+    def _p(self, param: torch.Tensor | None) -> torch.Tensor | None:
+        return param if param is None or self.active is None else param[self.active]
+
+
 def _rows(x: torch.Tensor, m: int) -> torch.Tensor:
     if x.shape[0] % m:
         raise ValueError(f"a stacked group of {m} models got {x.shape[0]} rows: concatenate one equal-size batch "
@@ -38,7 +47,7 @@ def _rows(x: torch.Tensor, m: int) -> torch.Tensor:
     return x.reshape(m, -1, *x.shape[1:])
 
 
-class StackedLinear(nn.Module):
+class StackedLinear(_Stacked):
     """M Linear layers: weight (M, out, in), bias (M, out); rows of block m use model m's weights."""
 
     def __init__(self, layers: list[nn.Linear]):
@@ -48,14 +57,15 @@ class StackedLinear(nn.Module):
         self.bias = None if layers[0].bias is None else nn.Parameter(torch.stack([l.bias.detach() for l in layers]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.weight.shape[0]
+        weight, bias = self._p(self.weight), self._p(self.bias)
+        m = weight.shape[0]
         x3 = _rows(x, m).reshape(m, -1, self.in_features)                       # (M, rows * ..., in)
-        w = self.weight.transpose(1, 2)                                          # (M, in, out)
-        y = torch.bmm(x3, w) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x3, w)
+        w = weight.transpose(1, 2)                                               # (M, in, out)
+        y = torch.bmm(x3, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, w)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-class StackedRMSNorm(nn.Module):
+class StackedRMSNorm(_Stacked):
     """M RMSNorms over the last axis: weight (M, E)."""
 
     def __init__(self, layers: list[nn.RMSNorm]):
@@ -66,12 +76,13 @@ class StackedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.weight.shape[0]
+        weight = self._p(self.weight)
+        m = weight.shape[0]
         y = F.rms_norm(_rows(x, m).reshape(m, -1, x.shape[-1]), self.normalized_shape, None, self.eps)
-        return (y * self.weight.unsqueeze(1)).reshape(x.shape)
+        return (y * weight.unsqueeze(1)).reshape(x.shape)
 
 
-class StackedLayerNorm(nn.Module):
+class StackedLayerNorm(_Stacked):
     """M LayerNorms over the last axis: weight, bias (M, E)."""
 
     def __init__(self, layers: list[nn.LayerNorm]):
@@ -83,12 +94,13 @@ class StackedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.weight.shape[0]
+        weight, bias = self._p(self.weight), self._p(self.bias)
+        m = weight.shape[0]
         y = F.layer_norm(_rows(x, m).reshape(m, -1, x.shape[-1]), self.normalized_shape, None, None, self.eps)
-        return torch.addcmul(self.bias.unsqueeze(1), y, self.weight.unsqueeze(1)).reshape(x.shape)
+        return torch.addcmul(bias.unsqueeze(1), y, weight.unsqueeze(1)).reshape(x.shape)
 
 
-class StackedEmbedding(nn.Module):
+class StackedEmbedding(_Stacked):
     """M embedding tables (M, N, E): index i of a row of block m reads row m * N + i of the flat table."""
 
     def __init__(self, layers: list[nn.Embedding]):
@@ -100,10 +112,11 @@ class StackedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        m = self.weight.shape[0]
+        weight = self._p(self.weight)
+        m = weight.shape[0]
         offset = torch.arange(m, device=index.device).view(m, *[1] * index.dim()) * self.num_embeddings
         flat = (_rows(index, m) + offset).reshape(index.shape)
-        return F.embedding(flat, self.weight.reshape(-1, self.embedding_dim))
+        return F.embedding(flat, weight.reshape(-1, self.embedding_dim))
 
 
 _STACKED = {nn.Linear: StackedLinear, nn.RMSNorm: StackedRMSNorm, nn.LayerNorm: StackedLayerNorm,
@@ -195,11 +208,14 @@ class ModelGroup:
     """
 
     def __init__(self, models: list[nn.Module], train, device: torch.device, world_size: int = 1,
-                 compile: bool = False):
+                 compile: bool = False, models_per_pass: int | None = None):
         from dicp_ray.train import build_optimizer
 
         self.size, self.spec, self.train, self.device = len(models), models[0].spec, train, torch.device(device)
         self.world_size = world_size
+        # Forward/backward passes over at most this many models (gradients accumulate, one optimizer step):
+        # bounds activation memory (~0.5 GB per paper model at batch 512) without changing the maths.
+        self.models_per_pass = min(models_per_pass or self.size, self.size)
         self.module = (models[0] if self.size == 1 else stack_models(models)).to(self.device)
         self.params = list(self.module.parameters())
         self.optimizer, self.scheduler = build_optimizer(self.module, train)
@@ -213,18 +229,15 @@ class ModelGroup:
         """One AdamW step of every model on its own (batch, targets) -> each model's detached losses."""
         if len(pairs) != self.size:
             raise ValueError(f"a group of {self.size} models got {len(pairs)} batches")
-        batch, targets = concat_batches(pairs)
         self.module.train()
-        weight = self.train.world_model_weight
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            preds, _ = self._forward(batch)
-            if self.size == 1:
-                losses = [self.module.compute_losses(preds, targets, weight)]
-            else:
-                losses = [self.module.compute_losses(p, t, weight)
-                          for p, t in zip(split_rows(preds, self.size), split_rows(targets, self.size))]
         self.optimizer.zero_grad(set_to_none=True)
-        (losses[0]["loss"] if self.size == 1 else torch.stack([l["loss"] for l in losses]).sum()).backward()
+        losses = []
+        for lo in range(0, self.size, self.models_per_pass):
+            hi = min(lo + self.models_per_pass, self.size)
+            if hi - lo < self.size:
+                self._activate(slice(lo, hi))
+            losses += self._forward_backward(pairs[lo:hi])
+        self._activate(None)
         if self.world_size > 1:
             self._all_reduce_grads()
         if self.size == 1:
@@ -234,6 +247,25 @@ class ModelGroup:
         self.optimizer.step()
         self.scheduler.step()
         return [{k: v.detach().float() for k, v in l.items()} for l in losses]
+
+    def _forward_backward(self, pairs: list[tuple[dict, dict]]) -> list[dict[str, torch.Tensor]]:
+        """Losses of these models (the active ones) on their batches, and their gradients accumulated."""
+        batch, targets = concat_batches(pairs)
+        weight, n = self.train.world_model_weight, len(pairs)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            preds, _ = self._forward(batch)
+            if n == 1:
+                losses = [self.module.compute_losses(preds, targets, weight)]
+            else:
+                losses = [self.module.compute_losses(p, t, weight)
+                          for p, t in zip(split_rows(preds, n), split_rows(targets, n))]
+        (losses[0]["loss"] if n == 1 else torch.stack([l["loss"] for l in losses]).sum()).backward()
+        return losses
+
+    def _activate(self, models: slice | None) -> None:
+        for module in self.module.modules():
+            if isinstance(module, _Stacked):
+                module.active = models
 
     def _all_reduce_grads(self) -> None:
         import torch.distributed as dist
