@@ -50,14 +50,15 @@ class _Run:
         for _ in loop_configs:
             torch.manual_seed(self.train.seed)  # identical initial weights on every rank, as a lone run
             models.append(build_model(self.spec))
-        self.group = ModelGroup(models, self.train, backend.device, world, compile=self.train.compile)
+        self.batch_per_rank = self.train.batch_size // world
+        self.group = ModelGroup(models, self.train, backend.device, world, compile=self.train.compile,
+                                models_per_pass=models_per_pass(self.spec, self.batch_per_rank, backend.device))
         self.members = [Member(lc, make_window_sampler(lc["config"], ds, seed=[self.train.seed, rank]), [], None)
                         for lc, ds in zip(loop_configs, datasets)]
         self.start_step, self.resumed = self._restore()
         crash = loop_configs[0].get("crash_at_step")
         marker = None if crash is None else backend.crash_marker(loop_configs[0], crash)
         self.crash_at_step = None if marker is None or marker.exists() else crash
-        self.batch_per_rank = self.train.batch_size // world
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -185,6 +186,20 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train loop of one rank: ``loop_config`` is one run's loop config or ``{"members": [...]}``."""
     run_loop(loop_config.get("members", [loop_config]), RayBackend())
+
+
+def models_per_pass(spec, batch_size: int, device, budget_bytes: float | None = None) -> int:
+    """How many models of a group one forward/backward pass may hold: a rough activation estimate (~1.4 GB
+    per paper AD model at batch 512: attention probabilities and ~1K floats per token per layer) against
+    half the GPU's memory, or 2 GiB on a CPU (where stacking buys little: the step is compute-bound)."""
+    tokens = spec.context_len + 1
+    per_model = 4 * batch_size * tokens * spec.num_layers * (
+        3 * spec.num_heads * tokens + 12 * spec.embed_dim + 6 * spec.mlp_dim)
+    device = torch.device(device)
+    if budget_bytes is None:
+        budget_bytes = (0.5 * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                        else 2 * 2 ** 30)
+    return max(1, int(budget_bytes // per_model))
 
 
 def format_eta(seconds: float) -> str:
