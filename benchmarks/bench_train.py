@@ -1,138 +1,172 @@
-"""Training throughput of the paper's AD model: in-process (1 thread) vs Ray Train with 1 and 2 workers.
+"""Training throughput of the paper's AD model: today's step vs the new step, 1 and M models per process.
 
-Model (paper Table 5): DICP-AD, 4 layers, 4 heads, embedding 32, SwiGLU MLP 128, k = 80 (Darkroom, 4
-episodes), AdamW + cosine, batch 512. All modes run the same code path (WindowSampler -> windows_to_batch
--> train_step) on the same dataset: Darkroom histories of a random/oracle-mixed policy written with
-dicp_ray.data (8 tasks x 4 streams x 20 episodes). Reported: windows/s and tokens/s (a window is k + 1
-tokens with the world-model query-action token) in steady state (first interval dropped), and for Ray the
-end-to-end wall time including its start-up.
+Model (paper Table 5): DICP-AD, 4 layers, 4 heads, embedding 32, SwiGLU MLP 128, k = 80 (Darkroom, 4 episodes),
+AdamW + cosine, batch 512 windows per model, dropout 0.1 and attention dropout 0.1. Data: Darkroom histories of a
+random/oracle-mixed policy written with dicp_ray.data (8 tasks x 4 streams x 20 episodes); every model samples its
+own windows (WindowSampler -> windows_to_batch) every step, as in training.
 
-    .venv/bin/python benchmarks/bench_train.py --quick          # batch 128, 10 steps, ~1.5 min on 2 cores
-    .venv/bin/python benchmarks/bench_train.py                  # batch 512, 20 steps, ~5 min
-    python benchmarks/bench_train.py --device cuda              # in-process only; Ray is never imported
+Rows, each in a fresh child process (glibc's allocator settings are per process):
+  * today's step: `train_step` on a lone model, SDPA for attention with dropout, the per-tensor AdamW loop,
+    the default allocator (the step before issue 17);
+  * new step, M models: `dicp_ray.model_group.ModelGroup` as the training loop runs it (`tune_allocator`,
+    CausalAttentionDropout on CPU, fused AdamW, stacked weights for M > 1, passes of --per-pass models).
+Reported: windows/s summed over the models by wall clock and by the process's CPU time (`time.process_time`:
+on a shared machine the CPU-time rate is the per-core figure; wall rates move with the other load), and the
+projected time of the paper's Darkroom table (30 models x 50K steps x 512 windows = 768M windows) at that rate.
 
-Timings on a shared machine are noisy (other processes compete for the cores): compare rows of one run.
+    python benchmarks/bench_train.py                         # CPU, 1 thread: today vs new, M = 1 / 6 / 15 / 30
+    python benchmarks/bench_train.py --models 1 6 --steps 4  # fewer rows
+    python benchmarks/bench_train.py --device cuda           # a GPU: the same rows (+ --compile, --key-to-door)
+    python benchmarks/bench_train.py --device cuda --key-to-door   # k = 200, batch 4096 (Key-to-Door setting)
+
+Timings on a shared machine are noisy: compare rows of one run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import statistics
+import resource
+import subprocess
+import sys
 import tempfile
 import time
-from pathlib import Path
-
-import torch
-
-from dicp_ray.scripted import write_scripted_dataset
-from dicp_ray import data
-from dicp_ray.config import ExperimentConfig, config_from_dict
-from dicp_ray.model import DICPTransformer, count_parameters
-from dicp_ray.train import build_optimizer, model_spec_from_config, train_step, windows_to_batch
 
 NUM_TASKS, NUM_STREAMS, NUM_EPISODES = 8, 4, 20
+TABLE_WINDOWS = 30 * 50_000 * 512  # the paper's Darkroom table: 5 seeds x 2 variants x 3 layouts
 
 
-def paper_config(batch_size: int, num_steps: int, num_workers: int = 1) -> ExperimentConfig:
+def paper_config(env: str, batch_size: int, num_steps: int):
+    from dicp_ray.config import config_from_dict
+
     return config_from_dict({
-        "env": {"name": "Darkroom", "max_train_tasks": NUM_TASKS},
+        "env": {"name": env, "max_train_tasks": NUM_TASKS},
         "model": {"variant": "ad", "world_model": True, "context_episodes": 4},
-        "train": {"num_steps": num_steps, "batch_size": batch_size, "num_workers": num_workers,
-                  "cpus_per_worker": 1, "log_every_steps": 5, "checkpoint_every_steps": num_steps,
-                  "eval_batches": 1},
-        "resources": {"num_cpus": 2}})
+        "train": {"num_steps": num_steps, "batch_size": batch_size}, "resources": {"num_cpus": 2}})
 
 
-def write_dataset(path: str, task_ids: list[int]) -> None:
-    write_scripted_dataset(path, "Darkroom", task_ids, NUM_STREAMS, NUM_EPISODES, fingerprint="bench_train")
+def child(args: dict) -> dict:
+    """One row: build the models and samplers, warm up, time `steps` steps."""
+    import torch
+
+    from dicp_ray import data
+    from dicp_ray import model as model_module
+    from dicp_ray.model import build_model, count_parameters
+    from dicp_ray.train import model_spec_from_config, windows_to_batch
+
+    torch.set_num_threads(args["threads"])
+    device = torch.device(args["device"])
+    cfg = paper_config(args["env"], args["batch"], 1000)
+    dataset = data.HistoryDataset.open(args["dataset"], verify=False)
+    spec = model_spec_from_config(cfg, dataset)
+    samplers = [data.WindowSampler(dataset, cfg.context_len, seed=[0, m]) for m in range(args["models"])]
+    models = []
+    for _ in range(args["models"]):
+        torch.manual_seed(0)
+        models.append(build_model(spec))
+
+    def batches():
+        return [windows_to_batch(s.sample(args["batch"]), spec.layout, spec.world_model, device) for s in samplers]
+
+    if args["mode"] == "today":
+        from dicp_ray.train import train_step
+
+        model_module.ATTENTION_DROPOUT_CPU = "sdpa"
+        model = models[0].to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                                      weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+        def step():
+            return [train_step(model, optimizer, scheduler, *batches()[0], cfg.train)]
+    else:
+        from dicp_ray.model_group import ModelGroup
+        from dicp_ray.train_backends import tune_allocator
+        from dicp_ray.train_loop import models_per_pass
+
+        tune_allocator()
+        per_pass = args["per_pass"] or models_per_pass(spec, args["batch"], device)
+        group = ModelGroup(models, cfg.train, device, compile=args["compile"], models_per_pass=per_pass)
+
+        def step():
+            return group.step(batches())
+
+    for _ in range(args["warmup"]):
+        float(step()[0]["loss"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(args["steps"]):
+        losses = step()
+    float(losses[-1]["loss"])  # wait for the device
+    sync()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    windows = args["batch"] * args["models"] * args["steps"]
+    return {"wall": windows / wall, "cpu": windows / cpu, "params": count_parameters(models[0]),
+            "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None}
 
 
-def bench_in_process(config: ExperimentConfig, dataset_path: str, task_ids: list[int], device: str,
-                     num_threads: int, bf16: bool | None = None) -> dict:
-    """Steady-state windows/s of sampling + training steps in this process (no Ray)."""
-    torch.set_num_threads(num_threads)
-    dataset = data.HistoryDataset.open(dataset_path, task_ids=task_ids, verify=False)
-    spec = model_spec_from_config(config, dataset)
-    torch.manual_seed(0)
-    model = DICPTransformer(spec).to(device)
-    optimizer, scheduler = build_optimizer(model, config.train)
-    sampler = data.WindowSampler(dataset, config.context_len, seed=0)
-    step_s = []
-    for _ in range(config.train.num_steps):
-        start = time.perf_counter()
-        windows = sampler.sample(config.train.batch_size)
-        batch, targets = windows_to_batch(windows, spec.layout, spec.world_model, device)
-        loss = train_step(model, optimizer, scheduler, batch, targets, config.train, bf16=bf16)["loss"]
-        float(loss)  # wait for the device
-        step_s.append(time.perf_counter() - start)
-    steady = step_s[5:] or step_s  # like the Ray rows: the first log interval (5 steps) is dropped
-    return {"windows_per_s": config.train.batch_size * len(steady) / sum(steady),
-            "params": count_parameters(model)}
-
-
-def bench_ray(config: ExperimentConfig, dataset_path: str, output_dir: str) -> dict:
-    """A Ray Train run: in-loop windows/s (from TensorBoard, first 5 steps dropped) and wall time."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from dicp_ray.train import train_model
-
-    start = time.perf_counter()
-    train_model(config, dataset_path, output_dir, split_seed=0)
-    wall_s = time.perf_counter() - start
-    events = EventAccumulator(str(Path(output_dir) / "tb"))
-    events.Reload()
-    rates = [e.value for e in events.Scalars("train/samples_per_s")]
-    # equal 5-step intervals: the harmonic mean of their rates is windows / time
-    return {"windows_per_s": statistics.harmonic_mean(rates[1:] or rates), "wall_s": wall_s}
+def run_row(args: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"row {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="batch 128 and fewer steps")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cuda: in-process only (bf16 autocast), Ray is not imported")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", type=int, nargs="+", default=[1, 6, 15, 30], help="M rows of the new step")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per model (512; 4096 Key-to-Door)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: CPU 4, GPU 50)")
+    parser.add_argument("--per-pass", type=int, default=None, help="models per forward/backward pass "
+                        "(default: train_loop.models_per_pass's memory estimate)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also rows with torch.compile (GPU: CUDA graphs)")
+    parser.add_argument("--key-to-door", action="store_true", help="DarkKeyToDoor, k = 200, batch 4096")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    batch = args.batch_size or (128 if args.quick else 512)
-    steps = args.steps or (10 if args.quick else 20)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    import torch
+
+    from dicp_ray.envs import split_tasks
+    from dicp_ray.scripted import write_scripted_dataset
+
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    from dicp_ray.envs import split_tasks
-
-    task_ids = split_tasks("Darkroom", 0)[0][:NUM_TASKS]  # train tasks of split seed 0
+    env = "DarkKeyToDoor" if args.key_to_door else "Darkroom"
+    batch = args.batch_size or (4096 if args.key_to_door else 512)
+    steps = args.steps or (50 if args.device == "cuda" else 4)
+    card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        write_dataset(f"{tmp}/dataset", task_ids)
-        cfg = paper_config(batch, steps)
-        print(f"DICP-AD paper model, k = {cfg.context_len}, batch {batch}, {steps} steps per mode, "
-              f"torch {torch.__version__}, {os.cpu_count()} CPUs")
-        rows = []
-        if args.device == "cuda":  # baseline: this machine's CPUs; then the GPU in fp32 and bf16 autocast
-            threads = os.cpu_count() or 1
-            base = bench_in_process(cfg, f"{tmp}/dataset", task_ids, "cpu", num_threads=threads)
-            rows.append((f"in-process CPU, {threads} threads", base["windows_per_s"], None))
-            for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
-                gpu = bench_in_process(cfg, f"{tmp}/dataset", task_ids, "cuda", num_threads=threads, bf16=bf16)
-                rows.append((f"in-process {torch.cuda.get_device_name()} ({name})", gpu["windows_per_s"], None))
-        else:
-            base = bench_in_process(cfg, f"{tmp}/dataset", task_ids, "cpu", num_threads=1)
-            rows.append(("in-process CPU, 1 thread", base["windows_per_s"], None))
-            from dicp_ray.config import ResourcesConfig
-            from dicp_ray.runtime import init_ray
-
-            init_ray(ResourcesConfig(num_cpus=2), log_to_driver=False)
-            for workers in (1, 2):
-                result = bench_ray(paper_config(batch, steps, workers), f"{tmp}/dataset",
-                                   f"{tmp}/ray_{workers}")
-                rows.append((f"Ray Train, {workers} worker(s) x 1 CPU", result["windows_per_s"],
-                             result["wall_s"]))
-            again = bench_in_process(cfg, f"{tmp}/dataset", task_ids, "cpu", num_threads=1)  # drift check
-            rows.append(("in-process CPU, 1 thread (again, at the end)", again["windows_per_s"], None))
-        tokens = cfg.context_len + 1
-        print(f"{'mode':<44} {'windows/s':>10} {'tokens/s':>10} {'vs 1st row':>10} {'end-to-end s':>13}")
-        for name, rate, wall in rows:
-            wall_text = f"{wall:13.1f}" if wall is not None else f"{'-':>13}"
-            print(f"{name:<44} {rate:10.0f} {rate * tokens:10.0f} {rate / rows[0][1]:9.2f}x {wall_text}")
+        task_ids = split_tasks(env, 0)[0][:NUM_TASKS]
+        write_scripted_dataset(f"{tmp}/dataset", env, task_ids, NUM_STREAMS, NUM_EPISODES, fingerprint="bench")
+        k = paper_config(env, batch, 1).context_len
+        print(f"DICP-AD paper model on {env}, k = {k}, batch {batch} per model, {steps} timed steps per row, "
+              f"{card}, torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        base = {"dataset": f"{tmp}/dataset", "env": env, "batch": batch, "device": args.device,
+                "threads": args.threads, "warmup": 1 if args.device == "cpu" else 5, "per_pass": args.per_pass,
+                "compile": False}
+        rows = [("today's step, 1 model", run_row({**base, "mode": "today", "models": 1, "steps": steps}))]
+        for m in args.models:
+            rows.append((f"new step, {m} model(s)", run_row({**base, "mode": "new", "models": m,
+                                                              "steps": max(1, steps if m == 1 else steps // 2)})))
+            if args.compile:
+                rows.append((f"new step + torch.compile, {m} model(s)",
+                             run_row({**base, "mode": "new", "models": m, "compile": True, "warmup": 3,
+                                      "steps": max(1, steps // 2)})))
+        print(f"{'row':<40} {'windows/s wall':>15} {'windows/s CPU':>14} {'vs today':>9} {'table (768M)':>13} "
+              f"{'peak mem GB':>11}")
+        for name, r in rows:
+            rate = r["cpu"] if args.device == "cpu" else r["wall"]
+            hours = TABLE_WINDOWS / rate / 3600
+            mem = r["gpu_mem_gb"] if r["gpu_mem_gb"] is not None else r["max_rss_gb"]
+            print(f"{name:<40} {r['wall']:15.0f} {r['cpu']:14.0f} {rate / (rows[0][1]['cpu'] if args.device == 'cpu' else rows[0][1]['wall']):8.2f}x "
+                  f"{hours:11.1f} h {mem:11.1f}")
+        print("vs today and table hours use the CPU-time rate on CPU (per core), the wall rate on a GPU")
 
 
 if __name__ == "__main__":

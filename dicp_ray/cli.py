@@ -3,6 +3,7 @@
     dicp-ray validate --config tune_configs/demo.yaml [--set plan.depth=4]
     dicp-ray collect  --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
     dicp-ray train    --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
+                      [--backend ray|local] [--models-per-process N] [--device auto|cpu|cuda]
     dicp-ray evaluate --checkpoint PATH [--config FILE] [--set k=v ...] [--output DIR]
     dicp-ray pipeline --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
     dicp-ray sweep    --config tune_configs/sweeps/plan_darkroom.yaml [--checkpoint PATH] [--output DIR]
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
         if stage in ("evaluate", "sweep"):
             p.add_argument("--checkpoint", default=None, help="trained model.pt (evaluate: required)")
+        if stage in ("train", "pipeline"):  # shorthands for --set train.backend=... (dicp_ray/train_launch.py)
+            p.add_argument("--backend", choices=["ray", "local"], default=None,
+                           help="ray: Ray Train workers (default); local: this process, no Ray")
+            p.add_argument("--models-per-process", type=int, default=None, metavar="N",
+                           help="train up to N split seeds together with stacked weights (default 1)")
+            p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="local backend's device")
         p.add_argument("-v", "--verbose", action="store_true", help="show everything on the console: debug "
                        "logging, Ray/RLlib/Ray Train worker output, library warnings (default: those go to "
                        "<output>/logs/)")
@@ -110,6 +117,9 @@ def _run_mw_eval(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
     overrides = list(args.overrides)
+    for flag, key in (("backend", "backend"), ("models_per_process", "models_per_process"), ("device", "device")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"train.{key}={getattr(args, flag)}")
     if args.address:
         overrides.append(f"resources.address={args.address}")
     if args.config is None:  # evaluate without --config: the checkpoint's own config
@@ -169,10 +179,11 @@ def _dispatch(args: argparse.Namespace, config: ExperimentConfig, out: Path) -> 
 
         print(collect_histories(config, str(out / "dataset")))
     elif args.stage == "train":
-        from dicp_ray.train import train_model
+        from dicp_ray.train import train_models
 
-        for seed in config.env.split_seeds:
-            print(train_model(config, str(out / "dataset"), str(out / "train" / f"split_{seed}"), seed))
+        runs = [(str(out / "train" / f"split_{seed}"), seed) for seed in config.env.split_seeds]
+        for path in train_models(config, str(out / "dataset"), runs):
+            print(path)
     elif args.stage == "evaluate":
         from dicp_ray.evaluate import format_results_table, run_evaluations
 

@@ -196,6 +196,68 @@ def _branch_dropout(spec: ModelSpec) -> nn.Module:
     return nn.Dropout(spec.dropout) if spec.backbone == "gpt2" else nn.Identity()
 
 
+def _keep_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
+    """Bernoulli(1 - p) keep mask from the default generator: 32 random bits per element (two per 64-bit draw,
+    half the generator calls of ``bernoulli_``), P(drop) = round(p * 2^32) / 2^32, i.e. p to within 2^-33."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    threshold = round(p * 2 ** 32) - 2 ** 31
+    return bits.view(torch.int32)[:n].view(shape) >= threshold
+
+
+_CAUSAL_BIAS: dict = {}
+ATTENTION_DROPOUT_CPU = "fused"  # "fused": CausalAttentionDropout; "sdpa": SDPA's math path (benchmarks compare)
+
+
+def _causal_bias(length: int, dtype, device) -> torch.Tensor:
+    """(L, L) additive mask, 0 on and below the diagonal and -inf above (cached per shape/dtype/device)."""
+    key = (length, dtype, str(device))
+    if key not in _CAUSAL_BIAS:
+        ones = torch.ones(length, length, dtype=torch.bool, device=device)
+        _CAUSAL_BIAS[key] = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(
+            ~ones.tril(), float("-inf"))
+    return _CAUSAL_BIAS[key]
+
+
+class CausalAttentionDropout(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + causal) with dropout p on the probabilities, times v: the maths of
+    ``F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)``, with fewer passes on CPU.
+
+    SDPA with dropout falls back to its unfused math path on CPU (the attention tensors of a step are 13M
+    elements per layer at batch 512, k = 80): scaled q and k, a separate mask, a "safe" softmax that scans
+    for fully masked rows, ``bernoulli_`` masks and several full passes in the backward. Here: one
+    ``baddbmm`` (scores + causal bias), softmax, a 32-bit-threshold keep mask (`_keep_mask`), the 1/(1-p)
+    scale applied to the small output instead of the probabilities, and a hand-written backward that needs
+    no mask: with D = P * keep and G = s dO v^T, dS = G * D - P * rowsum(G * D). Same distribution of
+    dropout masks; other draws than SDPA's, so not bitwise equal to it with p > 0 (equal with p = 0).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, p: float):
+        B, H, L, hd = q.shape
+        scale, keep_scale = hd ** -0.5, 1.0 / (1.0 - p)
+        q3, k3, v3 = (t.reshape(B * H, L, hd) for t in (q, k, v))
+        probs = torch.baddbmm(_causal_bias(L, q.dtype, q.device), q3, k3.transpose(1, 2), alpha=scale).softmax(-1)
+        dropped = probs * _keep_mask(probs.shape, p, q.device)
+        out = torch.bmm(dropped, v3).mul_(keep_scale)
+        ctx.save_for_backward(q3, k3, v3, probs, dropped)
+        ctx.scale, ctx.keep_scale = scale, keep_scale
+        return out.view(B, H, L, hd)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q3, k3, v3, probs, dropped = ctx.saved_tensors
+        g = grad_out.reshape(q3.shape) * ctx.keep_scale                          # (BH, L, hd)
+        # X^T Y as (Y^T X)^T: CPU batched GEMM is ~5x faster with the (L, L) operand on the right, untransposed
+        grad_v = torch.bmm(g.transpose(1, 2), dropped).transpose(1, 2)
+        ds = torch.bmm(g, v3.transpose(1, 2)).mul_(dropped)                      # G * D
+        ds.addcmul_(probs, ds.sum(-1, keepdim=True), value=-1.0)                  # - P * rowsum(G * D)
+        grad_q = torch.bmm(ds, k3).mul_(ctx.scale)
+        grad_k = torch.bmm(q3.transpose(1, 2), ds).transpose(1, 2).mul_(ctx.scale)
+        shape = grad_out.shape
+        return grad_q.view(shape), grad_k.reshape(shape), grad_v.reshape(shape), None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -214,7 +276,10 @@ class CausalSelfAttention(nn.Module):
         if past_len:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+L, hd)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if past_len == 0 and mask is None:
+        if past_len == 0 and mask is None and dropout_p > 0 and x.device.type == "cpu" \
+                and ATTENTION_DROPOUT_CPU == "fused":
+            y = CausalAttentionDropout.apply(q, k, v, dropout_p)  # CUDA: SDPA's fused kernels do dropout
+        elif past_len == 0 and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             if mask is None:  # SDPA's is_causal aligns top-left; with a cache new query i sits at P+i

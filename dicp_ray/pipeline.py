@@ -92,12 +92,12 @@ def collect_stage(config: ExperimentConfig, output_dir: Path) -> Path:
 
 
 def train_stage(config: ExperimentConfig, output_dir: Path) -> dict[int, str]:
-    """One model per split seed; train_model returns an existing valid model.pt without retraining."""
-    from dicp_ray.train import train_model
+    """One model per split seed (train.models_per_process of them at once); an existing valid model.pt is reused."""
+    from dicp_ray.train import train_models
 
-    dataset_dir = output_dir / "dataset"
-    return {seed: train_model(config, str(dataset_dir), str(output_dir / "train" / f"split_{seed}"), seed)
-            for seed in config.env.split_seeds}
+    seeds = list(config.env.split_seeds)
+    runs = [(str(output_dir / "train" / f"split_{seed}"), seed) for seed in seeds]
+    return dict(zip(seeds, train_models(config, str(output_dir / "dataset"), runs)))
 
 
 @contextlib.contextmanager

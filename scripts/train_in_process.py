@@ -1,7 +1,7 @@
-"""Distil one model without Ray: `dicp_ray.train.train_in_process` from the command line.
+"""Distil one model without Ray: a thin wrapper of `dicp-ray train --backend local` for one output directory.
 
-For a machine with PyTorch but no Ray (the bare GPU box docs/results.md used). Same config files,
-dataset checks, seeds, losses and checkpoint format as `dicp-ray train` with one worker.
+Kept for old command lines; `dicp-ray train --config FILE --backend local [--device cuda]
+[--models-per-process N]` trains every split seed of a config (N at once) and is the one way to do it.
 
     PYTHONPATH=. python scripts/train_in_process.py --config tune_configs/darkroom_2core.yaml \
         --dataset runs/darkroom_2core/dataset --output runs/x/train_seed0 --split-seed 0 --device cuda \

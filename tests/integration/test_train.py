@@ -202,3 +202,61 @@ def test_crash_mid_training_resumes_from_last_checkpoint(ray_local, dataset_dir,
     assert payload["step"] == 20 and payload["resumed_at_steps"] == [10]  # FailureConfig retry from step 10
     assert (out / "ray_train" / ".test_crash_at_15").exists()
     assert {float(s["step"]) for s in _final_state(out)["optimizer"]["state"].values()} == {20.0}
+
+
+# ------------------------------------------------------------------------------------------ local backend, groups
+def _local(**train) -> ExperimentConfig:
+    return _tiny_config(backend="local", num_workers=1, **train)
+
+
+def _weights(path) -> dict:
+    return load_checkpoint(str(path))[0].state_dict()
+
+
+def test_local_group_resumes_after_a_crash_and_equals_a_lone_run(dataset_dir, tmp_path, one_thread, monkeypatch):
+    """Two runs trained as one group in this process (no Ray): a crash at step 15 and a re-run continue every
+    member from its step-10 checkpoint; each member then equals the same run trained alone (dropout 0)."""
+    from dicp_ray.train import train_models
+
+    config = _local(models_per_process=2)
+    runs = [(str(tmp_path / "a"), 0), (str(tmp_path / "b"), 0)]
+    monkeypatch.setenv(CRASH_ENV_VAR, "15")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_models(config, dataset_dir, runs)
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("checkpoint_*")) == ["checkpoint_00000010"]
+    paths = train_models(config, dataset_dir, runs)
+    monkeypatch.delenv(CRASH_ENV_VAR)
+    for path in paths:
+        _, payload = load_checkpoint(path)
+        assert payload["step"] == 20 and payload["resumed_at_steps"] == [10]
+        assert "2 model(s) per process" in payload["provenance"]["trainer"]
+    state = torch.load(tmp_path / "a" / "checkpoints" / "checkpoint_00000020" / "state.pt", weights_only=True)
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {20.0}
+    lone = train_models(_local(), dataset_dir, [(str(tmp_path / "lone"), 0)])[0]
+    for key, value in _weights(lone).items():
+        torch.testing.assert_close(_weights(paths[0])[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_weights(paths[1])[key], value, rtol=1e-5, atol=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "b" / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")][-2:] == [15, 20]
+    assert [e.step for e in tb.Scalars("heldout/loss")][-1] == 20  # (the resume purges steps >= 10 of the crashed run)
+    mtime = os.path.getmtime(paths[0])  # a re-run of a finished group trains nothing
+    assert train_models(config, dataset_dir, runs) == paths and os.path.getmtime(paths[0]) == mtime
+
+
+@pytest.mark.ray
+def test_group_under_ray_train_equals_the_local_loop(ray_local, dataset_dir, tmp_path, fast_reports):
+    """The same loop in a Ray Train worker: a group of 2 there trains each member to the local lone result."""
+    from dicp_ray.train import train_models
+
+    runs = [(str(tmp_path / "ray" / "split_0"), 0), (str(tmp_path / "ray" / "split_0b"), 0)]
+    paths = train_models(_tiny_config(num_workers=1, models_per_process=2), dataset_dir, runs)
+    assert sorted(p.name for p in (tmp_path / "ray" / "ray_train").iterdir()) == ["train_group_split_0_split_0b"]
+    lone = train_models(_local(), dataset_dir, [(str(tmp_path / "lone"), 0)])[0]
+    for path in paths:
+        _, payload = load_checkpoint(path)
+        assert payload["step"] == 20 and payload["split_seed"] == 0
+        for key, value in _weights(lone).items():
+            torch.testing.assert_close(_weights(path)[key], value, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """Unit tests for dicp_ray.model: shapes, causality, KV cache exactness, losses, checkpoints."""
 import dataclasses
+import math
 import os
 
 import pytest
@@ -458,3 +459,62 @@ def test_dpt_supervises_a_star_after_each_transition_not_the_query_alone():
 def test_token_spec_validation(bad):
     with pytest.raises(ValueError):
         make_spec(**bad)
+
+
+# ----------------------------------------------------------------------------- attention dropout (CPU training path)
+def _reference_attention(q, k, v, keep, p):
+    """softmax(q k^T / sqrt(d) + causal) * keep / (1 - p) @ v, written out with autograd."""
+    L = q.shape[2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    return (scores.softmax(-1) * keep / (1 - p)) @ v
+
+
+def test_attention_dropout_path_equals_the_written_out_maths():
+    """CausalAttentionDropout (the CPU training path with attn_dropout > 0) against plain autograd with the same
+    keep mask (drawn again from the same seed), forward and all three gradients, in float64."""
+    from dicp_ray.model import CausalAttentionDropout, _keep_mask
+
+    p = 0.3
+    q, k, v = (torch.randn(3, 2, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(3, 2, 7, 4, dtype=torch.float64)
+    torch.manual_seed(5)
+    out = CausalAttentionDropout.apply(q, k, v, p)
+    fast = torch.autograd.grad(out, (q, k, v), grad)
+    torch.manual_seed(5)
+    keep = _keep_mask(torch.Size([6, 7, 7]), p, "cpu").view(3, 2, 7, 7)
+    ref = _reference_attention(q, k, v, keep, p)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(fast, torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want)
+    assert 0 < int((~keep).sum()) < keep.numel()  # the test exercised dropped and kept entries
+
+
+def test_keep_mask_drops_at_rate_p():
+    from dicp_ray.model import _keep_mask
+
+    torch.manual_seed(0)
+    keep = _keep_mask(torch.Size([1000, 1001]), 0.1, "cpu")     # odd size: the last 32-bit half is cut off
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    assert abs(1 - keep.float().mean().item() - 0.1) < 0.002     # 1M draws: sd 3e-4
+
+
+def test_training_with_attention_dropout_uses_the_fast_path_and_learns(monkeypatch):
+    """The model in train mode with attn_dropout > 0 on CPU goes through CausalAttentionDropout; with p -> 0 it
+    equals SDPA (same model, same inputs)."""
+    import dicp_ray.model as model_module
+
+    spec = ModelSpec(context_len=8, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16, dropout=0.0,
+                     attn_dropout=1e-12)
+    torch.manual_seed(0)
+    model = DICPTransformer(spec).train()
+    x = torch.randn(4, 9, 8)
+    calls = []
+    original = model_module.CausalAttentionDropout.apply
+    monkeypatch.setattr(model_module.CausalAttentionDropout, "apply",
+                        staticmethod(lambda *a: calls.append(1) or original(*a)))
+    fast, _ = model.encode(x)
+    monkeypatch.setattr(model_module, "ATTENTION_DROPOUT_CPU", "sdpa")
+    slow, _ = model.encode(x)
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
