@@ -499,10 +499,14 @@ class DICPTransformer(nn.Module):
         preds = {**self._action_preds(h_action), **self._world_preds(hidden[:, -1])}
         if targets is None:
             return preds, None
-        supervised = preds
-        if self.spec.layout == "dpt":  # a* is supervised after 1..T transitions, not at the query alone
-            supervised = {k: v[:, 1:] if k.startswith("action_") else v for k, v in preds.items()}  # dpt.py:63
-        return preds, self.compute_losses(supervised, targets, world_model_weight)
+        return preds, self.compute_losses(self.supervised(preds), targets, world_model_weight)
+
+    def supervised(self, preds: dict) -> dict:
+        """The predictions the losses see: DPT's a* is supervised after 1..T transitions, not at the query
+        alone (the release's dpt.py:63), so its position-0 action outputs are dropped; AD's are all used."""
+        if self.spec.layout != "dpt":
+            return preds
+        return {k: v[:, 1:] if k.startswith("action_") else v for k, v in preds.items()}
 
     def compute_losses(self, preds: dict, targets: dict, world_model_weight: float = 1.0) -> dict:
         spec, losses = self.spec, {}

@@ -254,6 +254,7 @@ class ModelGroup:
         weight, n = self.train.world_model_weight, len(pairs)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             preds, _ = self._forward(batch)
+            preds = self.module.supervised(preds)
             if n == 1:
                 losses = [self.module.compute_losses(preds, targets, weight)]
             else:
