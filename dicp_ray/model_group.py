@@ -254,7 +254,8 @@ class ModelGroup:
         weight, n = self.train.world_model_weight, len(pairs)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             preds, _ = self._forward(batch)
-            preds = self.module.supervised(preds)
+            if hasattr(self.module, "supervised"):  # DICPTransformer: DPT drops its unsupervised position
+                preds = self.module.supervised(preds)
             if n == 1:
                 losses = [self.module.compute_losses(preds, targets, weight)]
             else:
