@@ -4,12 +4,12 @@
         --config tune_configs/fidelity_2core.yaml --dataset runs/fidelity_2core/dataset --output runs/fidelity_emb
 
 Trains up to four models without Ray (`train_in_process` on CPU, one process and one torch thread each,
-``--parallel`` at a time): DICP-AD and AD without world model, each with ``model.obs_embedding`` linear (a Linear map of the raw
-(x, y)) and cell (the release's learned table over the 81 cells); everything else is the config's (the release's
-backbone, the same windows, seeds and held-out batches). Each process then scores its model on split 0's 8
-held-out goals: DICP-AD in plan and policy mode, AD in policy mode. Prints one JSON line per model: the held-out
-action loss at the last step and the mean return at episodes 1, 10 and 50; writes them to
-``<output>/summary.json``. ``--runs wm1_linear wm1_cell`` runs only the DICP-AD pair.
+``--parallel`` at a time): DICP-AD and AD without world model, each with ``model.obs_embedding`` linear (a
+Linear map of the raw (x, y)) and cell (the release's learned table over the 81 cells); everything else is the
+config's (the release's backbone, the same windows, seeds and held-out batches). Each process then scores its
+model on split 0's 8 held-out goals: DICP-AD in plan and policy mode, AD in policy mode. Prints one JSON line
+per model: the held-out action loss at the last step and the mean return at episodes 1, 10 and 50; writes
+them to ``<output>/summary.json``. ``--runs wm1_linear wm1_cell`` runs only the DICP-AD pair.
 """
 from __future__ import annotations
 
