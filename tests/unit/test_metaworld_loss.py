@@ -151,3 +151,15 @@ def test_continuous_planning_starts_at_the_releases_step(second_half_only):
     planned = [t for t in range(horizon) if should_plan_continuous(settings, k, k + t, t, horizon)]
     assert planned == (list(range(51, 100)) if second_half_only else list(range(100)))   # 49 per episode
     assert not should_plan_continuous(settings, k, k - 1, horizon - 1, horizon)   # the window is full here
+
+
+def test_evaluate_refuses_deep_search_on_a_checkpoint_without_next_obs_head(tmp_path):
+    from dicp_ray.evaluate import _check_compatible
+
+    config = ml1(*SMALL, "model.next_obs_loss=true", "plan.depth=2")      # a config that allows depth 2 ...
+    reward_only = model_spec_from_config(ml1(*SMALL), META_WORLD)         # ... and a checkpoint that cannot
+    payload = {"env_name": "ML1", "config": config.to_dict(), "variant": "ad"}
+    with pytest.raises(ValueError, match="needs a next-observation head"):
+        _check_compatible(payload, reward_only, config, "plan", "model.pt")
+    _check_compatible(payload, reward_only, config, "policy", "model.pt")
+    _check_compatible(payload, model_spec_from_config(config, META_WORLD), config, "plan", "model.pt")
