@@ -25,8 +25,9 @@ evaluation steps; in the adaptation phase that is always one group):
 * Action: sampled from the policy (mode "policy"), or DICP's sampled search ``plan_continuous`` with the
   checkpoint config's ``PlannerSettings`` where the release plans (``should_plan_continuous``: once k
   transitions precede the step, and with ``plan.second_half_only`` only after step ``max_episode_steps // 2``
-  of each episode, steps counted per env), exactly as ``dicp_ray.evaluate._rollout_continuous`` does. Returned clipped to [-1, 1] as float32; the context stores
-  that clipped action (what our training data stores).
+  of each episode, steps counted per env), exactly as ``dicp_ray.evaluate._rollout_continuous`` does.
+  Returned clipped to [-1, 1] as float32; the context stores that clipped action (what our training data
+  stores).
 * Context: each env's last k-1 transitions (k = ``spec.context_len``) across episode boundaries, as in
   ``_rollout_continuous``. A transition's next_obs is the observation of the next call for that env.
 
