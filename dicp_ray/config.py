@@ -247,7 +247,8 @@ class PlanConfig:
     use_cache: bool = True
     """Reuse a key-value cache of the real context (False = the release's full re-encoding; same actions)."""
     second_half_only: bool = False
-    """Plan only in the second half of each episode, as the authors' release does for Meta-World."""
+    """Plan only in the second half of each episode, as the authors' release does for Meta-World (continuous AD:
+    at steps after horizon // 2, the release's rule, see plan.should_plan_continuous)."""
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,10 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
     if mode == "plan" and spec.layout not in ("ad", "idt"):
         raise ValueError(f"mode 'plan' supports the 'ad' layout (and 'idt' on Meta-World) only, checkpoint {path} "
                          f"has {spec.layout!r}")
+    if mode == "plan" and spec.world_model and not spec.has_next_obs_head and config.plan_depth > 1:
+        raise ValueError(f"plan.depth = {config.plan_depth} needs a next-observation head, but checkpoint {path} "
+                         "predicts rewards only (model.next_obs_loss off, Meta-World's default): --set plan.depth=1, "
+                         "or train with --set model.next_obs_loss=true")
 
 
 def _check_action_labels(payload: dict, config: ExperimentConfig, path: str) -> None:

@@ -23,10 +23,11 @@ evaluation steps; in the adaptation phase that is always one group):
 * Observation: Meta-World's 39 numbers sliced to the model's ``spec.obs_dim`` (11, or 18 for two-object tasks)
   and cast to float32, which is exactly what `dicp_ray.envs.meta_world` returns for the same goal (tested).
 * Action: sampled from the policy (mode "policy"), or DICP's sampled search ``plan_continuous`` with the
-  checkpoint config's ``PlannerSettings`` once the window is full (and with ``plan.second_half_only`` only
-  from step ``max_episode_steps // 2`` of each episode on, step counted per env), exactly as
-  ``dicp_ray.evaluate._rollout_continuous`` does. Returned clipped to [-1, 1] as float32; the context stores
-  that clipped action (what our training data stores).
+  checkpoint config's ``PlannerSettings`` where the release plans (``should_plan_continuous``: once k
+  transitions precede the step, and with ``plan.second_half_only`` only after step ``max_episode_steps // 2``
+  of each episode, steps counted per env), exactly as ``dicp_ray.evaluate._rollout_continuous`` does.
+  Returned clipped to [-1, 1] as float32; the context stores that clipped action (what our training data
+  stores).
 * Context: each env's last k-1 transitions (k = ``spec.context_len``) across episode boundaries, as in
   ``_rollout_continuous``. A transition's next_obs is the observation of the next call for that env.
 
@@ -46,8 +47,10 @@ Deviations from ``dicp-ray evaluate`` that the protocol forces (documented in RE
 1. **Final observation of an episode.** Meta-World's vector envs reset in the same step (SAME_STEP autoreset):
    the observation after the last step of an episode is the next episode's first one, and the true final
    observation (``infos["final_obs"]``) is never passed to the agent. The last transition of every
-   adaptation episode therefore stores the world model's next-observation prediction (models with a
-   world model) or repeats its own observation (models without). ``dicp-ray evaluate`` stores the true one.
+   adaptation episode therefore stores the world model's next-observation prediction (models trained with
+   ``model.next_obs_loss: true``) or repeats its own observation (models without a next-observation head:
+   Meta-World's default, as the release, and models without a world model). ``dicp-ray evaluate`` stores the
+   true one.
 2. **No rewards in evaluation episodes.** The adaptation context is frozen at ``adapt()``. During an
    evaluation episode the episode's own transitions are appended to it with reward = the world model's
    predicted reward clipped to [0, 10] (``eval_reward="predicted"``, the default when the model has a reward
