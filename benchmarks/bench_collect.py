@@ -150,9 +150,9 @@ def main() -> None:
         one, two = scaling[1], scaling[2]
         wall_eff = (two["steps"] / two["wall"]) / (2 * one["steps"] / one["wall"])
         cpu_eff = (two["steps"] / two["cpu"]) / (one["steps"] / one["cpu"])
-        print(f"\nscaling 1 -> 2 worker processes (Ray, populations of 9): wall efficiency {wall_eff:.0%} "
+        print(f"\nscaling 1 -> 2 worker processes (Ray, populations of 9): wall efficiency {wall_eff:.1%} "
               f"(end to end, incl. Ray start of the workers; the machine's other load counts), "
-              f"CPU efficiency {cpu_eff:.0%} (steps per CPU-second of a worker, 2 at once vs 1)")
+              f"CPU efficiency {cpu_eff:.1%} (steps per CPU-second of a worker, 2 at once vs 1)")
     else:
         cpu_eff = 1.0
     hours = KTD_TASKS * KTD_STEPS / ktd_rate / 3600
