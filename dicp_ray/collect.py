@@ -1,4 +1,9 @@
-"""Stage 1: learning histories. One RLlib PPO (or SAC) learner per task, each a Ray task writing its shard.
+"""Stage 1: learning histories. PPO (or SAC) learners as Ray tasks, each writing its tasks' shards.
+
+``collect.learner`` picks the learner: on the grid worlds (default ``auto``) a *population* of task
+learners per Ray task (`dicp_ray.population_collect`: one stacked network per core, equal to SB3's PPO per
+learner; at N = 81 16x SB3's and 33x the RLlib learner's env steps per CPU-second, bench_collect.py); on
+Meta-World, and with ``learner: rllib``, one RLlib learner per task as described here (the reference).
 
 Run it with ``dicp-ray collect --config tune_configs/<env>.yaml --output DIR`` or from Python::
 

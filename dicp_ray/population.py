@@ -20,6 +20,25 @@ live SB3 in tests/unit/test_population.py:
   gradient is exactly its own loss's), global-norm clipping per learner (torch's ``clip_grad_norm_``
   formula), Adam eps 1e-5 (SB3's) - elementwise, so one optimizer over the stacked tensor is N Adams.
 * GAE (``gae``): SB3's ``compute_returns_and_advantage`` in float32, vectorised over learners.
+
+Throughput (benchmarks/bench_collect.py --quick, paper Darkroom settings, one thread each, env steps per
+CPU-second, all rows in one run on 2 shared cores at load average 35-49): SB3 PPO 1,025; RLlib learner per
+task 503 (0.5x); population N = 1: 1,937 (1.9x), N = 9: 8,286 (8.1x), N = 81: 16,485 (16.1x SB3, 33x RLlib);
+Dark Key-to-Door N = 81 (its settings take 4x fewer gradient steps per env step): 37,069.
+
+Decision: the population runs as plain PyTorch inside Ray tasks, not hosted in RLlib. Bounded attempt
+(benchmarks/bench_population_rllib.py 81): at N = 81 one update of the plain population costs 0.13 CPU s of
+rollout (grid observations are cells, so a step is a lookup in a per-update policy table) plus 10.9 s of
+PPO update, while RLlib's ``SingleAgentEnvRunner.sample()`` of the same 162,000 steps over 8,100 sub-envs of
+the batched grid env alone costs 7.0 s: hosted with RLlib's EnvRunner, even with this update and no other
+RLlib overhead, the population would take >= 1.62x the plain time (the target was 1.5x). A "lean EnvRunner"
+that removes that cost would be this module's rollout inside an RLlib class, with RLlib's episode and
+connector machinery (the point of hosting) bypassed, so it was not built. RLlib stays for Meta-World (PPO,
+SAC) and as the reference learner (``collect.learner: rllib``).
+
+Meta-World PPO: not ported. MuJoCo stepping alone runs 2,544 (reach-v3) / 1,445 (pick-place-v3) env steps/s
+per core through our wrapper (README, bench_meta_world.py) against ~1,200 for the whole RLlib learner on
+reach, so even a free learner would gain at most ~2x there, against 16-37x on the grid worlds.
 """
 from __future__ import annotations
 

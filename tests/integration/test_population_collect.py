@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dicp_ray import data
-from dicp_ray.collect import collect_histories, data_fingerprint
+from dicp_ray.collect import collect_histories, data_fingerprint, resolved_learner
 from dicp_ray.config import ConfigError, config_from_dict
 from dicp_ray.population_collect import learn_population, population_sizes
 
@@ -83,6 +83,10 @@ def test_population_sizes_and_config_checks():
         tiny_config(learner="populaton")
     with pytest.raises(ConfigError, match="tasks_per_population"):
         tiny_config(tasks_per_population=-1)
+    with pytest.raises(ConfigError, match="grid worlds only"):
+        config_from_dict({"env": {"name": "ML1", "task": "reach-v3"}, "collect": {"learner": "population"}})
+    meta_world = config_from_dict({"env": {"name": "ML1", "task": "reach-v3"}})
+    assert resolved_learner(meta_world) == "rllib" and resolved_learner(tiny_config()) == "population"
 
 
 def test_population_learns_at_a_reduced_budget(tmp_path):
