@@ -160,7 +160,7 @@ def _keep_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
 
 
 _CAUSAL_BIAS: dict = {}
-ATTENTION_DROPOUT_CPU = "fused"  # "fused": CausalAttentionDropout; "sdpa": SDPA's math path (benchmarks compare)
+ATTENTION_DROPOUT_CPU = "fused"  # "fused": CausalAttentionDropout + Dropout's masks; "sdpa": torch's own (benchmarks)
 
 
 def _causal_bias(length: int, dtype, device) -> torch.Tensor:
@@ -212,13 +212,39 @@ class CausalAttentionDropout(torch.autograd.Function):
         return grad_q.view(shape), grad_k.reshape(shape), grad_v.reshape(shape), None
 
 
+class _DropoutFn(torch.autograd.Function):
+    """x * keep / (1 - p) with a `_keep_mask` (saved as bool for the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, p: float):
+        keep = _keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU training masks come from `_keep_mask` (half the generator calls of
+    ``bernoulli_``); CUDA and eval mode are nn.Dropout's own. Same distribution, other draws."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0 and x.device.type == "cpu" and ATTENTION_DROPOUT_CPU == "fused":
+            return _DropoutFn.apply(x, self.p)
+        return super().forward(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.h, self.hd, self.attn_dropout = spec.num_heads, spec.head_dim, spec.attn_dropout
         self.qkv = nn.Linear(spec.embed_dim, 3 * spec.embed_dim, bias=False)
         self.proj = nn.Linear(spec.embed_dim, spec.embed_dim, bias=False)
-        self.resid_drop = nn.Dropout(spec.dropout)
+        self.resid_drop = Dropout(spec.dropout)
 
     def forward(self, x, cos, sin, past: tuple[torch.Tensor, torch.Tensor] | None, mask=None):
         B, L, E = x.shape
@@ -247,7 +273,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.up = nn.Linear(spec.embed_dim, 2 * spec.mlp_dim, bias=False)  # gate and value, fused
         self.down = nn.Linear(spec.mlp_dim, spec.embed_dim, bias=False)
-        self.drop = nn.Dropout(spec.dropout)
+        self.drop = Dropout(spec.dropout)
 
     def forward(self, x):
         gate, value = self.up(x).chunk(2, dim=-1)
