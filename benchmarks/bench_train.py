@@ -50,7 +50,7 @@ def child(args: dict) -> dict:
     import torch
 
     from dicp_ray import data
-    from dicp_ray import model as model_module
+    from dicp_ray import attention
     from dicp_ray.model import build_model, count_parameters
     from dicp_ray.train import model_spec_from_config, windows_to_batch
 
@@ -65,13 +65,19 @@ def child(args: dict) -> dict:
         torch.manual_seed(0)
         models.append(build_model(spec))
 
-    def batches():
-        return [windows_to_batch(s.sample(args["batch"]), spec.layout, spec.world_model, device) for s in samplers]
+    def batches():  # as the training loop does it (CUDA: pinned memory, non-blocking copies)
+        from dicp_ray.train_loop import _to_device
+
+        return [_to_device(windows_to_batch(s.sample(args["batch"]), spec.layout, spec.world_model), device)
+                for s in samplers]
 
     if args["mode"] == "today":
         from dicp_ray.train import train_step
 
-        model_module.ATTENTION_DROPOUT_CPU = "sdpa"
+        def batches():  # noqa: F811  today's: straight to the device
+            return [windows_to_batch(samplers[0].sample(args["batch"]), spec.layout, spec.world_model, device)]
+
+        attention.ATTENTION_DROPOUT_CPU = "sdpa"
         model = models[0].to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                       weight_decay=cfg.train.weight_decay)

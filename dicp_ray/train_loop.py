@@ -166,7 +166,7 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
             if step == r.start_step:
                 leaked = set(member.loop_config["test_task_ids"]).intersection(windows["task_id"].tolist())
                 assert not leaked, f"sampled windows of test tasks {sorted(leaked)}"
-            pairs.append(windows_to_batch(windows, spec.layout, spec.world_model, backend.device))
+            pairs.append(_to_device(windows_to_batch(windows, spec.layout, spec.world_model), backend.device))
         if step == r.crash_at_step:
             backend.crash_marker(loop_configs[0], step).parent.mkdir(parents=True, exist_ok=True)
             backend.crash_marker(loop_configs[0], step).touch()
@@ -181,6 +181,14 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
     for member in r.members:
         if member.writer is not None:
             member.writer.close()
+
+
+def _to_device(pair: tuple[dict, dict], device: torch.device) -> tuple[dict, dict]:
+    """Host batch -> device. CUDA: through pinned memory with non-blocking copies, so the host queues the next
+    step while the GPU still runs this one (a plain copy from pageable memory waits for the GPU every step)."""
+    if device.type != "cuda":
+        return pair if device.type == "cpu" else tuple({k: v.to(device) for k, v in d.items()} for d in pair)
+    return tuple({k: v.pin_memory().to(device, non_blocking=True) for k, v in d.items()} for d in pair)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
