@@ -166,11 +166,11 @@ def main() -> None:
                                       "steps": max(1, steps // 2)})))
         print(f"{'row':<40} {'windows/s wall':>15} {'windows/s CPU':>14} {'vs today':>9} {'table (768M)':>13} "
               f"{'peak mem GB':>11}")
+        key = "cpu" if args.device == "cpu" else "wall"
         for name, r in rows:
-            rate = r["cpu"] if args.device == "cpu" else r["wall"]
-            hours = TABLE_WINDOWS / rate / 3600
+            hours = TABLE_WINDOWS / r[key] / 3600
             mem = r["gpu_mem_gb"] if r["gpu_mem_gb"] is not None else r["max_rss_gb"]
-            print(f"{name:<40} {r['wall']:15.0f} {r['cpu']:14.0f} {rate / (rows[0][1]['cpu'] if args.device == 'cpu' else rows[0][1]['wall']):8.2f}x "
+            print(f"{name:<40} {r['wall']:15.0f} {r['cpu']:14.0f} {r[key] / rows[0][1][key]:8.2f}x "
                   f"{hours:11.1f} h {mem:11.1f}")
         print("vs today and table hours use the CPU-time rate on CPU (per core), the wall rate on a GPU")
 

@@ -23,7 +23,8 @@ import torch
 from dicp_ray.config import ExperimentConfig
 from dicp_ray.model import build_model
 from dicp_ray.model_group import ModelGroup
-from dicp_ray.train import CRASH_ENV_VAR, evaluate_batches, make_window_sampler, model_spec_from_config, windows_to_batch
+from dicp_ray.train import (CRASH_ENV_VAR, evaluate_batches, make_window_sampler, model_spec_from_config,
+                            windows_to_batch)
 from dicp_ray.train_backends import (LocalBackend, Member, MetricMeans, RayBackend, _all_gather, _rng_state,
                                      heldout_batches, tune_allocator, write_member_checkpoint)
 
@@ -98,7 +99,8 @@ class _Run:
         else:  # another worker count: fresh but deterministic streams
             torch.manual_seed(seed * 1000 + rank + 1_000_003 * step)
             for member in self.members:
-                member.sampler._rng.bit_generator.state = np.random.default_rng([seed, rank, step]).bit_generator.state
+                fresh = np.random.default_rng([seed, rank, step])
+                member.sampler._rng.bit_generator.state = fresh.bit_generator.state
         return step, [*states[0]["resumed_at_steps"], step]
 
     # -- one interval ------------------------------------------------------------
