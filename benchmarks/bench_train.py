@@ -50,7 +50,7 @@ def child(args: dict) -> dict:
     import torch
 
     from dicp_ray import data
-    from dicp_ray import model as model_module
+    from dicp_ray import attention
     from dicp_ray.model import build_model, count_parameters
     from dicp_ray.train import model_spec_from_config, windows_to_batch
 
@@ -65,13 +65,19 @@ def child(args: dict) -> dict:
         torch.manual_seed(0)
         models.append(build_model(spec))
 
-    def batches():
-        return [windows_to_batch(s.sample(args["batch"]), spec.layout, spec.world_model, device) for s in samplers]
+    def batches():  # as the training loop does it (CUDA: pinned memory, non-blocking copies)
+        from dicp_ray.train_loop import _to_device
+
+        return [_to_device(windows_to_batch(s.sample(args["batch"]), spec.layout, spec.world_model), device)
+                for s in samplers]
 
     if args["mode"] == "today":
         from dicp_ray.train import train_step
 
-        model_module.ATTENTION_DROPOUT_CPU = "sdpa"
+        def batches():  # noqa: F811  today's: straight to the device
+            return [windows_to_batch(samplers[0].sample(args["batch"]), spec.layout, spec.world_model, device)]
+
+        attention.ATTENTION_DROPOUT_CPU = "sdpa"
         model = models[0].to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                       weight_decay=cfg.train.weight_decay)
@@ -160,11 +166,11 @@ def main() -> None:
                                       "steps": max(1, steps // 2)})))
         print(f"{'row':<40} {'windows/s wall':>15} {'windows/s CPU':>14} {'vs today':>9} {'table (768M)':>13} "
               f"{'peak mem GB':>11}")
+        key = "cpu" if args.device == "cpu" else "wall"
         for name, r in rows:
-            rate = r["cpu"] if args.device == "cpu" else r["wall"]
-            hours = TABLE_WINDOWS / rate / 3600
+            hours = TABLE_WINDOWS / r[key] / 3600
             mem = r["gpu_mem_gb"] if r["gpu_mem_gb"] is not None else r["max_rss_gb"]
-            print(f"{name:<40} {r['wall']:15.0f} {r['cpu']:14.0f} {rate / (rows[0][1]['cpu'] if args.device == 'cpu' else rows[0][1]['wall']):8.2f}x "
+            print(f"{name:<40} {r['wall']:15.0f} {r['cpu']:14.0f} {r[key] / rows[0][1][key]:8.2f}x "
                   f"{hours:11.1f} h {mem:11.1f}")
         print("vs today and table hours use the CPU-time rate on CPU (per core), the wall rate on a GPU")
 

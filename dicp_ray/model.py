@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dicp_ray import attention
+
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dicp_ray.checkpoint", 1
 
@@ -193,69 +195,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _branch_dropout(spec: ModelSpec) -> nn.Module:
     """Dropout on a residual branch's output ("gpt2"); the release drops each sublayer's input instead."""
-    return nn.Dropout(spec.dropout) if spec.backbone == "gpt2" else nn.Identity()
-
-
-def _keep_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
-    """Bernoulli(1 - p) keep mask from the default generator: 32 random bits per element (two per 64-bit draw,
-    half the generator calls of ``bernoulli_``), P(drop) = round(p * 2^32) / 2^32, i.e. p to within 2^-33."""
-    n = math.prod(shape)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, None)
-    threshold = round(p * 2 ** 32) - 2 ** 31
-    return bits.view(torch.int32)[:n].view(shape) >= threshold
-
-
-_CAUSAL_BIAS: dict = {}
-ATTENTION_DROPOUT_CPU = "fused"  # "fused": CausalAttentionDropout; "sdpa": SDPA's math path (benchmarks compare)
-
-
-def _causal_bias(length: int, dtype, device) -> torch.Tensor:
-    """(L, L) additive mask, 0 on and below the diagonal and -inf above (cached per shape/dtype/device)."""
-    key = (length, dtype, str(device))
-    if key not in _CAUSAL_BIAS:
-        ones = torch.ones(length, length, dtype=torch.bool, device=device)
-        _CAUSAL_BIAS[key] = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(
-            ~ones.tril(), float("-inf"))
-    return _CAUSAL_BIAS[key]
-
-
-class CausalAttentionDropout(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) + causal) with dropout p on the probabilities, times v: the maths of
-    ``F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)``, with fewer passes on CPU.
-
-    SDPA with dropout falls back to its unfused math path on CPU (the attention tensors of a step are 13M
-    elements per layer at batch 512, k = 80): scaled q and k, a separate mask, a "safe" softmax that scans
-    for fully masked rows, ``bernoulli_`` masks and several full passes in the backward. Here: one
-    ``baddbmm`` (scores + causal bias), softmax, a 32-bit-threshold keep mask (`_keep_mask`), the 1/(1-p)
-    scale applied to the small output instead of the probabilities, and a hand-written backward that needs
-    no mask: with D = P * keep and G = s dO v^T, dS = G * D - P * rowsum(G * D). Same distribution of
-    dropout masks; other draws than SDPA's, so not bitwise equal to it with p > 0 (equal with p = 0).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, p: float):
-        B, H, L, hd = q.shape
-        scale, keep_scale = hd ** -0.5, 1.0 / (1.0 - p)
-        q3, k3, v3 = (t.reshape(B * H, L, hd) for t in (q, k, v))
-        probs = torch.baddbmm(_causal_bias(L, q.dtype, q.device), q3, k3.transpose(1, 2), alpha=scale).softmax(-1)
-        dropped = probs * _keep_mask(probs.shape, p, q.device)
-        out = torch.bmm(dropped, v3).mul_(keep_scale)
-        ctx.save_for_backward(q3, k3, v3, probs, dropped)
-        ctx.scale, ctx.keep_scale = scale, keep_scale
-        return out.view(B, H, L, hd)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q3, k3, v3, probs, dropped = ctx.saved_tensors
-        g = grad_out.reshape(q3.shape) * ctx.keep_scale                          # (BH, L, hd)
-        # X^T Y as (Y^T X)^T: CPU batched GEMM is ~5x faster with the (L, L) operand on the right, untransposed
-        grad_v = torch.bmm(g.transpose(1, 2), dropped).transpose(1, 2)
-        ds = torch.bmm(g, v3.transpose(1, 2)).mul_(dropped)                      # G * D
-        ds.addcmul_(probs, ds.sum(-1, keepdim=True), value=-1.0)                  # - P * rowsum(G * D)
-        grad_q = torch.bmm(ds, k3).mul_(ctx.scale)
-        grad_k = torch.bmm(q3.transpose(1, 2), ds).transpose(1, 2).mul_(ctx.scale)
-        shape = grad_out.shape
-        return grad_q.view(shape), grad_k.reshape(shape), grad_v.reshape(shape), None
+    return attention.Dropout(spec.dropout) if spec.backbone == "gpt2" else nn.Identity()
 
 
 class CausalSelfAttention(nn.Module):
@@ -277,8 +217,8 @@ class CausalSelfAttention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+L, hd)
         dropout_p = self.attn_dropout if self.training else 0.0
         if past_len == 0 and mask is None and dropout_p > 0 and x.device.type == "cpu" \
-                and ATTENTION_DROPOUT_CPU == "fused":
-            y = CausalAttentionDropout.apply(q, k, v, dropout_p)  # CUDA: SDPA's fused kernels do dropout
+                and attention.ATTENTION_DROPOUT_CPU == "fused":
+            y = attention.CausalAttentionDropout.apply(q, k, v, dropout_p)  # CUDA: SDPA's fused kernels do dropout
         elif past_len == 0 and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -310,7 +250,7 @@ class Block(nn.Module):
         release = spec.backbone == "release"
         eps = 1e-5 if release else None
         self.norm1, self.norm2 = nn.RMSNorm(spec.embed_dim, eps=eps), nn.RMSNorm(spec.embed_dim, eps=eps)
-        self.in_drop = nn.Dropout(spec.dropout) if release else nn.Identity()
+        self.in_drop = attention.Dropout(spec.dropout) if release else nn.Identity()
         self.attn, self.mlp = CausalSelfAttention(spec), SwiGLU(spec)
 
     def forward(self, x, cos, sin, past, mask=None):
@@ -334,7 +274,7 @@ class DICPTransformer(nn.Module):
             self.embed_query_cell = nn.Embedding(spec.num_obs_classes, E)  # cell x * side + y -> token
         self.embed_query_action_proj = nn.Linear(A, E) if spec.world_model else None
         gpt2 = spec.backbone == "gpt2"
-        self.drop = nn.Dropout(spec.dropout) if gpt2 else nn.Identity()
+        self.drop = attention.Dropout(spec.dropout) if gpt2 else nn.Identity()
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
         self.norm = nn.RMSNorm(E) if gpt2 else nn.Identity()  # the release feeds the heads unnormalised
         self.head_action = nn.Linear(E, A if spec.discrete_actions else 2 * A)  # logits | (mean, log_std)

@@ -262,7 +262,7 @@ class ModelGroup:
                 losses = [self.module.compute_losses(p, t, weight)
                           for p, t in zip(split_rows(preds, n), split_rows(targets, n))]
         (losses[0]["loss"] if n == 1 else torch.stack([l["loss"] for l in losses]).sum()).backward()
-        return losses
+        return [{k: v.detach() for k, v in l.items()} for l in losses]  # drop the graph before the next pass
 
     def _activate(self, models: slice | None) -> None:
         for module in self.module.modules():

@@ -23,7 +23,8 @@ import torch
 from dicp_ray.config import ExperimentConfig
 from dicp_ray.model import build_model
 from dicp_ray.model_group import ModelGroup
-from dicp_ray.train import CRASH_ENV_VAR, evaluate_batches, make_window_sampler, model_spec_from_config, windows_to_batch
+from dicp_ray.train import (CRASH_ENV_VAR, evaluate_batches, make_window_sampler, model_spec_from_config,
+                            windows_to_batch)
 from dicp_ray.train_backends import (LocalBackend, Member, MetricMeans, RayBackend, _all_gather, _rng_state,
                                      heldout_batches, tune_allocator, write_member_checkpoint)
 
@@ -98,7 +99,8 @@ class _Run:
         else:  # another worker count: fresh but deterministic streams
             torch.manual_seed(seed * 1000 + rank + 1_000_003 * step)
             for member in self.members:
-                member.sampler._rng.bit_generator.state = np.random.default_rng([seed, rank, step]).bit_generator.state
+                fresh = np.random.default_rng([seed, rank, step])
+                member.sampler._rng.bit_generator.state = fresh.bit_generator.state
         return step, [*states[0]["resumed_at_steps"], step]
 
     # -- one interval ------------------------------------------------------------
@@ -166,7 +168,7 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
             if step == r.start_step:
                 leaked = set(member.loop_config["test_task_ids"]).intersection(windows["task_id"].tolist())
                 assert not leaked, f"sampled windows of test tasks {sorted(leaked)}"
-            pairs.append(windows_to_batch(windows, spec.layout, spec.world_model, backend.device))
+            pairs.append(_to_device(windows_to_batch(windows, spec.layout, spec.world_model), backend.device))
         if step == r.crash_at_step:
             backend.crash_marker(loop_configs[0], step).parent.mkdir(parents=True, exist_ok=True)
             backend.crash_marker(loop_configs[0], step).touch()
@@ -181,6 +183,14 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
     for member in r.members:
         if member.writer is not None:
             member.writer.close()
+
+
+def _to_device(pair: tuple[dict, dict], device: torch.device) -> tuple[dict, dict]:
+    """Host batch -> device. CUDA: through pinned memory with non-blocking copies, so the host queues the next
+    step while the GPU still runs this one (a plain copy from pageable memory waits for the GPU every step)."""
+    if device.type != "cuda":
+        return pair if device.type == "cpu" else tuple({k: v.to(device) for k, v in d.items()} for d in pair)
+    return tuple({k: v.pin_memory().to(device, non_blocking=True) for k, v in d.items()} for d in pair)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

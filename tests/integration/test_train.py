@@ -7,6 +7,7 @@ learner). The first tests run without Ray; the TorchTrainer runs use 2 CPU worke
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -260,3 +261,27 @@ def test_group_under_ray_train_equals_the_local_loop(ray_local, dataset_dir, tmp
         assert payload["step"] == 20 and payload["split_seed"] == 0
         for key, value in _weights(lone).items():
             torch.testing.assert_close(_weights(path)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_trains_all_split_seeds_in_one_local_process(dataset_dir, tmp_path, one_thread, capsys):
+    """`dicp-ray train --backend local --models-per-process 2`: both split seeds' models from one group, no Ray."""
+    import shutil
+
+    import yaml
+
+    from dicp_ray.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(dataset_dir, out / "dataset")
+    config = _tiny_config().to_dict()
+    config["env"]["split_seeds"] = [0, 1]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config))))
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--output", str(out), "--backend", "local",
+                 "--models-per-process", "2", "--set", "train.num_workers=1"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "train" / f"split_{s}" / "model.pt") for s in (0, 1)]
+    for seed in (0, 1):
+        _, payload = load_checkpoint(printed[seed])
+        assert payload["split_seed"] == seed and payload["step"] == 20
+        assert "2 model(s) per process" in payload["provenance"]["trainer"]
+    assert not (out / "train" / "ray_train").exists()

@@ -473,7 +473,7 @@ def _reference_attention(q, k, v, keep, p):
 def test_attention_dropout_path_equals_the_written_out_maths():
     """CausalAttentionDropout (the CPU training path with attn_dropout > 0) against plain autograd with the same
     keep mask (drawn again from the same seed), forward and all three gradients, in float64."""
-    from dicp_ray.model import CausalAttentionDropout, _keep_mask
+    from dicp_ray.attention import CausalAttentionDropout, _keep_mask
 
     p = 0.3
     q, k, v = (torch.randn(3, 2, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -491,7 +491,7 @@ def test_attention_dropout_path_equals_the_written_out_maths():
 
 
 def test_keep_mask_drops_at_rate_p():
-    from dicp_ray.model import _keep_mask
+    from dicp_ray.attention import _keep_mask
 
     torch.manual_seed(0)
     keep = _keep_mask(torch.Size([1000, 1001]), 0.1, "cpu")     # odd size: the last 32-bit half is cut off
@@ -499,10 +499,10 @@ def test_keep_mask_drops_at_rate_p():
     assert abs(1 - keep.float().mean().item() - 0.1) < 0.002     # 1M draws: sd 3e-4
 
 
-def test_training_with_attention_dropout_uses_the_fast_path_and_learns(monkeypatch):
+def test_training_with_attention_dropout_uses_the_fast_path_equal_to_sdpa_as_p_goes_to_0(monkeypatch):
     """The model in train mode with attn_dropout > 0 on CPU goes through CausalAttentionDropout; with p -> 0 it
     equals SDPA (same model, same inputs)."""
-    import dicp_ray.model as model_module
+    import dicp_ray.attention as attention
 
     spec = ModelSpec(context_len=8, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16, dropout=0.0,
                      attn_dropout=1e-12)
@@ -510,11 +510,11 @@ def test_training_with_attention_dropout_uses_the_fast_path_and_learns(monkeypat
     model = DICPTransformer(spec).train()
     x = torch.randn(4, 9, 8)
     calls = []
-    original = model_module.CausalAttentionDropout.apply
-    monkeypatch.setattr(model_module.CausalAttentionDropout, "apply",
+    original = attention.CausalAttentionDropout.apply
+    monkeypatch.setattr(attention.CausalAttentionDropout, "apply",
                         staticmethod(lambda *a: calls.append(1) or original(*a)))
     fast, _ = model.encode(x)
-    monkeypatch.setattr(model_module, "ATTENTION_DROPOUT_CPU", "sdpa")
+    monkeypatch.setattr(attention, "ATTENTION_DROPOUT_CPU", "sdpa")
     slow, _ = model.encode(x)
     assert calls == [1]
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)

@@ -124,3 +124,32 @@ def test_stacking_refuses_unknown_parameter_holders():
 
     with pytest.raises(ValueError, match="cannot stack"):
         stack_models([Odd(), Odd()])
+
+
+@pytest.mark.parametrize("layout", ["dpt", "idt"])
+def test_stacked_forward_equals_each_members_own_forward(layout):
+    """Eval mode (deterministic: IDT uses its decisions' means): the stacked module on the concatenated batch gives
+    every member exactly its own model's predictions, for the plain and the hierarchical (IDT) Transformer."""
+    from dicp_ray.model_group import concat_batches, split_rows
+
+    if layout == "idt":  # 4 blocks of 10 steps, as tests/unit/test_idt.py's small model
+        spec = ModelSpec(layout="idt", num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, context_len=40,
+                         block_len=10, z_dim=4, obs_scale=1 / 8, return_scale=1 / 20, reward_max=1.0, dropout=0.0,
+                         attn_dropout=0.0)
+        g = torch.Generator().manual_seed(0)
+        pairs = [({"ctx_obs": torch.randint(0, 9, (3, 40, 2), generator=g).float(),
+                   "ctx_action": torch.randint(0, 5, (3, 40), generator=g),
+                   "ctx_reward": torch.randint(0, 2, (3, 40), generator=g).float(),
+                   "ctx_next_obs": torch.randint(0, 9, (3, 40, 2), generator=g).float(),
+                   "ctx_return_to_go": torch.rand(3, 40, generator=g) * 20}, {}) for _ in range(3)]
+    else:
+        spec = _spec(layout, world_model=True)
+        pairs = [p[0] for p in (_pairs(s, 1, layout, True) for s in range(3))]
+    models = _models(spec, [0, 1, 2])
+    stacked = stack_models(models).eval()
+    batch, _ = concat_batches(pairs)
+    with torch.no_grad():
+        preds = split_rows(stacked(batch)[0], 3)
+        for m, model in enumerate(models):
+            for key, value in model.eval()(pairs[m][0])[0].items():
+                torch.testing.assert_close(preds[m][key], value, rtol=1e-5, atol=1e-6)
