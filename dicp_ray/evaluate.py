@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.config import ExperimentConfig, config_from_dict
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
 from dicp_ray.idt import IDTAgent
-from dicp_ray.model import load_checkpoint
 from dicp_ray.plan import (Context, PlannerSettings, plan_continuous, plan_discrete, sample_policy_action,
                            should_plan)
 from dicp_ray.runtime import init_ray, provenance, write_text_atomic

@@ -523,9 +523,9 @@ def load_checkpoint_for_metaworld(path: str, mode: str):
     """Load and check a checkpoint for scoring -> (model, payload, config); clear errors for what cannot be
     scored (missing file, not a dicp_ray checkpoint, not Meta-World, DPT, planning without world model, IDT
     planning deeper than 1, IDT without a stored return target)."""
+    from dicp_ray.checkpoints import load_checkpoint
     from dicp_ray.config import config_from_dict
     from dicp_ray.envs.meta_world_tasks import observation_dim
-    from dicp_ray.model import load_checkpoint
 
     path = os.fspath(path)
     if mode not in MODES:

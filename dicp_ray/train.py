@@ -40,10 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
 from dicp_ray.config import ConfigError, ExperimentConfig, TrainConfig
 from dicp_ray.envs import GRID_SIZE, GRID_SPECS, cell_index, split_tasks
 from dicp_ray.idt import EpisodeWindowSampler, best_episode_return, relabel_windows
-from dicp_ray.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from dicp_ray.model import ModelSpec
 
 logger = logging.getLogger(__name__)
 

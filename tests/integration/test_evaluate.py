@@ -21,7 +21,8 @@ from dicp_ray.evaluate import (
     run_evaluations,
     t_critical_95,
 )
-from dicp_ray.model import DICPTransformer, ModelSpec, save_checkpoint
+from dicp_ray.checkpoints import save_checkpoint
+from dicp_ray.model import DICPTransformer, ModelSpec
 
 NUM_EPISODES = 4
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dicp_ray import metaworld_eval as MWE
+from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.envs.meta_world import ML1Env
-from dicp_ray.model import load_checkpoint
 from dicp_ray.plan import Context, PlannerSettings
 
 
@@ -448,8 +448,9 @@ def no_envs(monkeypatch):
 
 
 def grid_checkpoint(tmp_path, layout: str) -> str:
+    from dicp_ray.checkpoints import build_model, save_checkpoint
     from dicp_ray.config import config_from_dict
-    from dicp_ray.model import ModelSpec, build_model, save_checkpoint
+    from dicp_ray.model import ModelSpec
 
     spec = ModelSpec(layout=layout, obs_dim=2, num_actions=5, context_len=20, num_layers=1, num_heads=2,
                      embed_dim=8, mlp_dim=16, block_len=10)
