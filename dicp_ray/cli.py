@@ -168,7 +168,8 @@ def _dispatch(args: argparse.Namespace, config: ExperimentConfig, out: Path) -> 
         for seed in config.env.split_seeds:
             print(train_model(config, str(out / "dataset"), str(out / "train" / f"split_{seed}"), seed))
     elif args.stage == "evaluate":
-        from dicp_ray.evaluate import format_results_table, run_evaluations
+        from dicp_ray.eval_results import format_results_table
+        from dicp_ray.evaluate import run_evaluations
 
         from dicp_ray.checkpoints import load_checkpoint
 

@@ -13,14 +13,8 @@ import torch
 
 from dicp_ray.config import config_from_dict, replace
 from dicp_ray.envs import max_returns, make_tasks
-from dicp_ray.evaluate import (
-    evaluate_in_context,
-    format_results_table,
-    mean_ci95,
-    metric_tag,
-    run_evaluations,
-    t_critical_95,
-)
+from dicp_ray.eval_results import format_results_table, mean_ci95, metric_tag, t_critical_95
+from dicp_ray.evaluate import evaluate_in_context, run_evaluations
 from dicp_ray.checkpoints import save_checkpoint
 from dicp_ray.model import DICPTransformer, ModelSpec
 

@@ -321,6 +321,6 @@ def test_evaluate_refuses_plan_mode_for_an_idt_checkpoint(tmp_path):
 
     model = make_model()
     payload = {"env_name": "Darkroom", "variant": "idt"}
-    with pytest.raises(ValueError, match="implemented for AD only"):
+    with pytest.raises(ValueError, match="implemented for AD and DPT on the grid worlds"):
         _check_compatible(payload, model.spec, _idt_config(), "plan", "model.pt")
     _check_compatible(payload, model.spec, _idt_config(), "policy", "model.pt")  # fine

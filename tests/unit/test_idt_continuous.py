@@ -355,7 +355,8 @@ def test_idt_plans_on_meta_world_only_and_at_depth_1():
     with pytest.raises(ConfigError, match="implemented for AD only"):
         config_from_dict({**meta, "env": {"name": "Darkroom"}})
 
-    from dicp_ray.evaluate import _check_compatible, method_label
+    from dicp_ray.eval_results import method_label
+    from dicp_ray.evaluate import _check_compatible
 
     payload = {"env_name": "ML1", "variant": "idt", "config": {"env": {"task": "reach-v3"}}}
     _check_compatible(payload, make_model().spec, config, "plan", "model.pt")          # fine
