@@ -239,43 +239,28 @@ class HierarchicalAgent(InContextAgent):
                        [IDTAgent(model, self.horizon, target[i:i + 1], self.generator) for i in range(self.num_tasks)])
         self.in_episode = np.zeros(len(self.agents), bool)
 
-    def _members(self, rows: np.ndarray):
-        """[(IDTAgent index, rows of it)]: lockstep needs every row at once."""
+    def _positions(self, rows: np.ndarray) -> list[tuple[int, slice]]:
+        """[(IDTAgent index, slice of the `rows`-ordered inputs it takes)]; lockstep needs every row at once."""
         if not self.lockstep:
-            return [(int(r), np.array([r])) for r in rows]
+            return [(int(r), slice(p, p + 1)) for p, r in enumerate(rows)]
         if len(rows) != self.num_tasks:
             raise ValueError("a lockstep IDT agent steps all its tasks together: pass rows=None "
                              "(or build it with lockstep=False)")
-        return [(0, rows)]
-
-    def _slice(self, x, rows: np.ndarray, dtype=None) -> Tensor:
-        x = self._tensor(x, dtype)
-        return x if len(rows) == len(x) else x[torch.as_tensor(rows, device=self.device)]
+        return [(0, slice(None))]
 
     @torch.no_grad()
     def act(self, obs) -> Tensor:
-        obs, rows = self._tensor(obs, torch.float32), np.arange(self.num_tasks)
-        planned, actions = np.zeros(self.num_tasks, bool), []
-        for j, members in self._members(rows):
-            agent = self.agents[j]
+        obs, planned, actions = self._tensor(obs, torch.float32), np.zeros(self.num_tasks, bool), []
+        for j, at in self._positions(np.arange(self.num_tasks)):
+            agent, row = self.agents[j], 0 if self.lockstep else j
             if not self.in_episode[j]:
                 agent.start_episode()
                 self.in_episode[j] = True
-            query = obs if self.lockstep else obs[members[0]:members[0] + 1]
-            planned[members] = self.mode == "plan" and should_plan(self.settings, agent.context_episodes,
-                                                                   agent.num_finished, int(self.t[members[0]]),
-                                                                   self.horizon)
-            actions.append(agent.plan_action(query, self.settings.num_samples) if planned[members[0]]
-                           else agent.act(query))
+            planned[at] = plan = self.mode == "plan" and should_plan(self.settings, agent.context_episodes,
+                                                                     agent.num_finished, int(self.t[row]), self.horizon)
+            actions.append(agent.plan_action(obs[at], self.settings.num_samples) if plan else agent.act(obs[at]))
         self._count(planned)
         return actions[0] if self.lockstep else torch.cat(actions)
-
-    def _positions(self, rows: np.ndarray):
-        """[(IDTAgent index, slice of the `rows`-ordered inputs it takes)]."""
-        if self.lockstep:
-            self._members(rows)                              # checks that rows are all tasks
-            return [(0, slice(None))]
-        return [(int(r), slice(p, p + 1)) for p, r in enumerate(rows)]
 
     @torch.no_grad()
     def observe(self, action, reward, next_obs, episode_end=False, rows=None) -> None:
@@ -307,7 +292,7 @@ class HierarchicalAgent(InContextAgent):
 
     def restore(self, snapshot: list, rows=None) -> None:
         rows = self._rows(rows)
-        for j, members in self._members(rows):
+        for j, _ in self._positions(rows):
             self.agents[j].restore_finished(snapshot[j])     # the next act starts a new episode
             self.in_episode[j] = False
         self.t[rows] = 0
