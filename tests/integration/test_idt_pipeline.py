@@ -102,5 +102,5 @@ def test_ray_train_writes_an_idt_checkpoint_and_policy_mode_evaluates_it(trained
     assert written["returns"] == result["returns"] and (tmp_path / "eval" / "returns.csv").exists()
     again = evaluate_in_context(path, mode="policy")                # deterministic for eval.seed
     assert again["returns"] == result["returns"]
-    with pytest.raises(ValueError, match="implemented for AD only"):
+    with pytest.raises(ValueError, match="implemented for AD and DPT on the grid worlds"):
         evaluate_in_context(path, mode="plan")
