@@ -21,9 +21,8 @@ What to expect
     the same computation through ``KVCache.expand``). DPT puts the query observation first, so its real
     context is re-encoded once per distinct (task, imagined observation) at each depth level instead
     (``_cached_dpt_world_logits``; depth 1 reuses the policy's own [o_t, context] encoding). Both modes consume
-    the same random draws and
-    choose the same actions (exactly in float64; in float32 an argmax could in principle flip on a
-    near-tie); on CPU the cached mode is tens of times faster (benchmarks/bench_plan.py). The discrete
+    the same random draws and choose the same actions (exactly in float64; in float32 an argmax could in
+    principle flip on a near-tie); on CPU the cached mode is 15-20x faster (benchmarks/bench_plan.py). The discrete
     planner needs a full context (k-1 transitions) and raises ``ValueError`` otherwise; the caller
     samples from the policy until then (see ``should_plan``). ``plan_continuous`` follows
     ``settings.depth`` too: the paper plans continuous tasks at depth 1, so pass depth=1 for them.
