@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from dicp_ray.checkpoints import save_checkpoint
 from dicp_ray.config import config_from_dict
 from dicp_ray.evaluate import evaluate_in_context
-from dicp_ray.model import DICPTransformer, ModelSpec, count_parameters, save_checkpoint
+from dicp_ray.model import DICPTransformer, ModelSpec, count_parameters
 
 
 def _config(num_episodes: int, device: str, use_cache: bool):

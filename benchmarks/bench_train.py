@@ -51,7 +51,8 @@ def child(args: dict) -> dict:
 
     from dicp_ray import data
     from dicp_ray import attention
-    from dicp_ray.model import build_model, count_parameters
+    from dicp_ray.checkpoints import build_model
+    from dicp_ray.model import count_parameters
     from dicp_ray.train import model_spec_from_config, windows_to_batch
 
     torch.set_num_threads(args["threads"])

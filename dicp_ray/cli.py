@@ -123,7 +123,7 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
     if args.address:
         overrides.append(f"resources.address={args.address}")
     if args.config is None:  # evaluate without --config: the checkpoint's own config
-        from dicp_ray.model import load_checkpoint
+        from dicp_ray.checkpoints import load_checkpoint
 
         _, payload = load_checkpoint(args.checkpoint)
         from dicp_ray.config import config_from_dict, apply_overrides
@@ -185,9 +185,10 @@ def _dispatch(args: argparse.Namespace, config: ExperimentConfig, out: Path) -> 
         for path in train_models(config, str(out / "dataset"), runs):
             print(path)
     elif args.stage == "evaluate":
-        from dicp_ray.evaluate import format_results_table, run_evaluations
+        from dicp_ray.eval_results import format_results_table
+        from dicp_ray.evaluate import run_evaluations
 
-        from dicp_ray.model import load_checkpoint
+        from dicp_ray.checkpoints import load_checkpoint
 
         _, payload = load_checkpoint(args.checkpoint)
         seed = int(payload.get("split_seed", config.env.split_seeds[0]))

@@ -5,15 +5,18 @@ What it does
     checkpoint's split, and runs the in-context loop from an empty context for ``eval.num_episodes``
     episodes: at each step the context is the last k-1 real transitions of that task's history (across
     episode boundaries) and the query is the current observation. Mode "policy" samples the distilled
-    policy (AD / DPT; IDT acts hierarchically through ``dicp_ray.idt.IDTAgent``, see `_rollout_idt` and
-    `_rollout_idt_continuous`); mode "plan" runs DICP beam search once the context is full (before that it
-    samples), for AD checkpoints, and on Meta-World the depth-1 sampled search for AD and IDT checkpoints.
-    ``run_evaluations`` fans (split seed x mode) out as Ray tasks and aggregates over split seeds.
+    policy (AD, DPT; IDT acts hierarchically); mode "plan" runs DICP beam search once the context is full
+    (before that it samples) for AD and DPT checkpoints, and on Meta-World the depth-1 sampled search for AD
+    and IDT checkpoints. The model acts through ``dicp_ray.agent`` (one in-context agent for every layout);
+    this module runs the episodes, checks the checkpoint against the config and fans out over Ray:
+    ``run_evaluations`` runs (split seed x mode) as Ray tasks and aggregates over split seeds
+    (``dicp_ray.eval_results``: files, summary, plots, tables).
 
 How to run it
     dicp-ray evaluate --checkpoint runs/demo/train/split_0/model.pt --set eval.num_episodes=50
 
-    from dicp_ray.evaluate import evaluate_in_context, run_evaluations, format_results_table
+    from dicp_ray.evaluate import evaluate_in_context, run_evaluations
+    from dicp_ray.eval_results import format_results_table
     result = evaluate_in_context("model.pt", output_dir="eval/split_0/plan", mode="plan")
     print(format_results_table(run_evaluations(config, {0: "model.pt"}, "eval")))
 
@@ -27,15 +30,11 @@ What to expect
 """
 from __future__ import annotations
 
-import csv
 import ctypes
 import hashlib
-import io
 import json
 import logging
-import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,60 +42,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicp_ray.agent import MODES, InContextAgent, make_agent
+from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.config import ExperimentConfig, config_from_dict
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
-from dicp_ray.idt import IDTAgent
-from dicp_ray.model import load_checkpoint
-from dicp_ray.plan import (Context, PlannerSettings, plan_continuous, plan_discrete, sample_policy_action,
-                           should_plan, should_plan_continuous)
-from dicp_ray.runtime import init_ray, provenance, write_text_atomic
+from dicp_ray.eval_results import (RESULTS_FILE, RESULTS_SCHEMA_VERSION, aggregate_results, mean_ci95, method_label,
+                                   success_metrics, write_run_outputs, write_summary)
+from dicp_ray.plan import PlannerSettings
+from dicp_ray.runtime import init_ray, provenance
 
 logger = logging.getLogger(__name__)
 
-MODES = ("policy", "plan")
-RESULTS_FILE, RETURNS_CSV, TB_DIR = "results.json", "returns.csv", "tb"
-SUMMARY_JSON, SUMMARY_CSV, CURVES_PNG = "summary.json", "summary.csv", "learning_curves.png"
-RESULTS_SCHEMA_VERSION = 1
-TABLE_EPISODES = (1, 5, 10, 25, 50)
-# Two-sided 95% Student-t critical values for 1..9 degrees of freedom; from 10 on the Cornish-Fisher
-# expansion below is within 1e-5 of the exact quantile.
-_T975_SMALL_DF = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622)
 _MALLOC_TUNED = False
-
-
-def metric_tag(mode: str) -> str:
-    """TensorBoard tag of the mean return per episode index for `mode`."""
-    return f"eval/{mode}/return_mean"
-
-
-def method_label(variant: str, mode: str, world_model: bool = False) -> str:
-    """'AD (policy)', 'AD + world model (policy)' (a DICP checkpoint acting without planning), 'DICP-AD (plan)'."""
-    if mode == "plan":
-        return f"DICP-{variant.upper()} (plan)"
-    return f"{variant.upper()}{' + world model' if world_model else ''} (policy)"
-
-
-# ----------------------------------------------------------------------------- statistics
-def t_critical_95(df: int) -> float:
-    """Two-sided 95% critical value of Student's t with `df` degrees of freedom."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975_SMALL_DF):
-        return _T975_SMALL_DF[df - 1]
-    z, v = 1.959963984540054, float(df)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
-
-
-def mean_ci95(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, ...) samples -> mean, low, high of a t-interval over axis 0 (zero width when n < 2)."""
-    samples = np.asarray(samples, dtype=np.float64)
-    n, mean = samples.shape[0], samples.mean(axis=0)
-    if n < 2:
-        return mean, mean.copy(), mean.copy()
-    half = t_critical_95(n - 1) * samples.std(axis=0, ddof=1) / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 # ----------------------------------------------------------------------------- checks and setup
@@ -130,8 +87,8 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
         raise ValueError(f"checkpoint {path} is variant {variant!r} but config.model.variant = "
                          f"{config.model.variant!r}: use --set model.variant={variant}")
     if mode == "plan" and spec.layout == "idt" and spec.discrete_actions:
-        raise ValueError(f"mode 'plan': DICP planning is implemented for AD only on the grid worlds (IDT plans on "
-                         f"Meta-World only), checkpoint {path} is a discrete IDT: evaluate it in mode 'policy' "
+        raise ValueError(f"mode 'plan': DICP planning is implemented for AD and DPT on the grid worlds (IDT plans "
+                         f"on Meta-World only), checkpoint {path} is a discrete IDT: evaluate it in mode 'policy' "
                          "(--set eval.modes=[policy])")
     if mode == "plan" and spec.layout == "idt" and config.plan_depth != 1:
         raise ValueError(f"mode 'plan': IDT's sampled search is depth 1 only, plan.depth = {config.plan_depth} "
@@ -139,9 +96,6 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
     if mode == "plan" and not spec.world_model:
         raise ValueError(f"mode 'plan' needs a world model, but checkpoint {path} was trained with "
                          "model.world_model=false: evaluate it in mode 'policy' (--set eval.modes=[policy])")
-    if mode == "plan" and spec.layout not in ("ad", "idt"):
-        raise ValueError(f"mode 'plan' supports the 'ad' layout (and 'idt' on Meta-World) only, checkpoint {path} "
-                         f"has {spec.layout!r}")
     if mode == "plan" and spec.world_model and not spec.has_next_obs_head and config.plan_depth > 1:
         raise ValueError(f"plan.depth = {config.plan_depth} needs a next-observation head, but checkpoint {path} "
                          "predicts rewards only (model.next_obs_loss off, Meta-World's default): --set plan.depth=1, "
@@ -234,156 +188,31 @@ def _fingerprint(config: ExperimentConfig, checkpoint_sha256: str, mode: str, sp
 
 
 # ----------------------------------------------------------------------------- the in-context loop
-def _rollout(model, env, num_episodes: int, mode: str, settings: PlannerSettings,
-             generator: torch.Generator, device: torch.device, desc: str) -> tuple[np.ndarray, int]:
-    """Act on all of `env`'s tasks at once -> returns (num_tasks, num_episodes) and the planned decisions."""
-    from tqdm.auto import tqdm
+@torch.no_grad()
+def run_episodes(agent: InContextAgent, env, num_episodes: int, desc: str = "eval") -> tuple[np.ndarray, np.ndarray | None]:
+    """`agent` acts on all of `env`'s tasks at once for `num_episodes` episodes -> returns (N, E), and for
+    continuous actions (Meta-World) per-episode success (N, E), else None.
 
-    if model.spec.layout == "idt":
-        return _rollout_idt(model, env, num_episodes, generator, device, desc)
-    num_tasks, horizon, k = env.num_envs, env.horizon, model.spec.context_len
-    obs_dim, total_steps = model.spec.obs_dim, num_episodes * horizon
-    # Whole histories (N, total_steps, ...): the context is a view of the last k-1 rows, so it runs on
-    # across episode boundaries exactly like a training window.
-    hist = Context(torch.zeros(num_tasks, total_steps, obs_dim, device=device),
-                   torch.zeros(num_tasks, total_steps, dtype=torch.long, device=device),
-                   torch.zeros(num_tasks, total_steps, device=device),
-                   torch.zeros(num_tasks, total_steps, obs_dim, device=device))
-    obs_table = torch.as_tensor(np.stack([cell_obs(c) for c in range(model.spec.num_obs_classes or 81)]),
-                                dtype=torch.float32, device=device)                      # (81, D)
-    returns, num_planned, step = np.zeros((num_tasks, num_episodes)), 0, 0
-    for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
-        obs, _ = env.reset()  # every task truncates at the same step, so all reset together
-        for t in range(horizon):
-            start = max(0, step - (k - 1))
-            context = hist.map(lambda x: x[:, start:step])                               # (N, T, ...)
-            query = torch.as_tensor(obs, dtype=torch.float32, device=device)             # (N, D)
-            if mode == "plan" and should_plan(settings, k, step, t, horizon, discrete=True):  # step: all seen
-                steps_left = torch.full((num_tasks,), horizon - t, dtype=torch.long, device=device)
-                action = plan_discrete(model, context, query, steps_left, obs_table, settings, generator)
-                num_planned += num_tasks
-            else:
-                action = sample_policy_action(model, context, query, generator)          # (N,)
-            next_obs, reward, _, _, _ = env.step(action.cpu().numpy())
-            for column, value in zip(hist.tensors(), (obs, action, reward, next_obs)):
-                column[:, step] = torch.as_tensor(value, device=device).to(column.dtype)
-            returns[:, episode] += reward
-            obs, step = next_obs, step + 1
-    return returns, num_planned
-
-
-def _rollout_idt(model, env, num_episodes: int, generator: torch.Generator, device: torch.device,
-                 desc: str) -> tuple[np.ndarray, int]:
-    """IDT policy mode: a decision every block_len steps, actions sampled from Decisions-to-Go. Every episode's
-    return-to-go starts at the task's maximum achievable return, as in the authors' release (dicp_ray/idt.py)."""
-    from tqdm.auto import tqdm
-
-    target = torch.as_tensor(np.asarray(env.max_returns(), dtype=np.float32), device=device)
-    agent = IDTAgent(model, env.horizon, target, generator)
-    returns = np.zeros((env.num_envs, num_episodes))
-    for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
-        obs, _ = env.reset()  # every task truncates at the same step, so all reset together
-        agent.start_episode()
-        for _ in range(env.horizon):
-            action = agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            next_obs, reward, _, _, _ = env.step(action.cpu().numpy())
-            agent.observe(action, torch.as_tensor(reward), torch.as_tensor(next_obs))
-            returns[:, episode] += reward
-            obs = next_obs
-    return returns, 0
-
-
-def _rollout_continuous(model, env, num_episodes: int, mode: str, settings: PlannerSettings,
-                        generator: torch.Generator, device: torch.device,
-                        desc: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Meta-World: act on all test tasks at once -> returns, per-episode success (N, E) and planned decisions.
-
-    An episode counts as a success when ``info["success"]`` is 1 at any of its steps (Meta-World's own
-    convention). The context stores the executed (clipped) action, as the training data does. Plan mode is
-    the sampled search of `plan_continuous` (L = plan.num_samples candidates, depth plan.depth).
+    Every task truncates at the same step, so all reset together. The agent gets back the executed action: for
+    continuous actions the env's clipped ``info["action"]``, what the training data stores. An episode counts as
+    a success when ``info["success"]`` is 1 at any of its steps (Meta-World's own convention).
     """
     from tqdm.auto import tqdm
 
-    if model.spec.layout == "idt":
-        return _rollout_idt_continuous(model, env, num_episodes, mode, settings, generator, device, desc)
-    num_tasks, horizon, k = env.num_envs, env.horizon, model.spec.context_len
-    obs_dim, act_dim, total_steps = model.spec.obs_dim, model.spec.num_actions, num_episodes * horizon
-    hist = Context(torch.zeros(num_tasks, total_steps, obs_dim, device=device),
-                   torch.zeros(num_tasks, total_steps, act_dim, device=device),
-                   torch.zeros(num_tasks, total_steps, device=device),
-                   torch.zeros(num_tasks, total_steps, obs_dim, device=device))
-    returns, successes = np.zeros((num_tasks, num_episodes)), np.zeros((num_tasks, num_episodes))
-    num_planned, step = 0, 0
+    returns = np.zeros((env.num_envs, num_episodes))
+    successes = None if agent.discrete else np.zeros((env.num_envs, num_episodes))
     for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
         obs, _ = env.reset()
-        for t in range(horizon):
-            start = max(0, step - (k - 1))
-            context = hist.map(lambda x: x[:, start:step])
-            query = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            if mode == "plan" and should_plan_continuous(settings, k, step, t, horizon):
-                action = plan_continuous(model, context, query, settings, generator)
-                num_planned += num_tasks
-            else:
-                action = sample_policy_action(model, context, query, generator)           # (N, A)
-            next_obs, reward, _, _, info = env.step(action.float().cpu().numpy())
-            executed = info["action"]                                                     # clipped (N, A)
-            for column, value in zip(hist.tensors(), (obs, executed, reward, next_obs)):
-                column[:, step] = torch.as_tensor(np.asarray(value), device=device).to(column.dtype)
+        for t in range(env.horizon):
+            action = agent.act(obs)
+            next_obs, reward, _, _, info = env.step(action.cpu().numpy())
+            executed = action if agent.discrete else np.asarray(info["action"])
+            agent.observe(executed, np.asarray(reward), np.asarray(next_obs), episode_end=t == env.horizon - 1)
             returns[:, episode] += reward
-            successes[:, episode] = np.maximum(successes[:, episode], info["success"])
-            obs, step = next_obs, step + 1
-    return returns, successes, num_planned
-
-
-def _rollout_idt_continuous(model, env, num_episodes: int, mode: str, settings: PlannerSettings,
-                            generator: torch.Generator, device: torch.device,
-                            desc: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Meta-World IDT: returns, per-episode success (N, E) and planned decisions, recorded as `_rollout_continuous`
-    does (success at any step; the context stores the executed, clipped ``info["action"]``). Every episode's
-    return-to-go starts at ``spec.return_target``, the best episode return of the training data. Plan mode:
-    ``IDTAgent.plan_action`` (L = plan.num_samples, depth 1) once the context holds E-1 finished episodes (should_plan
-    in episode units), with plan.second_half_only from the middle of each episode; the policy samples before."""
-    from tqdm.auto import tqdm
-
-    if model.spec.return_target is None:
-        raise ValueError("this continuous IDT checkpoint has no model_spec.return_target (the best training "
-                         "return): retrain it with this version of dicp_ray")
-    num_tasks, horizon = env.num_envs, env.horizon
-    target = torch.full((num_tasks,), float(model.spec.return_target), device=device)
-    agent = IDTAgent(model, horizon, target, generator)
-    returns, successes = np.zeros((num_tasks, num_episodes)), np.zeros((num_tasks, num_episodes))
-    num_planned = 0
-    for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
-        obs, _ = env.reset()
-        agent.start_episode()
-        for t in range(horizon):
-            query = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            if mode == "plan" and should_plan(settings, agent.context_episodes, agent.num_finished, t, horizon):
-                action = agent.plan_action(query, settings.num_samples)
-                num_planned += num_tasks
-            else:
-                action = agent.act(query)                                                 # (N, A)
-            next_obs, reward, _, _, info = env.step(action.float().cpu().numpy())
-            executed = np.asarray(info["action"])                                         # clipped (N, A)
-            agent.observe(torch.as_tensor(executed), torch.as_tensor(np.asarray(reward)),
-                          torch.as_tensor(np.asarray(next_obs)))
-            returns[:, episode] += reward
-            successes[:, episode] = np.maximum(successes[:, episode], info["success"])
+            if successes is not None:
+                successes[:, episode] = np.maximum(successes[:, episode], info["success"])
             obs = next_obs
-    return returns, successes, num_planned
-
-
-def success_metrics(successes: np.ndarray) -> dict:
-    """(tasks, episodes) 0/1 -> per-episode success rate and the "succeeded at least once so far" rate (the
-    authors' release reports the latter), each with a 95% t-interval over tasks."""
-    once = np.maximum.accumulate(successes, axis=1)
-    out = {"successes": successes.tolist()}
-    for name, values in (("success", successes), ("success_once_so_far", once)):
-        mean, low, high = mean_ci95(values)
-        low, high = np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)  # a t-interval of 0/1 data can leave [0, 1]
-        out.update({f"{name}_mean": mean.tolist(), f"{name}_ci_low": low.tolist(),
-                    f"{name}_ci_high": high.tolist()})
-    return out
+    return returns, successes
 
 
 def evaluate_in_context(checkpoint_path: str, config: ExperimentConfig | None = None,
@@ -437,26 +266,25 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
     model = model.to(device)
     settings = planner_settings(config)
     generator = torch.Generator(device="cpu").manual_seed(config.eval.seed)
-    desc = f"eval {mode} split {split_seed}"
-    successes = None
     if config.env.is_meta_world:
         from dicp_ray.envs import meta_world
 
         env = gymnasium.make_vec(meta_world.env_id(config.env.name), num_envs=len(task_ids),
                                  vectorization_mode="vector_entry_point", task_ids=task_ids, task=config.env.task)
-        loop_start = time.perf_counter()
-        with torch.no_grad():
-            returns, successes, num_planned = _rollout_continuous(model, env, config.eval.num_episodes, mode,
-                                                                  settings, generator, device, desc)
-        oracle = None  # no oracle return for Meta-World; success is the metric
+        oracle, target, obs_table = None, None, None  # no oracle return for Meta-World; success is the metric
     else:
         env = gymnasium.make_vec(GRID_SPECS[config.env.name].env_id, num_envs=len(task_ids),
                                  vectorization_mode="vector_entry_point", task_ids=task_ids)
-        loop_start = time.perf_counter()
-        with torch.no_grad():
-            returns, num_planned = _rollout(model, env, config.eval.num_episodes, mode, settings, generator,
-                                            device, desc=desc)
         oracle = np.asarray(env.max_returns(), dtype=np.float64)
+        # IDT's episodes start at the task's maximum achievable return, as in the authors' release (idt.py).
+        target = torch.as_tensor(oracle.astype(np.float32), device=device) if model.spec.layout == "idt" else None
+        obs_table = torch.as_tensor(np.stack([cell_obs(c) for c in range(model.spec.num_obs_classes or 81)]),
+                                    dtype=torch.float32, device=device)                  # (81, D)
+    agent = make_agent(model, env.num_envs, mode=mode, horizon=env.horizon, settings=settings, generator=generator,
+                       obs_table=obs_table, return_target=target)
+    loop_start = time.perf_counter()
+    returns, successes = run_episodes(agent, env, config.eval.num_episodes, f"eval {mode} split {split_seed}")
+    num_planned = agent.num_planned
     loop_s = time.perf_counter() - loop_start
     env.close()
     mean, low, high = mean_ci95(returns)
@@ -486,7 +314,7 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         result.update(success_metrics(successes))
     result["timing"]["wall_s"] = time.perf_counter() - wall_start
     if output_dir is not None:
-        _write_run_outputs(Path(output_dir), result)
+        write_run_outputs(Path(output_dir), result)
     logger.info("%s split %d: return %.2f after episode 1, %.2f after episode %d (oracle %s), %.0f "
                 "decisions/s", result["label"], split_seed, mean[0], mean[-1], len(mean),
                 "-" if oracle is None else f"{oracle.mean():.2f}", result["timing"]["decisions_per_s"])
@@ -496,37 +324,6 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
 def _idt_return_target(spec) -> str | float:
     """What IDT's episodes start at: the task's max return (grid worlds) or the stored best training return."""
     return "task max return" if spec.discrete_actions else float(spec.return_target)
-
-
-# ----------------------------------------------------------------------------- writing
-def _csv_text(header: list[str], rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _write_run_outputs(out: Path, result: dict) -> None:
-    """returns.csv and TensorBoard first, results.json last (its presence marks a finished run)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    out.mkdir(parents=True, exist_ok=True)
-    oracle = result["oracle_max_return_mean"]
-    rows = [[e + 1, m, lo, hi, "" if oracle is None else oracle] for e, (m, lo, hi) in
-            enumerate(zip(result["return_mean"], result["return_ci_low"], result["return_ci_high"]))]
-    write_text_atomic(out / RETURNS_CSV, _csv_text(["episode", "mean", "ci_low", "ci_high", "oracle"], rows))
-    shutil.rmtree(out / TB_DIR, ignore_errors=True)  # a re-run replaces, never appends to, the curve
-    writer = SummaryWriter(log_dir=str(out / TB_DIR))
-    for episode, value in enumerate(result["return_mean"], start=1):
-        writer.add_scalar(metric_tag(result["mode"]), value, episode)
-    if oracle is not None:
-        writer.add_scalar(f"eval/{result['mode']}/oracle_max_return", oracle, 1)
-    for episode, value in enumerate(result.get("success_mean") or (), start=1):
-        writer.add_scalar(f"eval/{result['mode']}/success", value, episode)
-    writer.close()
-    write_text_atomic(out / RESULTS_FILE,
-                      json.dumps(result, indent=1, sort_keys=True, default=str, allow_nan=False))
 
 
 # ----------------------------------------------------------------------------- fan-out over Ray
@@ -600,136 +397,4 @@ def _gpus_per_task(config: ExperimentConfig) -> float:
     return 0.5 if has_gpu and config.eval.device != "cpu" else 0
 
 
-# ----------------------------------------------------------------------------- aggregation and reports
-def aggregate_results(config: ExperimentConfig, results: dict[tuple[int, str], dict],
-                      modes: tuple[str, ...]) -> dict:
-    """Per mode: mean return per episode over split seeds, 95% CI across seeds (over tasks with one seed)."""
-    seeds = sorted({seed for seed, _ in results})
-    methods = {}
-    for mode in modes:
-        runs = [results[(seed, mode)] for seed in seeds]
-        curves = np.array([run["return_mean"] for run in runs])                        # (S, E)
-        if len(runs) > 1:
-            mean, low, high = mean_ci95(curves)
-            ci_over = "split_seeds"
-        else:
-            mean, low, high = (np.asarray(runs[0][key]) for key in
-                               ("return_mean", "return_ci_low", "return_ci_high"))
-            ci_over = "tasks"
-        methods[mode] = {
-            "label": method_label(config.model.variant, mode, config.model.world_model),
-            "return_mean": mean.tolist(),
-            "ci_low": low.tolist(), "ci_high": high.tolist(), "ci_over": ci_over,
-            "per_split_return_mean": {str(s): run["return_mean"] for s, run in zip(seeds, runs)},
-            "decisions_per_s": float(np.mean([run["timing"]["decisions_per_s"] for run in runs])),
-            "num_test_tasks": {str(s): len(run["task_ids"]) for s, run in zip(seeds, runs)},
-        }
-        for metric in ("success", "success_once_so_far"):  # Meta-World
-            if f"{metric}_mean" in runs[0]:
-                methods[mode].update(_aggregate_curves(runs, seeds, metric))
-    oracles = [results[(seed, modes[0])]["oracle_max_return_mean"] for seed in seeds]
-    oracle = None if None in oracles else float(np.mean(oracles))
-    return {"format": "dicp_ray.eval_summary", "schema_version": RESULTS_SCHEMA_VERSION,
-            "env": config.env.name, "variant": config.model.variant, "split_seeds": seeds,
-            "num_episodes": config.eval.num_episodes, "oracle_max_return_mean": oracle, "methods": methods,
-            "ci": "95% t-interval", "config": config.to_dict(), "provenance": provenance()}
-
-
-def _aggregate_curves(runs: list[dict], seeds: list[int], metric: str) -> dict:
-    """`metric`'s per-episode mean with a 95% CI over split seeds (over tasks when there is one seed)."""
-    curves = np.array([run[f"{metric}_mean"] for run in runs])
-    if len(runs) > 1:
-        mean, low, high = mean_ci95(curves)
-        low, high = np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)
-    else:
-        mean, low, high = (np.asarray(runs[0][f"{metric}_{key}"]) for key in ("mean", "ci_low", "ci_high"))
-    return {f"{metric}_mean": mean.tolist(), f"{metric}_ci_low": low.tolist(), f"{metric}_ci_high": high.tolist(),
-            f"per_split_{metric}_mean": {str(s): run[f"{metric}_mean"] for s, run in zip(seeds, runs)}}
-
-
-def write_summary(out: Path, summary: dict) -> None:
-    rows = []
-    for mode, method in summary["methods"].items():
-        for e, values in enumerate(zip(method["return_mean"], method["ci_low"], method["ci_high"])):
-            oracle = summary["oracle_max_return_mean"]
-            rows.append([method["label"], mode, e + 1, *values, "" if oracle is None else oracle])
-    header = ["method", "mode", "episode", "mean", "ci_low", "ci_high", "oracle"]
-    write_text_atomic(out / SUMMARY_CSV, _csv_text(header, rows))
-    plot_learning_curves(summary, out / CURVES_PNG)
-    write_text_atomic(out / SUMMARY_JSON,
-                      json.dumps(summary, indent=1, sort_keys=True, default=str, allow_nan=False))
-
-
-def plot_learning_curves(summary: dict, path: Path) -> None:
-    """Return vs episode: one line and shaded 95% CI per method, dashed oracle line (headless Agg canvas).
-    Meta-World adds a success panel: per-episode success (solid) and succeeded-at-least-once-so-far (dashed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    methods = list(summary["methods"].values())
-    with_success = any("success_mean" in m for m in methods)
-    fig = Figure(figsize=(12.0 if with_success else 6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if with_success else 1, squeeze=False)[0]
-    ax = axes[0]
-    for method in methods:
-        episodes = np.arange(1, len(method["return_mean"]) + 1)
-        line, = ax.plot(episodes, method["return_mean"], label=method["label"])
-        ax.fill_between(episodes, method["ci_low"], method["ci_high"], color=line.get_color(), alpha=0.2)
-        if with_success:
-            for metric, style, name in (("success", "-", "success"), ("success_once_so_far", "--", "once so far")):
-                axes[1].plot(episodes, method[f"{metric}_mean"], style, color=line.get_color(),
-                             label=f"{method['label']}: {name}")
-                axes[1].fill_between(episodes, method[f"{metric}_ci_low"], method[f"{metric}_ci_high"],
-                                     color=line.get_color(), alpha=0.12)
-    if summary["oracle_max_return_mean"] is not None:
-        ax.axhline(summary["oracle_max_return_mean"], color="black", linestyle="--", linewidth=1,
-                   label="oracle max")
-    seeds = ", ".join(str(s) for s in summary["split_seeds"])
-    ax.set(xlabel="episode", ylabel="mean return over test tasks",
-           title=f"{summary['env']}: in-context evaluation (split seeds {seeds})")
-    if with_success:
-        axes[1].set(xlabel="episode", ylabel="success rate over test tasks", ylim=(-0.02, 1.02),
-                    title="success: per episode / succeeded at least once so far")
-    for a in axes:
-        a.xaxis.get_major_locator().set_params(integer=True)
-        a.legend(loc="best", fontsize="small")
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-
-
-def format_results_table(summary: dict) -> str:
-    """Plain-text table: method x mean return (± 95% CI) after episodes 1, 5, 10, 25, 50 (and the last)."""
-    num_episodes = summary["num_episodes"]
-    episodes = [e for e in TABLE_EPISODES if e <= num_episodes]
-    if num_episodes not in episodes:
-        episodes.append(num_episodes)
-    rows = [["method", *(f"ep {e}" for e in episodes)]]
-    for method in summary["methods"].values():
-        mean, low, high = (np.asarray(method[key]) for key in ("return_mean", "ci_low", "ci_high"))
-        cells = [f"{mean[e - 1]:.2f} ± {(high[e - 1] - low[e - 1]) / 2:.2f}" for e in episodes]
-        rows.append([method["label"], *cells])
-    for method in summary["methods"].values():  # Meta-World: success rates, the paper's metric
-        for metric, name in (("success", "success rate"), ("success_once_so_far", "succeeded at least once")):
-            if f"{metric}_mean" in method:
-                mean, low, high = (np.asarray(method[f"{metric}_{key}"]) for key in ("mean", "ci_low", "ci_high"))
-                rows.append([f"{method['label']}: {name}",
-                             *(f"{100 * mean[e - 1]:.0f}% ± {50 * (high[e - 1] - low[e - 1]):.0f}" for e in episodes)])
-    if summary["oracle_max_return_mean"] is not None:
-        rows.append(["oracle (max)", *(f"{summary['oracle_max_return_mean']:.2f}" for _ in episodes)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                       enumerate(zip(row, widths))) for row in rows]
-    seeds = ", ".join(str(s) for s in summary["split_seeds"])
-    title = (f"{summary['env']}: mean return over test tasks after episode n, ± 95% CI "
-             f"(split seeds {seeds})")
-    return "\n".join([title, *lines])
-
-
-__all__ = ["evaluate_in_context", "run_evaluations", "format_results_table", "aggregate_results",
-           "plot_learning_curves", "mean_ci95", "t_critical_95", "eval_task_ids", "planner_settings",
-           "metric_tag", "method_label"]
+__all__ = ["evaluate_in_context", "run_evaluations", "run_episodes", "eval_task_ids", "planner_settings"]

@@ -425,6 +425,20 @@ class IDTAgent:
         return self.model.reward_head(self.model.decisions_to_go(seq)[:, -1]).view(N, L)
 
     @torch.no_grad()
+    def world_preds(self, action) -> dict:
+        """The world model's predictions (``reward``/``next_obs`` or their ``_logits``) for `action` (N,) | (N, A) at the
+        current step t, whose observation `act` / `plan_action` has recorded: Decisions-to-Go's tokens of the block up
+        to o_t, then the action's token (the query-action position). Used by dicp_ray.agent (Meta-World's adapter)."""
+        c, t, cur = self.model.spec.block_len, self.t, self.current
+        b0 = t - t % c
+        tokens = self.model.low_level_tokens(self.z, cur["obs"][:, b0:t + 1], cur["action"][:, b0:t], cur["reward"][:, b0:t])
+        action = torch.as_tensor(action).to(self.device)
+        action = action.to(self.dtype) if action.dtype.is_floating_point else action
+        action_token = self.model.embed_action(self.model._action_features(action))
+        hidden = self.model.decisions_to_go(torch.cat([tokens, action_token[:, None]], dim=1))[:, -1]
+        return self.model._world_preds(hidden)
+
+    @torch.no_grad()
     def observe(self, action, reward, next_obs) -> None:
         """Record the outcome of step t; reviews a finished block and closes a finished episode."""
         c, t, cur = self.model.spec.block_len, self.t, self.current

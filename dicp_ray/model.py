@@ -28,14 +28,13 @@ What to expect
     ``encode(a)`` followed by ``encode(b, cache)`` equals ``encode(cat(a, b))`` up to float rounding
     (tested at 1e-10 in float64). Checkpoints hold only tensors and plain Python types, so they load
     with ``torch.load(weights_only=True)``. The hierarchical "idt" layout is a different module
-    (``dicp_ray.idt.IDTTransformer``) built from the same blocks; ``build_model(spec)`` and
-    ``load_checkpoint`` pick the class from ``spec.layout``.
+    (``dicp_ray.idt.IDTTransformer``) built from the same blocks; ``dicp_ray.checkpoints.build_model(spec)``
+    and ``load_checkpoint`` pick the class from ``spec.layout`` (this module knows no other model class).
 """
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -44,7 +43,6 @@ import torch.nn.functional as F
 from dicp_ray import attention
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dicp_ray.checkpoint", 1
 
 
 # ----------------------------------------------------------------------------- spec
@@ -514,61 +512,3 @@ def flops_per_token(model: DICPTransformer, num_keys: int | None = None) -> int:
     spec = model.spec
     num_keys = spec.context_len + 1 if num_keys is None else num_keys
     return 2 * count_parameters(model) + 2 * (2 * spec.num_layers * num_keys * spec.embed_dim)
-
-
-def build_model(spec: ModelSpec) -> nn.Module:
-    """The model class of ``spec.layout``: DICPTransformer ("ad", "dpt") or IDTTransformer ("idt")."""
-    if spec.layout == "idt":
-        from dicp_ray.idt import IDTTransformer  # imported here: dicp_ray.idt builds on this module
-
-        return IDTTransformer(spec)
-    return DICPTransformer(spec)
-
-
-def save_checkpoint(path: str, model: nn.Module, extra: dict | None = None) -> None:
-    """Atomically write spec + weights + `extra` (plain Python types / tensors only)."""
-    extra = dict(extra or {})
-    reserved = {"format", "format_version", "model_spec", "state_dict"} & extra.keys()
-    if reserved:
-        raise ValueError(f"extra uses reserved checkpoint keys: {sorted(reserved)}")
-    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-               "model_spec": asdict(model.spec),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
-def load_checkpoint(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model (in eval mode, class from ``model_spec.layout``) from a checkpoint -> (model, payload)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle / zip errors differ by torch version; callers get one type
-        raise ValueError(f"{path} is not a readable torch checkpoint: {e}") from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a dicp_ray checkpoint (missing format={CHECKPOINT_FORMAT!r})")
-    if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint format_version {payload.get('format_version')!r} is not "
-                         f"supported (expected {CHECKPOINT_VERSION})")
-    raw_spec = payload.get("model_spec")
-    known = {f.name for f in fields(ModelSpec)}
-    if not isinstance(raw_spec, dict) or set(raw_spec) - known:
-        raise ValueError(f"{path}: model_spec is missing or has unknown fields "
-                         f"{sorted(set(raw_spec or {}) - known)}")
-    raw_spec = {**_LEGACY_SPEC, **raw_spec}  # fields a checkpoint predates: the behaviour it was trained with
-    try:
-        model = build_model(ModelSpec(**raw_spec))
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{path}: weights do not match model_spec {raw_spec}: {e}") from e
-    if isinstance(map_location, (str, torch.device)):
-        model = model.to(map_location)
-    return model.eval(), payload

@@ -288,7 +288,7 @@ class ModelGroup:
         """Model m as a lone module (a copy when stacked) on the group's device, for evaluation and saving."""
         if self.size == 1:
             return self.module
-        from dicp_ray.model import build_model
+        from dicp_ray.checkpoints import build_model
 
         model = build_model(self.spec).to(self.device)
         model.load_state_dict(member_state_dict(self.module, m))

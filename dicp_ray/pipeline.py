@@ -125,7 +125,8 @@ def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, 
 
 def _run_pipeline(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     from dicp_ray.console import banner
-    from dicp_ray.evaluate import format_results_table, run_evaluations
+    from dicp_ray.eval_results import format_results_table
+    from dicp_ray.evaluate import run_evaluations
     from dicp_ray.runtime import init_ray
 
     record_run(config, output_dir)

@@ -9,7 +9,7 @@ How it is used (by evaluate.py, once per environment step, for a whole batch of 
 
     ctx = Context(obs, action, reward, next_obs)            # (B,T,D) (B,T) (B,T) (B,T,D), T may be 0
     a = sample_policy_action(model, ctx, obs, gen)          # model-free AD, or before the context is full
-    a = plan_discrete(model, ctx, obs, steps_left, obs_table, PlannerSettings(), gen)   # grid worlds
+    a = plan_discrete(model, ctx, obs, steps_left, obs_table, PlannerSettings(), gen)   # grid worlds, AD or DPT
     a = plan_continuous(model, ctx, obs, PlannerSettings(), gen)                        # continuous
 
 What to expect
@@ -18,9 +18,11 @@ What to expect
     shared real context once per task and depth level (a KV cache) and each beam's imagined tokens and
     each candidate's query-action token once, packing a task's whole search level into one row with
     tree-shaped RoPE positions and attention mask (any other model exposing the encode/expand API gets
-    the same computation through ``KVCache.expand``). Both modes consume the same random draws and
-    choose the same actions (exactly in float64; in float32 an argmax could in principle flip on a
-    near-tie); on CPU the cached mode is tens of times faster (benchmarks/bench_plan.py). The discrete
+    the same computation through ``KVCache.expand``). DPT puts the query observation first, so its real
+    context is re-encoded once per distinct (task, imagined observation) at each depth level instead
+    (``_cached_dpt_world_logits``; depth 1 reuses the policy's own [o_t, context] encoding). Both modes consume
+    the same random draws and choose the same actions (exactly in float64; in float32 an argmax could in
+    principle flip on a near-tie); on CPU the cached mode is 15-20x faster (benchmarks/bench_plan.py). The discrete
     planner needs a full context (k-1 transitions) and raises ``ValueError`` otherwise; the caller
     samples from the policy until then (see ``should_plan``). ``plan_continuous`` follows
     ``settings.depth`` too: the paper plans continuous tasks at depth 1, so pass depth=1 for them.
@@ -212,6 +214,33 @@ def _cached_world_logits(model, ctx_tokens: Tensor, d: int, past: Context, q_obs
     return model.reward_head(h), model.next_obs_head(h)
 
 
+def _cached_dpt_world_logits(model, ctx_tokens: Tensor, d: int, past: Context, q_obs: Tensor, actions: Tensor,
+                             first_prefix=None):
+    """DICP-DPT's cached world model: the DPT sequence puts the query observation FIRST, [q_obs, real, imagined,
+    query action], so the real context's keys depend on the beam's own current observation and are no prefix
+    shared by a task's beams (as AD's are). What is shared: depth 1's [o_t, real] is the policy's own sequence
+    (`first_prefix`, encoded once per task); deeper, [imagined o, real from c_{d-1}] is encoded once per distinct
+    (task, imagined observation) -- beams often stand on the same cell -- and copied to its beams; each beam's
+    d-1 imagined tokens and its A query-action tokens then go into one row on top (tree mask: every query
+    action sees the prefix and the beam's imagined steps, not its siblings), at the reference's positions.
+    Returns reward logits (M*A, C) and next-obs logits (M*A, C')."""
+    (M, A), B = actions.shape, ctx_tokens.shape[0]
+    if d == 1 and first_prefix is not None:
+        prefix = first_prefix                                                 # (B = M rows, k tokens)
+    else:
+        task = torch.arange(B, device=q_obs.device).repeat_interleave(M // B).to(q_obs.dtype)
+        keys, inverse = torch.unique(torch.cat([task[:, None], q_obs], dim=1), dim=0, return_inverse=True)
+        heads = model.embed_query_obs(keys[:, 1:])                            # (U, 1, E)
+        prefix = model.encode(torch.cat([heads, ctx_tokens[keys[:, 0].long(), d - 1:]], dim=1))[1]
+        prefix = prefix.index_select(inverse)                                 # (M rows, k-d+1 tokens)
+    tokens = torch.cat([model.embed_transitions(*past.tensors()),            # (M, d-1, E) imagined
+                        model.embed_query_action(actions.reshape(M * A)).view(M, A, -1)], dim=1)
+    positions, mask = _tree_layout(prefix.length, 1, d - 1, A, tokens.device)
+    h = model.encode(tokens, prefix, positions=positions, attn_mask=mask)[0][:, d - 1:]   # (M, A, E)
+    h = h.reshape(M * A, -1)
+    return model.reward_head(h), model.next_obs_head(h)
+
+
 def _tree_layout(P: int, Kc: int, d: int, A: int, device) -> tuple[Tensor, Tensor]:
     """RoPE positions (L,) and attention mask (L, P+L) for one task's packed level after a P-token prefix:
     [beam 0: d tokens] .. [beam Kc-1: d tokens] [beam 0: A query actions] .. [beam Kc-1: A query actions].
@@ -270,9 +299,9 @@ def _expand_level(beams: _Beams, cand_actions: Tensor, predict: Predictor, d: in
 
 def _check_discrete(model, context: Context, settings: PlannerSettings, obs_table: Tensor) -> None:
     spec = model.spec
-    if not (spec.layout == "ad" and spec.world_model and spec.discrete_actions
+    if not (spec.layout in ("ad", "dpt") and spec.world_model and spec.discrete_actions
             and spec.reward_classes and spec.num_obs_classes):
-        raise ValueError("plan_discrete needs an 'ad' layout model with world_model=True, discrete actions, "
+        raise ValueError("plan_discrete needs an 'ad' or 'dpt' layout model with world_model=True, discrete actions, "
                          f"reward classes and next-observation classes; got {spec}")
     k = spec.context_len
     if context.length < k - 1:
@@ -288,13 +317,18 @@ def _check_discrete(model, context: Context, settings: PlannerSettings, obs_tabl
 @torch.no_grad()
 def plan_discrete(model, context, query_obs: Tensor, steps_left: Tensor, obs_table: Tensor,
                   settings: PlannerSettings, generator: torch.Generator | None) -> Tensor:
-    """DICP beam search (AD layout) for B tasks at once -> (B,) long actions to execute now."""
+    """DICP beam search (AD or DPT layout) for B tasks at once -> (B,) long actions to execute now."""
     context, query_obs = _prepare(model, context, query_obs)
     obs_table = obs_table.to(query_obs)                                  # (C, D)
     _check_discrete(model, context, settings, obs_table)
     B, A, device = query_obs.shape[0], model.spec.num_actions, query_obs.device
     depth = steps_left.to(device).long().clamp(1, settings.depth)       # (B,) per-task depth
-    if settings.use_cache:
+    if settings.use_cache and model.spec.layout == "dpt":                 # query first: [o_t, real context]
+        ctx_tokens = model.embed_transitions(*context.tensors())           # (B, k-1, E)
+        h, first = model.encode(torch.cat([model.embed_query_obs(query_obs), ctx_tokens], dim=1))
+        logits = model.action_head(h[:, -1])                               # (B, A), after the whole context
+        world = partial(_cached_dpt_world_logits, model, ctx_tokens, first_prefix=first)
+    elif settings.use_cache:
         ctx_tokens = model.embed_transitions(*context.tensors())           # (B, k-1, E), shared by all
         _, ctx_cache = model.encode(ctx_tokens)
         h, _ = model.encode(model.embed_query_obs(query_obs), ctx_cache)   # (B, 1, E)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicp_ray.evaluate import TABLE_EPISODES, mean_ci95, plot_learning_curves
+from dicp_ray.eval_results import TABLE_EPISODES, mean_ci95, plot_learning_curves
 from dicp_ray.runtime import write_text_atomic
 
 # Returns after 50 episodes read off the paper's curves (SPEC §6); None where the paper has no such method.

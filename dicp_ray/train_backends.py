@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from dicp_ray.config import ExperimentConfig
-from dicp_ray.model import save_checkpoint
+from dicp_ray.checkpoints import save_checkpoint
 from dicp_ray.train import TRAIN_TAGS, make_window_sampler, windows_to_batch
 
 logger = logging.getLogger(__name__)

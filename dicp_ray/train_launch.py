@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from dicp_ray.config import ConfigError, ExperimentConfig
-from dicp_ray.model import load_checkpoint
+from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.train import _loop_config, run_name
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dicp_ray.config import ExperimentConfig
-from dicp_ray.model import build_model
+from dicp_ray.checkpoints import build_model
 from dicp_ray.model_group import ModelGroup
 from dicp_ray.train import (CRASH_ENV_VAR, evaluate_batches, make_window_sampler, model_spec_from_config,
                             windows_to_batch)

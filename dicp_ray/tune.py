@@ -108,8 +108,9 @@ def _train_trial(params: dict[str, Any], *, base: dict[str, Any], dataset_dir: s
     import torch
     from ray import tune
 
+    from dicp_ray.checkpoints import save_checkpoint
     from dicp_ray.data import HistoryDataset, WindowSampler
-    from dicp_ray.model import DICPTransformer, save_checkpoint
+    from dicp_ray.model import DICPTransformer
     from dicp_ray.train import (build_optimizer, evaluate_batches, model_spec_from_config, split_task_ids,
                                 train_step, windows_to_batch)
 
@@ -420,7 +421,7 @@ def run_sweep(config: ExperimentConfig, output_dir: str | Path, checkpoint: str 
         # Only the dataset is shared with a pipeline run here; the trials' model/train settings vary.
         return run_train_sweep(config, output_dir, collect_stage(config, output_dir))
     if checkpoint is not None:
-        from dicp_ray.model import load_checkpoint
+        from dicp_ray.checkpoints import load_checkpoint
 
         _, payload = load_checkpoint(checkpoint)
         checkpoints = {int(payload.get("split_seed", config.env.split_seeds[0])): str(Path(checkpoint).resolve())}

@@ -13,9 +13,9 @@ import argparse
 import numpy as np
 import torch
 
+from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.config import config_from_dict, replace
 from dicp_ray.data import HistoryDataset
-from dicp_ray.model import load_checkpoint
 from dicp_ray.train import evaluate_batches, make_window_sampler, windows_to_batch
 
 

@@ -13,15 +13,10 @@ import torch
 
 from dicp_ray.config import config_from_dict, replace
 from dicp_ray.envs import max_returns, make_tasks
-from dicp_ray.evaluate import (
-    evaluate_in_context,
-    format_results_table,
-    mean_ci95,
-    metric_tag,
-    run_evaluations,
-    t_critical_95,
-)
-from dicp_ray.model import DICPTransformer, ModelSpec, save_checkpoint
+from dicp_ray.eval_results import format_results_table, mean_ci95, metric_tag, t_critical_95
+from dicp_ray.evaluate import evaluate_in_context, run_evaluations
+from dicp_ray.checkpoints import save_checkpoint
+from dicp_ray.model import DICPTransformer, ModelSpec
 
 NUM_EPISODES = 4
 
@@ -37,12 +32,12 @@ def _config(**sections):
     return config_from_dict(data)
 
 
-def _write_checkpoint(path, config, split_seed: int, world_model: bool = True) -> str:
+def _write_checkpoint(path, config, split_seed: int, world_model: bool = True, layout: str = "ad") -> str:
     torch.manual_seed(0)
-    spec = ModelSpec(layout="ad", world_model=world_model, context_len=config.context_len, num_layers=1,
+    spec = ModelSpec(layout=layout, world_model=world_model, context_len=config.context_len, num_layers=1,
                      num_heads=2, embed_dim=16, mlp_dim=32, reward_max=1.0, obs_scale=1.0 / 8)
     save_checkpoint(str(path), DICPTransformer(spec),
-                    extra={"env_name": "Darkroom", "split_seed": split_seed, "variant": "ad",
+                    extra={"env_name": "Darkroom", "split_seed": split_seed, "variant": layout,
                            "world_model": world_model, "step": 0, "config": config.to_dict()})
     return str(path)
 
@@ -97,6 +92,17 @@ def test_results_files_have_tasks_by_episodes(written, mode):
     scalars = events.Scalars(metric_tag(mode))
     assert [s.step for s in scalars] == list(range(1, NUM_EPISODES + 1))
     assert np.allclose([s.value for s in scalars], result["return_mean"])
+
+
+def test_dicp_dpt_plans_once_the_context_is_full(tmp_path):
+    """DICP-DPT (beam search over the query-first layout) runs in plan mode like DICP-AD: it plans from step 39 on,
+    and its cached and reference planners take the same actions (same returns)."""
+    config = _config(model={"variant": "dpt"})
+    path = _write_checkpoint(tmp_path / "dpt.pt", config, 0, layout="dpt")
+    cached = evaluate_in_context(path, config, None, mode="plan")
+    assert cached["label"] == "DICP-DPT (plan)" and cached["timing"]["planned_decisions"] == 8 * 41
+    reference = evaluate_in_context(path, replace(config, {"plan.use_cache": False}), None, mode="plan")
+    assert reference["returns"] == cached["returns"]
 
 
 def test_deterministic_for_a_seed(written, config, checkpoints):

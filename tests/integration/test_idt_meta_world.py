@@ -18,11 +18,11 @@ import torch
 
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
 from dicp_ray import data
+from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.config import ExperimentConfig, config_from_dict
 from dicp_ray.envs import split_tasks
 from dicp_ray.evaluate import evaluate_in_context
 from dicp_ray.idt import IDTTransformer, best_episode_return
-from dicp_ray.model import load_checkpoint
 from dicp_ray.train import train_in_process
 
 TRAIN_IDS, TEST_IDS = split_tasks("ML1", 0)

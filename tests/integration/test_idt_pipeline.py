@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from dicp_ray import data
+from dicp_ray.checkpoints import build_model, load_checkpoint
 from dicp_ray.config import ExperimentConfig, config_from_dict
 from dicp_ray.envs import split_tasks
 from dicp_ray.evaluate import evaluate_in_context
 from dicp_ray.idt import EpisodeWindowSampler, IDTTransformer
-from dicp_ray.model import build_model, load_checkpoint
 from dicp_ray.scripted import write_scripted_dataset
 from dicp_ray.train import (build_optimizer, make_window_sampler, model_spec_from_config, train_model, train_step,
                             windows_to_batch)
@@ -102,5 +102,5 @@ def test_ray_train_writes_an_idt_checkpoint_and_policy_mode_evaluates_it(trained
     assert written["returns"] == result["returns"] and (tmp_path / "eval" / "returns.csv").exists()
     again = evaluate_in_context(path, mode="policy")                # deterministic for eval.seed
     assert again["returns"] == result["returns"]
-    with pytest.raises(ValueError, match="implemented for AD only"):
+    with pytest.raises(ValueError, match="implemented for AD and DPT on the grid worlds"):
         evaluate_in_context(path, mode="plan")

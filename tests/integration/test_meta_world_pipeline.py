@@ -23,8 +23,8 @@ def pipeline_run(request, ray_local, tmp_path_factory):
 
 
 def test_checkpoint_is_a_continuous_world_model_of_the_train_tasks(pipeline_run):
+    from dicp_ray.checkpoints import load_checkpoint
     from dicp_ray.envs import split_tasks
-    from dicp_ray.model import load_checkpoint
 
     config, out, _ = pipeline_run
     model, payload = load_checkpoint(str(out / "train" / "split_0" / "model.pt"))

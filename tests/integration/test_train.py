@@ -16,9 +16,10 @@ import torch
 
 from dicp_ray.scripted import write_scripted_dataset
 from dicp_ray import data
+from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.config import ConfigError, ExperimentConfig, config_from_dict
 from dicp_ray.envs import cell_index, split_tasks
-from dicp_ray.model import DICPTransformer, load_checkpoint
+from dicp_ray.model import DICPTransformer
 from dicp_ray.train import (CRASH_ENV_VAR, build_optimizer, model_spec_from_config, train_model, train_step,
                             windows_to_batch)
 

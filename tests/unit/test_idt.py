@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
 from dicp_ray.config import ConfigError, config_from_dict, load_config
 from dicp_ray.data import HistoryDataset
 from dicp_ray.idt import EpisodeWindowSampler, IDTAgent, IDTTransformer, relabel_windows
-from dicp_ray.model import DICPTransformer, ModelSpec, build_model, load_checkpoint, save_checkpoint
+from dicp_ray.model import DICPTransformer, ModelSpec
 from dicp_ray.scripted import write_scripted_dataset
 from dicp_ray.train import TRAIN_TAGS, windows_to_batch
 
@@ -320,6 +321,6 @@ def test_evaluate_refuses_plan_mode_for_an_idt_checkpoint(tmp_path):
 
     model = make_model()
     payload = {"env_name": "Darkroom", "variant": "idt"}
-    with pytest.raises(ValueError, match="implemented for AD only"):
+    with pytest.raises(ValueError, match="implemented for AD and DPT on the grid worlds"):
         _check_compatible(payload, model.spec, _idt_config(), "plan", "model.pt")
     _check_compatible(payload, model.spec, _idt_config(), "policy", "model.pt")  # fine

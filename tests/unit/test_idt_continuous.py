@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dicp_ray import data
+from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
 from dicp_ray.config import ConfigError, config_from_dict, load_config
 from dicp_ray.idt import EpisodeWindowSampler, IDTAgent, IDTTransformer, best_episode_return, relabel_windows
-from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, ModelSpec, build_model, load_checkpoint, save_checkpoint
+from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, ModelSpec
 from dicp_ray.train import model_spec_from_config, windows_to_batch
 
 D, A, H = 5, 3, 20                      # obs dim, action dim, episode length of the synthetic data
@@ -367,7 +368,8 @@ def test_idt_plans_on_meta_world_only_and_at_depth_1():
     with pytest.raises(ConfigError, match="implemented for AD only"):
         config_from_dict({**meta, "env": {"name": "Darkroom"}})
 
-    from dicp_ray.evaluate import _check_compatible, method_label
+    from dicp_ray.eval_results import method_label
+    from dicp_ray.evaluate import _check_compatible
 
     payload = {"env_name": "ML1", "variant": "idt", "config": {"env": {"task": "reach-v3"}}}
     _check_compatible(payload, make_model().spec, config, "plan", "model.pt")          # fine

@@ -3,8 +3,8 @@
 Checks that Meta-World's test goals for split seed s are our test ids of split s with the same observations
 and dynamics, that the agent's contexts hold exactly what our env records (rewards from Timestep at the right
 positions, episode ends), the evaluation-phase reward tokens and reset, that it acts exactly like
-``dicp_ray.evaluate._rollout_continuous``, the same for the IDT adapter (``MetaWorldIDTAgent`` against
-``_rollout_idt_continuous``, frozen episodes restored on reset), and the CLI's error paths (all raised before any
+``dicp_ray.evaluate.run_episodes`` driving the same model, the same for the IDT adapter (``MetaWorldIDTAgent``,
+frozen episodes restored on reset), and the CLI's error paths (all raised before any
 env is built).
 """
 from __future__ import annotations
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from dicp_ray import metaworld_agent as MWA
 from dicp_ray import metaworld_eval as MWE
+from dicp_ray.agent import make_agent as make_in_context_agent
+from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.envs.meta_world import ML1Env
-from dicp_ray.model import load_checkpoint
 from dicp_ray.plan import Context, PlannerSettings
 
 
@@ -28,6 +30,13 @@ def make_test_envs(task: str, split_seed: int, meta_batch_size: int, steps: int)
                                   max_episode_steps=steps, terminate_on_success=False, task_select="pseudorandom")
     envs.call("toggle_sample_tasks_on_reset", False)
     return envs
+
+
+def world(model, past: Context, query, action):
+    """The world model's reward and next observation for `action` at `query` after the context `past`."""
+    with torch.no_grad():
+        preds, _ = model(past.as_batch(query, action))
+    return preds["reward"], preds["next_obs"]
 
 
 def load(path):
@@ -46,7 +55,7 @@ def test_metaworld_test_goals_are_our_test_ids_with_identical_observations(task,
         ours = [ML1Env(i, task=task, horizon=20) for i in ids]
         dim = ours[0].obs_dim
         assert dim == (18 if task == "hammer-v3" else 11)
-        for env, mw_env, row in zip(ours, envs.envs, MWE.model_observation(obs, dim)):
+        for env, mw_env, row in zip(ours, envs.envs, MWA.model_observation(obs, dim)):
             np.testing.assert_array_equal(mw_env.unwrapped._last_rand_vec, env.meta_world_env._last_rand_vec)
             np.testing.assert_array_equal(env.reset()[0], row)
             np.testing.assert_array_equal(mw_env.unwrapped._target_pos, env.meta_world_env._target_pos)  # goal
@@ -67,7 +76,7 @@ def test_metaworld_test_goals_are_our_test_ids_with_identical_observations(task,
         envs.close()
 
 
-class RecordingAgent(MWE.MetaWorldAgent):
+class RecordingAgent(MWA.MetaWorldAgent):
     """Keeps what metalearning_evaluation passed: every Timestep, and the envs' goals at init()."""
 
     def __init__(self, *args, envs=None, **kwargs):
@@ -118,7 +127,7 @@ def test_adaptation_context_equals_what_our_env_records(key, tiny_meta_world_che
             if agent.has_next_obs_head:
                 past = Context(*(torch.as_tensor(ctx[c][None, :t]) for c in ("obs", "action", "reward",
                                                                             "next_obs")))
-                _, predicted = agent._world(past, torch.as_tensor(ctx["obs"][None, t]),
+                _, predicted = world(model, past, torch.as_tensor(ctx["obs"][None, t]),
                                             torch.as_tensor(ctx["action"][None, t]))
                 np.testing.assert_allclose(ctx["next_obs"][t], predicted[0].numpy(), rtol=1e-5, atol=1e-6)
             else:
@@ -142,7 +151,7 @@ class Step:
 @pytest.mark.parametrize("eval_reward", ["predicted", "zero"])
 def test_eval_phase_reward_tokens_reset_and_init(eval_reward, tiny_meta_world_checkpoints, one_thread):
     model, rng, n = load(tiny_meta_world_checkpoints["world_model"]), np.random.default_rng(0), 3
-    agent = MWE.MetaWorldAgent(model, horizon=4, eval_reward=eval_reward, seed=0)
+    agent = MWA.MetaWorldAgent(model, horizon=4, eval_reward=eval_reward, seed=0)
     agent.init()
     obs = fake_obs(rng, n)
     for t in range(6):                                               # adaptation: episodes of 4 steps
@@ -170,7 +179,7 @@ def test_eval_phase_reward_tokens_reset_and_init(eval_reward, tiny_meta_world_ch
             assert ctx["reward"][6 + t] == 0
             continue
         past = Context(*(torch.as_tensor(contexts[t][c][None]) for c in ("obs", "action", "reward", "next_obs")))
-        predicted, _ = agent._world(past, torch.as_tensor(queries[t][None]), torch.as_tensor(actions[t][None]))
+        predicted, _ = world(model, past, torch.as_tensor(queries[t][None]), torch.as_tensor(actions[t][None]))
         assert ctx["reward"][6 + t] == pytest.approx(float(predicted.clamp(0, 10)), abs=1e-6)
     if eval_reward == "predicted":
         assert ctx["reward"][6:8].max() > 0                          # distinguishable from "zero"
@@ -190,11 +199,11 @@ def test_eval_phase_reward_tokens_reset_and_init(eval_reward, tiny_meta_world_ch
 def test_protocol_misuse_and_options_are_refused(tiny_meta_world_checkpoints):
     wm, plain = load(tiny_meta_world_checkpoints["world_model"]), load(tiny_meta_world_checkpoints["no_world_model"])
     with pytest.raises(ValueError, match="needs a world model"):
-        MWE.MetaWorldAgent(plain, mode="plan")
+        MWA.MetaWorldAgent(plain, mode="plan")
     with pytest.raises(ValueError, match="reward head"):
-        MWE.MetaWorldAgent(plain, eval_reward="predicted")
-    assert MWE.MetaWorldAgent(plain).eval_reward == "zero" and MWE.MetaWorldAgent(wm).eval_reward == "predicted"
-    agent, rng = MWE.MetaWorldAgent(wm), np.random.default_rng(1)
+        MWA.MetaWorldAgent(plain, eval_reward="predicted")
+    assert MWA.MetaWorldAgent(plain).eval_reward == "zero" and MWA.MetaWorldAgent(wm).eval_reward == "predicted"
+    agent, rng = MWA.MetaWorldAgent(wm), np.random.default_rng(1)
     obs = fake_obs(rng, 2)
     with pytest.raises(RuntimeError, match="without a preceding adapt_action"):
         agent.step(Step(obs, np.zeros((2, 4)), np.zeros(2), np.zeros(2, bool), np.zeros(2, bool)))
@@ -230,18 +239,18 @@ def adapt_on_reach(agent, steps: int, horizon: int) -> tuple[int, list, list]:
 
 
 @pytest.mark.parametrize("mode,second_half", [("policy", False), ("plan", False), ("plan", True)])
-def test_agent_acts_exactly_like_rollout_continuous(mode, second_half, tiny_meta_world_checkpoints, one_thread):
+def test_agent_acts_exactly_like_evaluate_run_episodes(mode, second_half, tiny_meta_world_checkpoints, one_thread):
     """Two 150-step episodes (k = 200) on the same goal with the same seed: Meta-World's env driven through the
-    agent and our env driven by evaluate._rollout_continuous execute identical actions, planned where the
-    release plans (release:metaworld/model/ad.py:113)."""
+    adapter and our env driven by evaluate.run_episodes (the loop of `dicp-ray evaluate`) execute identical
+    actions, planned where the release plans (release:metaworld/model/ad.py:113)."""
     import gymnasium
 
     from dicp_ray.envs import meta_world
-    from dicp_ray.evaluate import _rollout_continuous
+    from dicp_ray.evaluate import run_episodes
 
     model, horizon, steps = load(tiny_meta_world_checkpoints["world_model"]), 150, 300
     settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
-    agent = MWE.MetaWorldAgent(model, mode=mode, settings=settings, horizon=horizon, seed=7)
+    agent = MWA.MetaWorldAgent(model, mode=mode, settings=settings, horizon=horizon, seed=7)
     task_id, mw_actions, planned = adapt_on_reach(agent, steps, horizon=horizon)
     # The release's rule, restated: global step >= n_transit (k) and, in the second half, position > horizon / 2.
     k = model.spec.context_len
@@ -258,9 +267,10 @@ def test_agent_acts_exactly_like_rollout_continuous(mode, second_half, tiny_meta
                                                vectorization_mode="vector_entry_point", task_ids=[task_id],
                                                task="reach-v3", horizon=horizon),
                             final_obs={horizon - 1: stored["next_obs"][end]})
-    with torch.no_grad():
-        _, _, num_planned = _rollout_continuous(model, ours, steps // horizon, mode, settings,
-                                                torch.Generator().manual_seed(7), torch.device("cpu"), "t")
+    learner = make_in_context_agent(model, 1, mode=mode, horizon=horizon, settings=settings,
+                                    generator=torch.Generator().manual_seed(7))
+    run_episodes(learner, ours, steps // horizon)
+    num_planned = learner.num_planned
     ours.env.close()
     assert num_planned == agent.num_planned == sum(planned)
     np.testing.assert_array_equal(np.stack(ours.actions), np.stack(mw_actions))
@@ -290,24 +300,25 @@ class FinalObsRecorder:
 
 
 @pytest.mark.parametrize("mode,second_half", [("policy", False), ("plan", False), ("plan", True)])
-def test_idt_agent_acts_exactly_like_rollout_idt_continuous(mode, second_half, tiny_meta_world_idt_checkpoints,
+def test_idt_agent_acts_exactly_like_evaluate_run_episodes(mode, second_half, tiny_meta_world_idt_checkpoints,
                                                             one_thread):
     """1.7 episodes of 100 steps on the same goal with the same seed: Meta-World's env driven through the IDT
-    adapter and our env driven by evaluate._rollout_idt_continuous execute identical actions, given that the
+    adapter and our env driven by evaluate.run_episodes execute identical actions, given that the
     reference's first episode ends at the next observation the adapter stored (the world model's prediction)."""
     import gymnasium
 
     from dicp_ray.envs import meta_world
-    from dicp_ray.evaluate import _rollout_idt_continuous
+    from dicp_ray.evaluate import run_episodes
 
     model, horizon, steps = load(tiny_meta_world_idt_checkpoints["world_model"]), 100, 170
     settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
-    agent = MWE.MetaWorldIDTAgent(model, mode=mode, settings=settings, horizon=horizon, seed=7)
+    agent = MWA.MetaWorldIDTAgent(model, mode=mode, settings=settings, horizon=horizon, seed=7)
     task_id, mw_actions, planned = adapt_on_reach(agent, steps, horizon=horizon)
     # IDT plans once the context holds E-1 = 1 finished episode (and with second_half_only from step 50 of it)
     first_plan = horizon + (horizon // 2 if second_half else 0)
     assert planned == [mode == "plan" and t >= first_plan for t in range(steps)]
-    assert agent.agents[0].num_finished == 1 and agent.agents[0].t == steps - horizon - 1   # last step pending
+    idt = agent.learner.agents[0]
+    assert idt.num_finished == 1 and idt.t == steps - horizon - 1   # last step pending
     stored = agent.context(0)
     assert stored["obs"].shape == (steps - 1, 11)
 
@@ -315,9 +326,10 @@ def test_idt_agent_acts_exactly_like_rollout_idt_continuous(mode, second_half, t
                                                vectorization_mode="vector_entry_point", task_ids=[task_id],
                                                task="reach-v3", horizon=horizon),
                             final_obs={horizon - 1: stored["next_obs"][horizon - 1]})
-    with torch.no_grad():
-        _, _, num_planned = _rollout_idt_continuous(model, ours, 2, mode, settings,
-                                                    torch.Generator().manual_seed(7), torch.device("cpu"), "t")
+    learner = make_in_context_agent(model, 1, mode=mode, horizon=horizon, settings=settings,
+                                    generator=torch.Generator().manual_seed(7))
+    run_episodes(learner, ours, 2)
+    num_planned = learner.num_planned
     ours.env.close()
     assert num_planned == (2 * horizon - first_plan if mode == "plan" else 0)
     assert agent.num_planned == sum(planned)
@@ -333,13 +345,13 @@ def test_idt_eval_phase_frozen_context_reward_tokens_and_reset(key, eval_reward,
     from dicp_ray.idt import IDTAgent
 
     model, rng, n, horizon = load(tiny_meta_world_idt_checkpoints[key]), np.random.default_rng(0), 2, 20
-    agent = MWE.MetaWorldIDTAgent(model, horizon=horizon, eval_reward=eval_reward, seed=0)
+    agent = MWA.MetaWorldIDTAgent(model, horizon=horizon, eval_reward=eval_reward, seed=0)
     target = model.spec.return_target
     agent.init()
     obs = fake_obs(rng, n)
     adapt_obs = []
     for t in range(2 * horizon + 3):                       # adaptation: 2 whole episodes and 3 steps of a third
-        adapt_obs.append(MWE.model_observation(obs, 11))
+        adapt_obs.append(MWA.model_observation(obs, 11))
         actions, aux = agent.adapt_action(obs)
         assert actions.dtype == np.float32 and actions.shape == (n, 4) and not aux["planned"].any()
         done = np.full(n, t % horizon == horizon - 1)
@@ -380,9 +392,9 @@ def test_idt_eval_phase_frozen_context_reward_tokens_and_reset(key, eval_reward,
         ref_gen = torch.Generator()
         ref_gen.set_state(start_state)
         ref = IDTAgent(model, horizon, torch.full((1,), target), ref_gen)
-        ref.finished = {name: x.clone() for name, x in agent._frozen_episodes[0].items()}
+        ref.finished = {name: x.clone() for name, x in agent.frozen[0].items()}
         ref.start_episode()
-        action = ref.act(torch.as_tensor(MWE.model_observation(start_obs, 11)[:1])).clamp(-1, 1)
+        action = ref.act(torch.as_tensor(MWA.model_observation(start_obs, 11)[:1])).clamp(-1, 1)
         np.testing.assert_array_equal(action[0].numpy(), first[0])
         tokens = model.low_level_tokens(ref.z, ref.current["obs"][:, :1], ref.current["action"][:, :0],
                                         ref.current["reward"][:, :0])
@@ -394,7 +406,7 @@ def test_idt_eval_phase_frozen_context_reward_tokens_and_reset(key, eval_reward,
     agent.reset(np.array([True, False]))                   # env 0's episode ended: back to the frozen context
     for name in frozen[0]:
         np.testing.assert_array_equal(agent.context(0)[name], frozen[0][name])
-    assert agent.agents[0].current is None and len(agent.context(1)["reward"]) == 2 * horizon + 2
+    assert agent.learner.agents[0].current is None and len(agent.context(1)["reward"]) == 2 * horizon + 2
     agent.reset(np.ones(n, bool))                          # a new episode acts like the first one did
     agent.generator.set_state(start_state)
     np.testing.assert_array_equal(agent.eval_action(start_obs), first)
@@ -406,19 +418,19 @@ def test_idt_eval_phase_frozen_context_reward_tokens_and_reset(key, eval_reward,
 def test_idt_options_and_layouts_are_checked(tiny_meta_world_idt_checkpoints, tiny_meta_world_checkpoints):
     idt, idt_plain = (load(tiny_meta_world_idt_checkpoints[k]) for k in ("world_model", "no_world_model"))
     ad = load(tiny_meta_world_checkpoints["world_model"])
-    assert isinstance(MWE.make_agent(idt), MWE.MetaWorldIDTAgent) and type(MWE.make_agent(ad)) is MWE.MetaWorldAgent
+    assert isinstance(MWA.make_agent(idt), MWA.MetaWorldIDTAgent) and type(MWA.make_agent(ad)) is MWA.MetaWorldAgent
     with pytest.raises(ValueError, match="use MetaWorldIDTAgent"):
-        MWE.MetaWorldAgent(idt)
+        MWA.MetaWorldAgent(idt)
     with pytest.raises(ValueError, match="needs a continuous-action 'idt' model"):
-        MWE.MetaWorldIDTAgent(ad)
+        MWA.MetaWorldIDTAgent(ad)
     with pytest.raises(ValueError, match="needs a world model"):
-        MWE.MetaWorldIDTAgent(idt_plain, mode="plan")
+        MWA.MetaWorldIDTAgent(idt_plain, mode="plan")
     with pytest.raises(ValueError, match="block length 10 and divides its context length 200"):
-        MWE.MetaWorldIDTAgent(idt, horizon=30)
+        MWA.MetaWorldIDTAgent(idt, horizon=30)
     with pytest.raises(ValueError, match="depth 1 only"):
-        MWE.MetaWorldIDTAgent(idt, mode="plan", settings=PlannerSettings(depth=2))
-    assert MWE.MetaWorldIDTAgent(idt_plain).eval_reward == "zero"
-    agent, rng = MWE.MetaWorldIDTAgent(idt, horizon=20), np.random.default_rng(1)
+        MWA.MetaWorldIDTAgent(idt, mode="plan", settings=PlannerSettings(depth=2))
+    assert MWA.MetaWorldIDTAgent(idt_plain).eval_reward == "zero"
+    agent, rng = MWA.MetaWorldIDTAgent(idt, horizon=20), np.random.default_rng(1)
     obs = fake_obs(rng, 1)
     actions, _ = agent.adapt_action(obs)
     with pytest.raises(RuntimeError, match="ended after 1 steps"):        # episodes must last the horizon
@@ -448,8 +460,9 @@ def no_envs(monkeypatch):
 
 
 def grid_checkpoint(tmp_path, layout: str) -> str:
+    from dicp_ray.checkpoints import build_model, save_checkpoint
     from dicp_ray.config import config_from_dict
-    from dicp_ray.model import ModelSpec, build_model, save_checkpoint
+    from dicp_ray.model import ModelSpec
 
     spec = ModelSpec(layout=layout, obs_dim=2, num_actions=5, context_len=20, num_layers=1, num_heads=2,
                      embed_dim=8, mlp_dim=16, block_len=10)

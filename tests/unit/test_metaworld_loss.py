@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dicp_ray.config import ConfigError, load_config
-from dicp_ray.model import ModelSpec, _gaussian_nll, build_model, load_checkpoint, save_checkpoint
+from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
+from dicp_ray.model import ModelSpec, _gaussian_nll
 from dicp_ray.plan import PlannerSettings, plan_continuous, sample_policy_action, should_plan_continuous
 from dicp_ray.train import model_spec_from_config, run_identity
 

@@ -6,15 +6,8 @@ import os
 import pytest
 import torch
 
-from dicp_ray.model import (
-    DICPTransformer,
-    KVCache,
-    ModelSpec,
-    count_parameters,
-    flops_per_token,
-    load_checkpoint,
-    save_checkpoint,
-)
+from dicp_ray.checkpoints import load_checkpoint, save_checkpoint
+from dicp_ray.model import DICPTransformer, KVCache, ModelSpec, count_parameters, flops_per_token
 
 SMALL = dict(num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, context_len=8)
 

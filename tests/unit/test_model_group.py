@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dicp_ray.config import config_from_dict
-from dicp_ray.model import ModelSpec, build_model
+from dicp_ray.checkpoints import build_model
+from dicp_ray.model import ModelSpec
 from dicp_ray.model_group import (ModelGroup, StackedEmbedding, member_optimizer_state, stack_models,
                                   stack_optimizer_states)
 from dicp_ray.train import windows_to_batch

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dicp_ray.model import DICPTransformer, ModelSpec
-from dicp_ray.plan import (Context, PlannerSettings, _cached_world_logits, _reference_world_logits,
-                           plan_continuous, plan_discrete, sample_policy_action, should_plan)
+from dicp_ray.plan import (Context, PlannerSettings, _cached_dpt_world_logits, _cached_world_logits,
+                           _reference_world_logits, plan_continuous, plan_discrete, sample_policy_action, should_plan)
 
 K_CTX = 12  # context_len of the small random models
 OBS_TABLE = torch.tensor([[c // 9, c % 9] for c in range(81)], dtype=torch.float64)  # cell -> (x, y)
@@ -69,12 +69,13 @@ def test_deterministic_for_a_seed():
     assert any(not torch.equal(a1, o) for o in others)
 
 
+@pytest.mark.parametrize("layout", ["ad", "dpt"])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("depth", [1, 2, 4])
 @pytest.mark.parametrize("beam_width", [1, 3, 10])
-def test_cached_matches_reference(seed, depth, beam_width):
+def test_cached_matches_reference(seed, depth, beam_width, layout):
     B = 6
-    model, ctx = random_model(seed), random_context(B, K_CTX - 1, seed=seed + 10)
+    model, ctx = random_model(seed, layout=layout), random_context(B, K_CTX - 1, seed=seed + 10)
     q = torch.randint(0, 9, (B, 2), generator=torch.Generator().manual_seed(seed)).double()
     steps = torch.tensor([depth, 1, 2, 3, 8, 20])  # some tasks end before the planning depth
     kw = dict(beam_width=beam_width, depth=depth)
@@ -101,12 +102,31 @@ def test_cached_and_reference_world_logits_agree(d, tree):
         assert torch.allclose(c, r, atol=1e-10, rtol=0)
 
 
-def test_search_is_not_trivial_for_random_models():
+@pytest.mark.parametrize("d", [1, 2, 5, K_CTX - 1])
+def test_dpt_cached_and_reference_world_logits_agree(d):
+    """DICP-DPT at the logit level: [imagined query obs, c_{d-1}.., d-1 imagined, query action] encoded by the
+    cached planner (prefix per distinct (task, query obs), tree-packed query actions) equals the reference's
+    full re-encoding. Beams of a task share some query observations, so the de-duplication is exercised."""
+    B, beams = 3, 4
+    model, ctx = random_model(7, layout="dpt"), random_context(3, K_CTX - 1, seed=7)
+    past = random_context(B * beams, d - 1, seed=8)
+    g = torch.Generator().manual_seed(9)
+    q_obs = torch.randint(0, 2, (B * beams, 2), generator=g).double()   # 4 cells: repeats within a task
+    q_act = torch.stack([torch.randperm(5, generator=g) for _ in range(B * beams)])
+    with torch.no_grad():
+        cached = _cached_dpt_world_logits(model, model.embed_transitions(*ctx.tensors()), d, past, q_obs, q_act)
+        reference = _reference_world_logits(model, ctx, d, past, q_obs, q_act)
+    for c, r in zip(cached, reference):
+        assert torch.allclose(c, r, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["ad", "dpt"])
+def test_search_is_not_trivial_for_random_models(layout):
     """Guard for the test above: the random models foresee rewards, so the plan often differs from the
     policy sample drawn with the same generator state."""
     differs = 0
     for seed in range(4):
-        model, ctx = random_model(seed), random_context(8, K_CTX - 1, seed=seed)
+        model, ctx = random_model(seed, layout=layout), random_context(8, K_CTX - 1, seed=seed)
         q = ctx.next_obs[:, -1]
         planned = plan(model, ctx, q, torch.full((8,), 4), seed=seed, depth=4, beam_width=3)
         sampled = sample_policy_action(model, ctx, q, torch.Generator().manual_seed(seed))
