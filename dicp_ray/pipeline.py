@@ -151,7 +151,7 @@ def _run_pipeline(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     write_json_atomic(output_dir / "timings.json", timings)
     print()
     print(format_results_table(summary))
-    print(f"\nstage wall times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()))
+    print("\nstage wall times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()))
     print(f"plot:    {output_dir / 'eval' / 'learning_curves.png'}")
     print(f"results: {output_dir / 'eval' / 'summary.json'} (and .csv); TensorBoard: tensorboard --logdir "
           f"{output_dir}")
