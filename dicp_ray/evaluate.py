@@ -5,9 +5,10 @@ What it does
     checkpoint's split, and runs the in-context loop from an empty context for ``eval.num_episodes``
     episodes: at each step the context is the last k-1 real transitions of that task's history (across
     episode boundaries) and the query is the current observation. Mode "policy" samples the distilled
-    policy (AD / DPT; IDT acts hierarchically through ``dicp_ray.idt.IDTAgent``, see `_rollout_idt` and
-    `_rollout_idt_continuous`); mode "plan" runs DICP beam search once the context is full (before that it
-    samples), for AD checkpoints, and on Meta-World the depth-1 sampled search for AD and IDT checkpoints.
+    policy (AD / DPT; IDT acts hierarchically through ``dicp_ray.idt_grid_agent.GridIDTAgent`` on the grid
+    worlds and ``dicp_ray.idt.IDTAgent`` on Meta-World, see `_rollout_idt` and `_rollout_idt_continuous`);
+    mode "plan" runs DICP beam search once the context is full (before that it samples), for AD and grid IDT
+    checkpoints (IDT: inside Decisions-to-Go), and on Meta-World the depth-1 sampled search for AD and IDT.
     ``run_evaluations`` fans (split seed x mode) out as Ray tasks and aggregates over split seeds.
 
 How to run it
@@ -46,6 +47,7 @@ import torch
 from dicp_ray.config import ExperimentConfig, config_from_dict
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
 from dicp_ray.idt import IDTAgent
+from dicp_ray.idt_grid_agent import GridIDTAgent
 from dicp_ray.model import load_checkpoint
 from dicp_ray.plan import (Context, PlannerSettings, plan_continuous, plan_discrete, sample_policy_action,
                            should_plan)
@@ -128,18 +130,14 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
     if variant != config.model.variant:
         raise ValueError(f"checkpoint {path} is variant {variant!r} but config.model.variant = "
                          f"{config.model.variant!r}: use --set model.variant={variant}")
-    if mode == "plan" and spec.layout == "idt" and spec.discrete_actions:
-        raise ValueError(f"mode 'plan': DICP planning is implemented for AD only on the grid worlds (IDT plans on "
-                         f"Meta-World only), checkpoint {path} is a discrete IDT: evaluate it in mode 'policy' "
-                         "(--set eval.modes=[policy])")
-    if mode == "plan" and spec.layout == "idt" and config.plan_depth != 1:
+    if mode == "plan" and spec.layout == "idt" and not spec.discrete_actions and config.plan_depth != 1:
         raise ValueError(f"mode 'plan': IDT's sampled search is depth 1 only, plan.depth = {config.plan_depth} "
                          "(--set plan.depth=1)")
     if mode == "plan" and not spec.world_model:
         raise ValueError(f"mode 'plan' needs a world model, but checkpoint {path} was trained with "
                          "model.world_model=false: evaluate it in mode 'policy' (--set eval.modes=[policy])")
     if mode == "plan" and spec.layout not in ("ad", "idt"):
-        raise ValueError(f"mode 'plan' supports the 'ad' layout (and 'idt' on Meta-World) only, checkpoint {path} "
+        raise ValueError(f"mode 'plan' supports the 'ad' and 'idt' layouts only, checkpoint {path} "
                          f"has {spec.layout!r}")
 
 
@@ -221,7 +219,7 @@ def _rollout(model, env, num_episodes: int, mode: str, settings: PlannerSettings
     from tqdm.auto import tqdm
 
     if model.spec.layout == "idt":
-        return _rollout_idt(model, env, num_episodes, generator, device, desc)
+        return _rollout_idt(model, env, num_episodes, mode, settings, generator, device, desc)
     num_tasks, horizon, k = env.num_envs, env.horizon, model.spec.context_len
     obs_dim, total_steps = model.spec.obs_dim, num_episodes * horizon
     # Whole histories (N, total_steps, ...): the context is a view of the last k-1 rows, so it runs on
@@ -253,25 +251,31 @@ def _rollout(model, env, num_episodes: int, mode: str, settings: PlannerSettings
     return returns, num_planned
 
 
-def _rollout_idt(model, env, num_episodes: int, generator: torch.Generator, device: torch.device,
-                 desc: str) -> tuple[np.ndarray, int]:
-    """IDT policy mode: a decision every block_len steps, actions sampled from Decisions-to-Go. Every episode's
-    return-to-go starts at the task's maximum achievable return, as in the authors' release (dicp_ray/idt.py)."""
+def _rollout_idt(model, env, num_episodes: int, mode: str, settings: PlannerSettings, generator: torch.Generator,
+                 device: torch.device, desc: str) -> tuple[np.ndarray, int]:
+    """Grid IDT (dicp_ray/idt_grid_agent.py): a decision every block_len steps, actions sampled from
+    Decisions-to-Go; mode "plan" (DICP-IDT) searches inside Decisions-to-Go once the agent has taken context_len
+    steps. Every episode's return-to-go starts at the task's maximum achievable return, as in the release."""
     from tqdm.auto import tqdm
 
     target = torch.as_tensor(np.asarray(env.max_returns(), dtype=np.float32), device=device)
-    agent = IDTAgent(model, env.horizon, target, generator)
-    returns = np.zeros((env.num_envs, num_episodes))
+    agent = GridIDTAgent(model, env.horizon, target, generator)
+    returns, num_planned = np.zeros((env.num_envs, num_episodes)), 0
     for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
         obs, _ = env.reset()  # every task truncates at the same step, so all reset together
         agent.start_episode()
         for _ in range(env.horizon):
-            action = agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device))
+            query = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            if mode == "plan" and agent.plan_ready:
+                action = agent.plan_action(query, settings.beam_width, settings.use_cache)
+                num_planned += env.num_envs
+            else:
+                action = agent.act(query)
             next_obs, reward, _, _, _ = env.step(action.cpu().numpy())
             agent.observe(action, torch.as_tensor(reward), torch.as_tensor(next_obs))
             returns[:, episode] += reward
             obs = next_obs
-    return returns, 0
+    return returns, num_planned
 
 
 def _rollout_continuous(model, env, num_episodes: int, mode: str, settings: PlannerSettings,

@@ -78,7 +78,7 @@ import torch
 import torch.nn as nn
 
 from dicp_ray.data import WindowSampler
-from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, Block, DICPTransformer, ModelSpec, rope_cos_sin
+from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, Block, DICPTransformer, KVCache, ModelSpec, rope_cos_sin
 
 # ----------------------------------------------------------------------------- training windows
 class EpisodeWindowSampler(WindowSampler):
@@ -173,12 +173,19 @@ class CausalStack(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, L, E) -> (N, L, E); token i attends to tokens 0..i."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.encode(tokens)[0]
+
+    def encode(self, tokens: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """New tokens (N, L, E) on top of `cache` (RoPE positions continue at cache.length) -> (hidden, cache
+        of all keys/values): encode(a) then encode(b, cache) equals forward(cat(a, b)) up to float rounding."""
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         cos, sin = rope_cos_sin(self.head_dim, positions, tokens.dtype)
-        x = self.drop(tokens)
-        for block in self.blocks:
-            x, _ = block(x, cos, sin, None)
-        return self.norm(x)
+        x, layers = self.drop(tokens), []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, cos, sin, cache.layers[i] if cache is not None else None)
+            layers.append(kv)
+        return self.norm(x), KVCache(layers)
 
 
 class IDTTransformer(nn.Module):

@@ -424,7 +424,12 @@ def flops_per_token(model: DICPTransformer, num_keys: int | None = None) -> int:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The model class of ``spec.layout``: DICPTransformer ("ad", "dpt") or IDTTransformer ("idt")."""
+    """The model class of ``spec.layout``: DICPTransformer ("ad", "dpt"), GridIDT ("idt", discrete actions) or
+    IDTTransformer ("idt", continuous actions)."""
+    if spec.layout == "idt" and spec.discrete_actions:
+        from dicp_ray.idt_grid import GridIDT  # imported here: dicp_ray.idt_grid builds on this module
+
+        return GridIDT(spec)
     if spec.layout == "idt":
         from dicp_ray.idt import IDTTransformer  # imported here: dicp_ray.idt builds on this module
 

@@ -43,6 +43,7 @@ import torch
 from dicp_ray.config import ConfigError, ExperimentConfig, TrainConfig
 from dicp_ray.envs import GRID_SIZE, GRID_SPECS, cell_index, split_tasks
 from dicp_ray.idt import EpisodeWindowSampler, best_episode_return, relabel_windows
+from dicp_ray.idt_grid import HistoryWindowSampler
 from dicp_ray.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
                          dropout=m.dropout, attn_dropout=m.attn_dropout, obs_scale=1.0,
                          reward_loss_weight=m.reward_loss_weight, **idt)
     grid = GRID_SPECS[config.env.name]
-    idt = {"return_scale": 1.0 / grid.horizon} if m.variant == "idt" else {}  # returns-to-go -> [0, 1]
+    idt = {"return_scale": 1.0} if m.variant == "idt" else {}  # returns-to-go embedded unscaled (idt_grid.py)
     return ModelSpec(layout=m.variant, world_model=m.world_model, obs_dim=int(dataset.obs_dim),
                      discrete_actions=True, num_actions=int(dataset.num_actions),
                      num_obs_classes=grid.num_cells, reward_classes=2, reward_max=1.0,
@@ -87,12 +88,15 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
 
 
 def make_window_sampler(config: ExperimentConfig, dataset: Any, seed):
-    """Training windows for config.model.variant: k consecutive transitions starting anywhere (AD, DPT), or
-    context_episodes whole episodes (IDT, whose episodes are then sorted by return in `windows_to_batch`)."""
+    """Training windows for config.model.variant: k consecutive transitions starting anywhere (AD, DPT; grid IDT
+    in its history sorted by episode return, with relabelled return-to-go: `idt_grid.HistoryWindowSampler`), or
+    context_episodes whole episodes (continuous IDT, whose episodes are then sorted in `windows_to_batch`)."""
     from dicp_ray.data import WindowSampler
 
-    if config.model.variant == "idt":
+    if config.model.variant == "idt" and getattr(dataset, "is_continuous", False):
         return EpisodeWindowSampler(dataset, config.model.context_episodes, config.env.horizon, seed=seed)
+    if config.model.variant == "idt":
+        return HistoryWindowSampler(dataset, config.context_len, config.env.horizon, seed=seed)
     return WindowSampler(dataset, config.context_len, seed=seed)
 
 
@@ -105,25 +109,30 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
     world-model targets. AD's target is the action the source took there. DPT conditions on a query state
     as well; we use the window's last observation (so AD and DPT see the same tokens and the query state is
     one the source visited in this task) and its target is the oracle action a* of that state at every one
-    of the T + 1 action positions. IDT windows (whole episodes with a ``step`` column) are sorted by episode
-    return and their return-to-go relabelled (`dicp_ray.idt.relabel_windows`); every step is a target there
-    (continuous actions: float actions, rewards and next observations are the targets, as in `_continuous_batch`).
+    of the T + 1 action positions. Grid IDT windows (`idt_grid.HistoryWindowSampler`: already sorted, with a
+    ``return_to_go`` column) become cells, actions, reward classes and returns-to-go, every step a target.
+    Continuous IDT windows (whole episodes with a ``step`` column) are sorted by episode return and their
+    return-to-go relabelled (`dicp_ray.idt.relabel_windows`); float actions, rewards and next observations of
+    every step are the targets, as in `_continuous_batch`.
     """
     def tensor(x, dtype):
         return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
     if layout == "idt":
-        w = relabel_windows(windows)
-        if w["action"].ndim == 3:  # continuous actions (B, k, A): Meta-World, regression targets
-            return _continuous_idt_batch(w, world_model, tensor)
-        batch = {"ctx_obs": tensor(w["obs"], torch.float32), "ctx_action": tensor(w["action"], torch.long),
-                 "ctx_reward": tensor(w["reward"], torch.float32),
-                 "ctx_next_obs": tensor(w["next_obs"], torch.float32),
-                 "ctx_return_to_go": tensor(w["return_to_go"], torch.float32)}                 # (B, k, ...)
-        targets = {"target_action": tensor(w["action"], torch.long)}                          # (B, k)
+        if windows["action"].ndim == 3:  # continuous actions (B, k, A): Meta-World, regression targets
+            return _continuous_idt_batch(relabel_windows(windows), world_model, tensor)
+        if "return_to_go" not in windows:
+            raise ValueError("grid IDT windows need a return_to_go column: sample them with "
+                             "dicp_ray.idt_grid.HistoryWindowSampler (train.make_window_sampler)")
+        cells, next_cells = cell_index(windows["obs"]), cell_index(windows["next_obs"])       # (B, k)
+        batch = {"ctx_obs": tensor(cells, torch.long), "ctx_action": tensor(windows["action"], torch.long),
+                 "ctx_reward": tensor(np.rint(windows["reward"]), torch.long),
+                 "ctx_next_obs": tensor(next_cells, torch.long),
+                 "ctx_return_to_go": tensor(windows["return_to_go"], torch.float32)}           # (B, k)
+        targets = {"target_action": tensor(windows["action"], torch.long)}                    # (B, k)
         if world_model:
-            targets["target_reward"] = tensor(np.rint(w["reward"]), torch.long)
-            targets["target_next_obs"] = tensor(cell_index(w["next_obs"]), torch.long)
+            targets["target_reward"] = tensor(np.rint(windows["reward"]), torch.long)
+            targets["target_next_obs"] = tensor(next_cells, torch.long)
         return batch, targets
 
     obs, action, reward = windows["obs"], windows["action"], windows["reward"]    # (B,k,D), (B,k), (B,k)
@@ -229,6 +238,8 @@ def run_identity(config_dict: dict[str, Any], split_seed: int, dataset_id: str) 
         picked["env"].pop("task", None)
     if picked["model"].get("reward_loss_weight", 1.0) == 1.0:  # the default keeps older runs' identities
         picked["model"].pop("reward_loss_weight", None)
+    if picked["model"].get("variant") == "idt" and picked["env"].get("name") in GRID_SPECS:
+        picked["idt_format"] = "release-history-windows-v1"  # idt_grid.py: other windows and model than before
     return json.loads(json.dumps({**picked, "split_seed": split_seed, "dataset_id": dataset_id}))
 
 
