@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from dicp_ray.idt_grid import GridIDT, grid_cells
+from dicp_ray.model import ModelSpec
 from dicp_ray.plan import _gumbel_order
 
 
@@ -233,3 +234,55 @@ def beam_search(model: GridIDT, prefix: Tensor, z: Tensor, j: int, beam_width: i
         score = score.repeat_interleave(A, dim=1) + reward.to(torch.float64)
         first = first.repeat_interleave(A, dim=1)
     return first[:, 0]
+
+
+# ----------------------------------------------------------------------------- planner speed
+def benchmark_planner(num_plan_episodes: int = 2, beam_width: int = 10, split_seed: int = 0, seed: int = 0,
+                      device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """DICP-IDT decisions/s, cached vs reference, on the 8 Darkroom test tasks of `split_seed`.
+
+    A paper-size grid IDT (3 x 4 layers, 4 heads, width 32, MLP 128, k = 80, c = 10, z of 8) with unit-gain random
+    weights (so head argmaxes differ between candidates) acts in policy mode for k steps, then plans
+    `num_plan_episodes` episodes with K = `beam_width`; both modes start from the same generator seeds. Returns the
+    planned decisions, seconds and decisions/s per mode, and whether every executed action was identical.
+    """
+    from dicp_ray.envs import split_tasks
+    from dicp_ray.envs.grid import DarkroomVectorEnv
+
+    torch.manual_seed(seed)
+    spec = ModelSpec(layout="idt", world_model=True, context_len=80, block_len=10, z_dim=8, num_layers=4,
+                     num_heads=4, embed_dim=32, mlp_dim=128, return_scale=1.0, reward_max=1.0)
+    model = GridIDT(spec).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 / float(np.sqrt(p.shape[1])))
+    _, test_ids = split_tasks("Darkroom", split_seed)
+    out = {"tasks": len(test_ids), "beam_width": beam_width, "device": device, "dtype": str(dtype)}
+    actions = {}
+    for mode, use_cache in (("cached", True), ("reference", False)):
+        env = DarkroomVectorEnv(task_ids=test_ids)
+        agent = GridIDTAgent(model, env.horizon, np.asarray(env.max_returns(), np.float32),
+                             torch.Generator().manual_seed(seed))
+        taken, seconds, planned = [], 0.0, 0
+        warm = model.spec.context_len // env.horizon
+        for _ in range(warm + num_plan_episodes):
+            obs, _ = env.reset(seed=seed)
+            agent.start_episode()
+            for _ in range(env.horizon):
+                query = torch.as_tensor(obs, dtype=dtype, device=device)
+                if agent.plan_ready:
+                    start = time.perf_counter()
+                    action = agent.plan_action(query, beam_width, use_cache)
+                    seconds += time.perf_counter() - start
+                    planned += len(test_ids)
+                else:
+                    action = agent.act(query)
+                obs, reward, _, _, _ = env.step(action.cpu().numpy())
+                agent.observe(action, torch.as_tensor(reward), torch.as_tensor(obs))
+                taken.append(action.cpu())
+        actions[mode] = torch.stack(taken)
+        out[mode] = {"planned_decisions": planned, "seconds": seconds, "decisions_per_s": planned / seconds}
+    out["identical_actions"] = bool(torch.equal(actions["cached"], actions["reference"]))
+    out["speedup"] = out["cached"]["decisions_per_s"] / out["reference"]["decisions_per_s"]
+    return out
