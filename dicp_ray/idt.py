@@ -176,15 +176,19 @@ class CausalStack(nn.Module):
         """(N, L, E) -> (N, L, E); token i attends to tokens 0..i."""
         return self.encode(tokens)[0]
 
-    def encode(self, tokens: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """New tokens (N, L, E) on top of `cache` (RoPE positions continue at cache.length) -> (hidden, cache
-        of all keys/values): encode(a) then encode(b, cache) equals forward(cat(a, b)) up to float rounding."""
+    def encode(self, tokens: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """New tokens (N, L, E) on top of `cache` -> (hidden, cache of all keys/values). By default RoPE positions
+        continue at cache.length and new tokens attend to the cache and causally to each other, so encode(a) then
+        encode(b, cache) equals forward(cat(a, b)) up to float rounding; `positions` (L,) and a bool `attn_mask`
+        (L, cache.length + L), True = may attend, override both (``DICPTransformer.encode``'s packing)."""
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        if positions is None:
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         cos, sin = rope_cos_sin(self.head_dim, positions, tokens.dtype)
         x, layers = self.drop(tokens), []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cos, sin, cache.layers[i] if cache is not None else None)
+            x, kv = block(x, cos, sin, cache.layers[i] if cache is not None else None, attn_mask)
             layers.append(kv)
         return self.norm(x), KVCache(layers)
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from dicp_ray.idt_grid import GridIDT, grid_cells
-from dicp_ray.model import ModelSpec
+from dicp_ray.model import KVCache, ModelSpec
 from dicp_ray.plan import _gumbel_order
 
 
@@ -188,12 +188,30 @@ def _world(model: GridIDT, hidden: Tensor) -> tuple[Tensor, Tensor]:
     return model.reward_head(hidden).argmax(dim=-1), model.next_obs_head(hidden).argmax(dim=-1)
 
 
+def _branch(dtg, cache: KVCache, tokens: Tensor) -> tuple[Tensor, KVCache]:
+    """A candidate tokens (R, A, E) packed into each of the R cached rows, each seeing the row's cache and itself
+    only, all at position cache.length -> (hidden (R, A, E), cache whose last A columns are the candidates)."""
+    P, A = cache.length, tokens.shape[1]
+    mask = torch.cat([torch.ones(A, P, dtype=torch.bool, device=tokens.device),
+                      torch.eye(A, dtype=torch.bool, device=tokens.device)], dim=1)
+    return dtg.encode(tokens, cache, positions=torch.full((A,), P, device=tokens.device), attn_mask=mask)
+
+
+def _pick(cache: KVCache, row: Tensor, col: Tensor, num_candidates: int) -> KVCache:
+    """Rows `row` (M,) of a `_branch` cache with its shared columns plus candidate column `col` (M,) of the last
+    `num_candidates` -> a plain cache (M rows, shared + 1 columns)."""
+    shared = cache.length - num_candidates
+    return KVCache([tuple(torch.cat([x[row, :, :shared], x[row, :, shared + col][:, :, None]], dim=2)
+                          for x in (k, v)) for k, v in cache.layers])
+
+
 @torch.no_grad()
 def beam_search(model: GridIDT, prefix: Tensor, z: Tensor, j: int, beam_width: int,
                 generator: torch.Generator | None, use_cache: bool = True) -> Tensor:
     """Prefix DtG tokens (N, P, E) ending at o_j, the block's decisions z (N, c, Z), step j of the block ->
     (N,) actions (module docstring). One random draw: the level-1 candidate order. Candidates are beam-major
-    (beam b, action a at column b * A + a), so the stable sort breaks ties like the release."""
+    (beam b, action a at column b * A + a), so the stable sort breaks ties like the release. The cached mode
+    packs each beam's A candidates into one row (``_branch``) instead of copying its cache A times."""
     N, E, A, c = prefix.shape[0], prefix.shape[-1], model.spec.num_actions, model.spec.block_len
     dtg, rows = model.decisions_to_go, torch.arange(prefix.shape[0], device=prefix.device)
     if use_cache:
@@ -203,11 +221,11 @@ def beam_search(model: GridIDT, prefix: Tensor, z: Tensor, j: int, beam_width: i
     cand = _gumbel_order(model.action_head(hidden[:, -1]), generator)                   # (N, A)
     act_tokens = model.embed_action(cand)[:, :, None]                                   # (N, A, 1, E)
     if use_cache:
-        h, cache = dtg.encode(act_tokens.reshape(N * A, 1, E), cache.expand(A))
+        h, cache = _branch(dtg, cache, act_tokens[:, :, 0])                             # (N, A, E)
     else:
         seqs = torch.cat([seqs.expand(N, A, -1, -1), act_tokens], dim=2)
-        h = dtg(seqs.reshape(N * A, -1, E))
-    reward, cell = (x.view(N, A) for x in _world(model, h[:, -1]))
+        h = dtg(seqs.reshape(N * A, -1, E))[:, -1]
+    reward, cell = (x.reshape(N, A) for x in _world(model, h))
     score, first = reward.to(torch.float64), cand
     acts = model.embed_action(torch.arange(A, device=prefix.device))                    # (A, E)
     for d in range(1, c - j + 1):
@@ -218,19 +236,20 @@ def beam_search(model: GridIDT, prefix: Tensor, z: Tensor, j: int, beam_width: i
         if d == c - j:
             break
         reward, cell = reward.gather(1, keep), cell.gather(1, keep)
-        flat = (rows[:, None] * Kc + keep).reshape(-1)                                  # surviving rows
         z_tok = model.embed_z(z[:, j + d].to(prefix.dtype))[:, None].expand(N, K, E)
         step_tokens = torch.stack([model.embed_reward(reward), z_tok, model.embed_obs(cell)], dim=2)  # (N,K,3,E)
-        act_tokens = acts[None, None, :, None].expand(N, K, A, 1, E)
         if use_cache:
-            _, cache = dtg.encode(step_tokens.reshape(N * K, 3, E), cache.index_select(flat))
-            h, cache = dtg.encode(act_tokens.reshape(N * K * A, 1, E), cache.expand(A))
+            row = (rows[:, None] * (Kc // A) + keep // A).reshape(-1)                  # the beam's cached row
+            col = (keep % A).reshape(-1)                                                # and its candidate
+            _, cache = dtg.encode(step_tokens.reshape(N * K, 3, E), _pick(cache, row, col, A))
+            h, cache = _branch(dtg, cache, acts[None].expand(N * K, A, E))              # (N*K, A, E)
         else:
+            flat = (rows[:, None] * Kc + keep).reshape(-1)                              # surviving sequences
             seqs = seqs.reshape(N * Kc, -1, E)[flat].view(N, K, -1, E)
             seqs = torch.cat([seqs, step_tokens], dim=2)[:, :, None].expand(N, K, A, -1, E)
-            seqs = torch.cat([seqs, act_tokens], dim=3).reshape(N, K * A, -1, E)
-            h = dtg(seqs.reshape(N * K * A, -1, E))
-        reward, cell = (x.view(N, K * A) for x in _world(model, h[:, -1]))
+            seqs = torch.cat([seqs, acts[None, None, :, None].expand(N, K, A, 1, E)], dim=3).reshape(N, K * A, -1, E)
+            h = dtg(seqs.reshape(N * K * A, -1, E))[:, -1]
+        reward, cell = (x.reshape(N, K * A) for x in _world(model, h))
         score = score.repeat_interleave(A, dim=1) + reward.to(torch.float64)
         first = first.repeat_interleave(A, dim=1)
     return first[:, 0]
