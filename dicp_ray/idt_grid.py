@@ -52,21 +52,21 @@ GRID_CELLS_PER_ROW = 9  # grid observations (x, y) -> cell x * 9 + y (dicp_ray.e
 
 # ----------------------------------------------------------------------------- training windows
 def sort_history(reward: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
-    """One history's rewards (T,) of whole `horizon`-step episodes -> (rows (T,), return_to_go (T,) float32).
-
-    ``rows[i]`` is the original row at position i of the return-sorted history; ``return_to_go[i]`` is its
-    relabelled return-to-go (module docstring, steps 1-3)."""
+    """Rewards (..., T) of histories of whole `horizon`-step episodes -> (rows (..., T), return_to_go (..., T)
+    float32): ``rows[..., i]`` is the original row at position i of the return-sorted history and
+    ``return_to_go[..., i]`` its relabelled return-to-go (module docstring, steps 1-3)."""
     reward = np.asarray(reward, np.float64)
-    T = reward.shape[0]
+    T = reward.shape[-1]
     if T == 0 or T % horizon:
         raise ValueError(f"a history of {T} steps is not whole episodes of {horizon} steps")
-    episodes = reward.reshape(T // horizon, horizon)
-    rtg = np.flip(np.cumsum(np.flip(episodes, axis=1), axis=1), axis=1)           # step 1
-    order = np.argsort(rtg[:, 0], kind="stable")                                   # step 2
-    rtg = rtg[order]
-    rtg = rtg + (rtg.max() - rtg[:, :1])                                           # step 3
-    rows = (order[:, None] * horizon + np.arange(horizon)).reshape(T)
-    return rows, rtg.reshape(T).astype(np.float32)
+    episodes = reward.reshape(*reward.shape[:-1], T // horizon, horizon)
+    rtg = np.flip(np.cumsum(np.flip(episodes, axis=-1), axis=-1), axis=-1)          # step 1
+    order = np.argsort(rtg[..., 0], axis=-1, kind="stable")                         # step 2
+    rtg = np.take_along_axis(rtg, order[..., None], axis=-2)
+    best = rtg.max(axis=(-2, -1), keepdims=True)
+    rtg = rtg + (best - rtg[..., :1])                                                # step 3
+    rows = (order[..., None] * horizon + np.arange(horizon)).reshape(reward.shape)
+    return rows, rtg.reshape(reward.shape).astype(np.float32)
 
 
 class HistoryWindowSampler(WindowSampler):
@@ -86,14 +86,17 @@ class HistoryWindowSampler(WindowSampler):
             columns = dataset.shard_columns(position)
             n = columns["reward"].shape[0]
             rows, rtg = np.arange(n, dtype=np.int64), np.zeros(n, np.float32)
-            for h in np.flatnonzero(index["shard"] == position):
-                s, L = int(index["start"][h]), int(index["length"][h])
-                if "step" in columns and not np.array_equal(columns["step"][s:s + L], np.arange(L) % horizon):
+            histories = np.flatnonzero(index["shard"] == position)
+            for L in np.unique(index["length"][histories]):                 # equal lengths: one numpy call
+                group = histories[index["length"][histories] == L]
+                at = index["start"][group, None] + np.arange(L)                 # (h, L) rows of each history
+                if "step" in columns and not np.array_equal(columns["step"][at], np.broadcast_to(
+                        np.arange(L) % horizon, at.shape)):
                     raise ValueError(f"{dataset.path}: IDT needs histories of whole {horizon}-step episodes "
-                                     f"starting at step 0; task {int(index['task_id'][h])} stream "
-                                     f"{int(index['stream'][h])} does not line up")
-                r, g = sort_history(columns["reward"][s:s + L], horizon)
-                rows[s:s + L], rtg[s:s + L] = r + s, g
+                                     f"starting at step 0; a history of task {int(index['task_id'][group[0]])} "
+                                     "does not line up")
+                r, g = sort_history(columns["reward"][at], horizon)
+                rows[at], rtg[at] = r + at[:, :1], g
             self._rows.append(rows)
             self._rtg.append(rtg)
 

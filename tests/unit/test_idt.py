@@ -62,6 +62,9 @@ def test_sort_history_against_a_hand_worked_history():
     np.testing.assert_array_equal(rows, SORTED_ROWS)
     np.testing.assert_array_equal(rtg, SORTED_RTG)
     assert rtg.dtype == np.float32
+    rows2, rtg2 = sort_history(np.stack([REWARDS, np.zeros_like(REWARDS)]), horizon=3)   # a batch of histories
+    np.testing.assert_array_equal(rows2, [SORTED_ROWS, np.arange(12)])
+    np.testing.assert_array_equal(rtg2, [SORTED_RTG, np.zeros(12)])
     with pytest.raises(ValueError, match="whole episodes of 3"):
         sort_history(REWARDS[:-1], horizon=3)
 
