@@ -71,13 +71,12 @@ class GridIDTAgent:
         N, Z = self.num_tasks, self.model.spec.z_dim
         return {"return_to_go": torch.zeros(N, 0, device=self.device, dtype=self.dtype),
                 "obs": torch.zeros(N, 0, dtype=torch.long, device=self.device),
-                "z_dists": torch.zeros(N, 0, 2 * Z, device=self.device, dtype=self.dtype),
-                "steps_taken": torch.tensor(0), "num_finished": torch.tensor(0)}
+                "z_dists": torch.zeros(N, 0, 2 * Z, device=self.device, dtype=self.dtype)}
 
     def _copy_context(self) -> dict[str, Tensor]:
-        out = {name: x.clone() for name, x in self._context.items()}
-        out["steps_taken"], out["num_finished"] = torch.tensor(self.steps_taken), torch.tensor(self.num_finished)
-        return out
+        """The context plus the step and episode counters (a ``finished_episodes`` snapshot)."""
+        return {**self.context_window(), "steps_taken": torch.tensor(self.steps_taken),
+                "num_finished": torch.tensor(self.num_finished)}
 
     def context_window(self) -> dict[str, Tensor]:
         """Making-Decisions' context, oldest block first: ``return_to_go (N, m)``, ``obs (N, m)`` cells of the block
@@ -90,9 +89,9 @@ class GridIDTAgent:
 
     def restore_finished(self, episodes: dict[str, Tensor] | None) -> None:
         """Go back to a copy of ``finished_episodes()`` (None: no context), dropping the episode in progress."""
-        self._context = self._empty_context() if episodes is None else {n: x.clone() for n, x in episodes.items()}
-        self.steps_taken = int(self._context["steps_taken"])
-        self.num_finished = int(self._context["num_finished"])
+        episodes = episodes or {**self._empty_context(), "steps_taken": 0, "num_finished": 0}
+        self._context = {name: episodes[name].clone() for name in ("return_to_go", "obs", "z_dists")}
+        self.steps_taken, self.num_finished = int(episodes["steps_taken"]), int(episodes["num_finished"])
         self._snapshot, self.t = self._copy_context(), None
 
     @property
@@ -105,7 +104,7 @@ class GridIDTAgent:
         if self.t not in (None, self.horizon) and self.t != 0:
             raise RuntimeError(f"start_episode() in the middle of an episode (step {self.t} of {self.horizon})")
         N, c = self.num_tasks, self.model.spec.block_len
-        self.t, self._episode_reward = 0, torch.zeros(N, device=self.device, dtype=self.dtype)
+        self.t = 0
         self._block = {"obs": torch.zeros(N, c, dtype=torch.long, device=self.device),
                        "action": torch.zeros(N, c, dtype=torch.long, device=self.device),
                        "reward": torch.zeros(N, c, dtype=torch.long, device=self.device),
@@ -171,7 +170,6 @@ class GridIDTAgent:
         blk["action"][:, j] = torch.as_tensor(action).to(self.device).long()
         blk["reward"][:, j] = torch.as_tensor(reward).to(self.device).round().long()
         blk["next_obs"][:, j] = grid_cells(next_obs).to(self.device)
-        self._episode_reward += torch.as_tensor(reward).to(self.device, self.dtype)
         self.t, self.steps_taken = self.t + 1, self.steps_taken + 1
         if j == c - 1:
             zd = self.model.review(blk["obs"], blk["action"], blk["reward"], blk["next_obs"])   # (N, 2Z)

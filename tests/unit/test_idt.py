@@ -197,6 +197,9 @@ def test_agent_slides_a_time_ordered_window_of_blocks_and_restores_it():
     _drive(agent, 1, 2, seed=4)
     agent.restore_finished(saved)
     torch.testing.assert_close(agent.context_window()["obs"], starts)
+    assert agent.num_finished == 3 and agent.steps_taken == 60
+    agent.restore_finished(None)                                      # back to no context
+    assert agent.context_window()["obs"].shape == (2, 0) and not agent.plan_ready and agent.num_finished == 0
     with pytest.raises(ValueError, match="eval"):
         GridIDTAgent(model.train(), 20, torch.zeros(2))
     with pytest.raises(ValueError, match="multiple of block_len"):
