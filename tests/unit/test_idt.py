@@ -210,38 +210,38 @@ def test_agent_slides_a_time_ordered_window_of_blocks_and_restores_it():
 @pytest.mark.parametrize("seed,beam_width", [(0, 1), (1, 3), (2, 10)])
 def test_cached_and_reference_planners_choose_identical_actions(seed, beam_width):
     """DICP-IDT on random models: both modes take the same draws and choose the same actions, every step."""
-    model = make_model(seed=seed, unit_scale=True, dtype=torch.float64).eval()
+    model = make_model(seed=seed, unit_scale=True, dtype=torch.float64, context_len=20).eval()
     runs = []
-    for use_cache in (True, False):
-        agent = GridIDTAgent(model, 20, torch.full((4,), 10.0), generator=torch.Generator().manual_seed(seed))
-        steps = _drive(agent, 3, 4, seed=seed + 10, plan={"beam_width": beam_width, "use_cache": use_cache})
-        runs.append(torch.stack([s[1] for s in steps[40:]], 1))
+    for use_cache in (True, False):                                   # 2 episodes of 10 steps, then 1 planned
+        agent = GridIDTAgent(model, 10, torch.full((3,), 5.0), generator=torch.Generator().manual_seed(seed))
+        steps = _drive(agent, 3, 3, seed=seed + 10, plan={"beam_width": beam_width, "use_cache": use_cache})
+        runs.append(torch.stack([s[1] for s in steps[20:]], 1))
+    assert runs[0].shape == (3, 10)
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 
 def test_wide_beams_find_the_best_predicted_return_of_every_action_sequence():
-    """With K >= A^depth the beam keeps every sequence: its first action must start a sequence of maximal
-    predicted return, checked against an exhaustive search written independently (full re-encoding)."""
-    model = make_model(seed=3, unit_scale=True, dtype=torch.float64, block_len=3, context_len=12).eval()
+    """With K >= A^depth the beam keeps every sequence: from step j = 1 of a 4-step block (depth 3) its first action
+    must start a sequence of maximal predicted return, checked against an exhaustive search written independently
+    (every imagined step re-encoded from `low_level_tokens`, so z of step j + d is the one at step j + d)."""
+    model = make_model(seed=3, unit_scale=True, dtype=torch.float64, block_len=4, context_len=16).eval()
     g = torch.Generator().manual_seed(0)
-    N, A, j = 2, 5, 0
-    z = torch.randn(N, 3, 4, generator=g, dtype=torch.float64)
-    obs = torch.randint(0, 81, (N, 1), generator=g)
-    prefix = model.low_level_tokens(z, obs, obs[:, :0], obs[:, :0])
-    action = beam_search(model, prefix, z, j, beam_width=A ** 3, generator=torch.Generator().manual_seed(1))
-    for n in range(N):
-        best = {}
-        for seq in itertools.product(range(A), repeat=3):
-            cells, acts, rewards, total = [int(obs[n, 0])], [], [], 0
-            for d, a in enumerate(seq):
-                acts.append(a)
-                tokens = model.low_level_tokens(z[n:n + 1], torch.tensor([cells]), torch.tensor([acts]),
-                                                torch.tensor([rewards]))
-                h = model.decisions_to_go(tokens)[:, -1]
-                r, c = int(model.reward_head(h).argmax()), int(model.next_obs_head(h).argmax())
-                total, rewards, cells = total + r, rewards + [r], cells + [c]
-            best[seq[0]] = max(best.get(seq[0], -1), total)
-        assert best[int(action[n])] == max(best.values()), (best, int(action[n]))
+    N, A, j, S = 32, 5, 1, 5 ** 3
+    z = 4 * torch.randn(N, 4, 4, generator=g, dtype=torch.float64)          # large: z moves the argmaxes
+    obs, a0, r0 = torch.randint(0, 81, (N, 2), generator=g), torch.randint(0, 5, (N, 1), generator=g), torch.ones(N, 1)
+    prefix = model.low_level_tokens(z, obs, a0, r0)                                   # [z0, o0, a0, r0, z1, o1]
+    action = beam_search(model, prefix, z, j, beam_width=S, generator=torch.Generator().manual_seed(1))
+    seqs = torch.tensor(list(itertools.product(range(A), repeat=3)))                  # (S, 3), all sequences
+    with torch.no_grad():
+        for n in range(N):
+            cells, acts, rewards, total = obs[n].expand(S, 2), a0[n].expand(S, 1), r0[n].expand(S, 1).long(), 0
+            for d in range(3):
+                acts = torch.cat([acts, seqs[:, d:d + 1]], dim=1)
+                h = model.decisions_to_go(model.low_level_tokens(z[n].expand(S, 4, 4), cells, acts, rewards))[:, -1]
+                r, c = model.reward_head(h).argmax(-1), model.next_obs_head(h).argmax(-1)
+                total, rewards, cells = total + r, torch.cat([rewards, r[:, None]], 1), torch.cat([cells, c[:, None]], 1)
+            best = torch.full((A,), -1).scatter_reduce(0, seqs[:, 0], total, "amax")  # per first action
+            assert best[action[n]] == best.max(), (best, int(action[n]))
 
 
 def test_dicp_idt_evaluates_in_plan_mode_on_darkroom(tmp_path):
