@@ -14,10 +14,13 @@ What it is
       search) once the context is full (``should_plan``), and samples before. Rows whose contexts differ in length
       or in the plan decision are acted on in groups, one batched model call per group, in sorted group order
       (a fixed order of random draws): in lockstep (``dicp-ray evaluate``) that is always one group.
-    * ``HierarchicalAgent`` (IDT): drives ``dicp_ray.idt.IDTAgent`` -- one over the whole batch in lockstep, or
-      one per task (``lockstep=False``, Meta-World's evaluation episodes end at different steps per env).
-      Mode "plan" is ``IDTAgent.plan_action`` (continuous actions, depth 1) once the context holds E-1 finished
-      episodes. Its context is whole episodes (``whole_episodes``): an episode must end after exactly `horizon`.
+    * ``HierarchicalAgent`` (IDT): drives ``dicp_ray.idt.IDTAgent`` (Meta-World) or
+      ``dicp_ray.idt_grid_agent.GridIDTAgent`` (grid worlds, the release's IDT) -- one over the whole batch in
+      lockstep, or one per task (``lockstep=False``, Meta-World's evaluation episodes end at different steps per
+      env). Mode "plan": on Meta-World ``IDTAgent.plan_action`` (depth-1 sampled search) once the context holds
+      E-1 finished episodes, whose context is whole episodes (``whole_episodes``); on the grid worlds DICP-IDT's
+      beam search inside Decisions-to-Go (``GridIDTAgent.plan_action``) once k steps were taken, over a sliding
+      time-ordered context. Episodes must end after exactly `horizon` steps.
 
     The agent counts steps per task and knows where episodes end from ``observe(..., episode_end)``;
     ``planned`` says which rows' last action was planned, ``num_decisions`` / ``num_planned`` count them.
@@ -39,6 +42,7 @@ from torch import Tensor
 
 from dicp_ray.agent_context import TransitionHistory, group_rows
 from dicp_ray.idt import IDTAgent
+from dicp_ray.idt_grid_agent import GridIDTAgent
 from dicp_ray.plan import (PlannerSettings, plan_continuous, plan_discrete, sample_policy_action, should_plan,
                            should_plan_continuous)
 
@@ -60,10 +64,7 @@ def check_agent_options(model, mode: str, horizon: int, settings: PlannerSetting
     if horizon % spec.block_len or spec.context_len % horizon:
         raise ValueError(f"IDT needs episodes whose length is a multiple of its block length {spec.block_len} and "
                          f"divides its context length {spec.context_len}, got {horizon} steps")
-    if mode == "plan" and spec.discrete_actions:
-        raise ValueError("mode 'plan' for a discrete-action IDT: DICP-IDT plans continuous actions only in this "
-                         "version; use mode 'policy'")
-    if mode == "plan" and settings.depth != 1:
+    if mode == "plan" and not spec.discrete_actions and settings.depth != 1:
         raise ValueError(f"IDT's sampled search is depth 1 only, got plan depth {settings.depth}")
 
 
@@ -242,8 +243,10 @@ class HierarchicalAgent(InContextAgent):
         if len(target) != self.num_tasks:
             raise ValueError(f"return_target has {len(target)} values for {self.num_tasks} tasks")
         self.lockstep = lockstep
-        self.agents = ([IDTAgent(model, self.horizon, target, self.generator)] if lockstep else
-                       [IDTAgent(model, self.horizon, target[i:i + 1], self.generator) for i in range(self.num_tasks)])
+        cls = GridIDTAgent if self.discrete else IDTAgent
+        self.whole_episodes = not self.discrete   # the grid IDT's context slides in time, across episodes
+        self.agents = ([cls(model, self.horizon, target, self.generator)] if lockstep else
+                       [cls(model, self.horizon, target[i:i + 1], self.generator) for i in range(self.num_tasks)])
         self.in_episode = np.zeros(len(self.agents), bool)
 
     def _positions(self, rows: np.ndarray) -> list[tuple[int, slice]]:
@@ -263,9 +266,15 @@ class HierarchicalAgent(InContextAgent):
             if not self.in_episode[j]:
                 agent.start_episode()
                 self.in_episode[j] = True
-            planned[at] = plan = self.mode == "plan" and should_plan(self.settings, agent.context_episodes,
-                                                                     agent.num_finished, int(self.t[row]), self.horizon)
-            actions.append(agent.plan_action(obs[at], self.settings.num_samples) if plan else agent.act(obs[at]))
+            if self.discrete:   # DICP-IDT on the grid worlds: once k steps were taken (dicp_ray.idt_grid_agent)
+                planned[at] = plan = self.mode == "plan" and agent.plan_ready
+                action = (agent.plan_action(obs[at], self.settings.beam_width, self.settings.use_cache) if plan
+                          else agent.act(obs[at]))
+            else:
+                planned[at] = plan = self.mode == "plan" and should_plan(
+                    self.settings, agent.context_episodes, agent.num_finished, int(self.t[row]), self.horizon)
+                action = agent.plan_action(obs[at], self.settings.num_samples) if plan else agent.act(obs[at])
+            actions.append(action)
         self._count(planned)
         return actions[0] if self.lockstep else torch.cat(actions)
 
@@ -309,6 +318,9 @@ class HierarchicalAgent(InContextAgent):
         steps: obs, action, reward, next_obs, return_to_go as numpy arrays."""
         j, b = (0, row) if self.lockstep else (row, 0)
         agent = self.agents[j]
+        if self.discrete:  # grid IDT: Making-Decisions' block context (return_to_go, obs cells, z_dists)
+            window = snapshot[j] if snapshot is not None else agent.context_window()
+            return {name: window[name][b].cpu().numpy() for name in ("return_to_go", "obs", "z_dists")}
         finished = snapshot[j] if snapshot is not None else agent.finished_episodes()
         spec = self.model.spec
         shapes = {"obs": (spec.obs_dim,), "action": () if self.discrete else (spec.num_actions,), "reward": (),

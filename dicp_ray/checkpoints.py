@@ -26,13 +26,17 @@ import torch
 import torch.nn as nn
 
 from dicp_ray.idt import IDTTransformer
+from dicp_ray.idt_grid import GridIDT
 from dicp_ray.model import _LEGACY_SPEC, DICPTransformer, ModelSpec
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dicp_ray.checkpoint", 1
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The model class of ``spec.layout``: DICPTransformer ("ad", "dpt") or IDTTransformer ("idt")."""
+    """The model class of ``spec.layout``: DICPTransformer ("ad", "dpt"), GridIDT ("idt", discrete actions: the
+    release's grid-world IDT) or IDTTransformer ("idt", continuous actions: Meta-World)."""
+    if spec.layout == "idt" and spec.discrete_actions:
+        return GridIDT(spec)
     if spec.layout == "idt":
         return IDTTransformer(spec)
     return DICPTransformer(spec)

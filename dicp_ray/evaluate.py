@@ -6,11 +6,12 @@ What it does
     episodes: at each step the context is the last k-1 real transitions of that task's history (across
     episode boundaries) and the query is the current observation. Mode "policy" samples the distilled
     policy (AD, DPT; IDT acts hierarchically); mode "plan" runs DICP beam search once the context is full
-    (before that it samples) for AD and DPT checkpoints, and on Meta-World the depth-1 sampled search for AD
-    and IDT checkpoints. The model acts through ``dicp_ray.agent`` (one in-context agent for every layout);
-    this module runs the episodes, checks the checkpoint against the config and fans out over Ray:
-    ``run_evaluations`` runs (split seed x mode) as Ray tasks and aggregates over split seeds
-    (``dicp_ray.eval_results``: files, summary, plots, tables).
+    (before that it samples) for AD, DPT and grid IDT checkpoints (IDT: inside Decisions-to-Go,
+    ``dicp_ray.idt_grid_agent``), and on Meta-World the depth-1 sampled search for AD and IDT checkpoints. The
+    model acts through ``dicp_ray.agent`` (one in-context agent for every layout); this module runs the
+    episodes, checks the checkpoint against the config and fans out over Ray: ``run_evaluations`` runs (split
+    seed x mode) as Ray tasks and aggregates over split seeds (``dicp_ray.eval_results``: files, summary, plots,
+    tables).
 
 How to run it
     dicp-ray evaluate --checkpoint runs/demo/train/split_0/model.pt --set eval.num_episodes=50
@@ -86,11 +87,7 @@ def _check_compatible(payload: dict, spec, config: ExperimentConfig, mode: str, 
     if variant != config.model.variant:
         raise ValueError(f"checkpoint {path} is variant {variant!r} but config.model.variant = "
                          f"{config.model.variant!r}: use --set model.variant={variant}")
-    if mode == "plan" and spec.layout == "idt" and spec.discrete_actions:
-        raise ValueError(f"mode 'plan': DICP planning is implemented for AD and DPT on the grid worlds (IDT plans "
-                         f"on Meta-World only), checkpoint {path} is a discrete IDT: evaluate it in mode 'policy' "
-                         "(--set eval.modes=[policy])")
-    if mode == "plan" and spec.layout == "idt" and config.plan_depth != 1:
+    if mode == "plan" and spec.layout == "idt" and not spec.discrete_actions and config.plan_depth != 1:
         raise ValueError(f"mode 'plan': IDT's sampled search is depth 1 only, plan.depth = {config.plan_depth} "
                          "(--set plan.depth=1)")
     if mode == "plan" and not spec.world_model:

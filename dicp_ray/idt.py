@@ -1,4 +1,8 @@
-"""IDT: the In-context Decision Transformer (Huang et al., ICML 2024), for the grid worlds and Meta-World.
+"""IDT for continuous actions (Meta-World): the In-context Decision Transformer (Huang et al., ICML 2024), our layout.
+
+The grid-world (discrete) IDT is the release's layout in ``dicp_ray.idt_grid`` (``GridIDT``, acting and DICP-IDT
+planning in ``dicp_ray.idt_grid_agent``); this module keeps our own layout, which the release's Meta-World IDT
+(``release:metaworld/model/idt.py``) does not share, and ``CausalStack``, the backbone of both.
 
 What it is
     A hierarchical in-context agent: three small causal Transformers built from model.py's blocks
@@ -13,31 +17,29 @@ What it is
     * Reviewing-Decisions (RD) encodes a finished block's transitions (o, a, r, o') into z (``spec.z_dim``),
       which MD reads as the previous decision of the next block.
 
-    Discrete actions (grid worlds): one-hot action features, action logits, 2-class reward and 81-class next cell.
-    Continuous actions (Meta-World, ``spec.discrete_actions=False``): the action vector is embedded as it is, the
-    action head is a diagonal Gaussian (mean and learned log-std clamped to model.py's [LOG_STD_MIN, LOG_STD_MAX],
-    Gaussian NLL), the reward is regressed (clipped to [0, ``spec.reward_max``]) and so is the next observation,
-    i.e. exactly AD's continuous heads and losses (model.py), read at IDT's token positions.
+    The action vector is embedded as it is, the action head is a diagonal Gaussian (mean and learned log-std
+    clamped to model.py's [LOG_STD_MIN, LOG_STD_MAX], Gaussian NLL), the reward is regressed (clipped to
+    [0, ``spec.reward_max``]) and so is the next observation, i.e. exactly AD's continuous heads and losses
+    (model.py), read at IDT's token positions.
 
     Training windows hold ``context_episodes`` whole episodes of one history (``EpisodeWindowSampler``); their
     episodes are sorted by ascending return and the return-to-go relabelled so every episode starts at the best
     return of the window (``relabel_windows``; SPEC §4). ``train.windows_to_batch(windows, "idt", ...)`` turns
     them into the batch ``IDTTransformer.forward`` reads. ``IDTAgent`` acts in context on a batch of tasks, and
-    for continuous actions ``IDTAgent.plan_action`` is DICP-IDT's depth-1 sampled search.
+    ``IDTAgent.plan_action`` is DICP-IDT's depth-1 sampled search.
 
 How it is used
-    model = build_model(spec)                      # spec.layout == "idt" (dicp_ray.model.build_model)
-    preds, losses = model(batch, targets)          # same loss keys as AD: loss, loss_action, acc_action, ...
-    agent = IDTAgent(model, horizon, return_target=torch.as_tensor(env.max_returns()), generator=gen)
+    model = build_model(spec)                      # spec.layout == "idt", continuous (dicp_ray.model.build_model)
+    preds, losses = model(batch, targets)          # same loss keys as AD: loss, loss_action, ...
+    agent = IDTAgent(model, horizon, return_target=torch.as_tensor(spec.return_target), generator=gen)
     agent.start_episode(); a = agent.act(obs); agent.observe(a, reward, next_obs)   # once per step
-    a = agent.plan_action(obs, num_samples=10)     # continuous world model: instead of act (DICP-IDT)
+    a = agent.plan_action(obs, num_samples=10)     # world model: instead of act (DICP-IDT)
 
 Batch (B windows of k = E * H transitions, E episodes of H steps, k a multiple of c):
-    ``ctx_obs (B,k,D) float, ctx_action (B,k) long | (B,k,A) float, ctx_reward (B,k) float, ctx_next_obs (B,k,D)
-    float, ctx_return_to_go (B,k) float``; targets ``target_action`` (B,k) | (B,k,A), and with the world model
-    ``target_reward (B,k)`` (class | float) and ``target_next_obs`` (B,k) cell | (B,k,D) float. Every step is a
-    prediction target. Preds: ``action_logits`` or ``action_mean``/``action_log_std``; ``reward_logits`` /
-    ``next_obs_logits`` or ``reward`` / ``next_obs``; ``z_mean``/``z_log_std``.
+    ``ctx_obs (B,k,D), ctx_action (B,k,A), ctx_reward (B,k), ctx_next_obs (B,k,D), ctx_return_to_go (B,k)``, all
+    float; targets ``target_action (B,k,A)``, and with the world model ``target_reward (B,k)`` and
+    ``target_next_obs (B,k,D)``. Every step is a prediction target. Preds: ``action_mean``/``action_log_std``,
+    ``reward`` / ``next_obs``, ``z_mean``/``z_log_std``.
 
 Choices that are ours where the paper (and SPEC §4) is silent
     * One MD token per block (a linear embedding of the concatenated return-to-go, observation and previous z,
@@ -52,24 +54,23 @@ Choices that are ours where the paper (and SPEC §4) is silent
     * Windows start at an episode start and hold whole episodes (AD windows start anywhere); the sort and the
       relabelling are per window, ties keep their time order, and the return-to-go of step t is the window's
       best return minus the rewards collected earlier in that episode. Returns-to-go are scaled by
-      ``spec.return_scale`` before embedding (train.model_spec_from_config: 1 / (max reward per step x horizon),
-      i.e. 1 / horizon on the grid worlds and 1 / (10 x 100) on Meta-World, so returns-to-go lie in [0, 1]).
-    * Acting, return target: the initial return-to-go of every episode. Grid worlds: the task's maximum
-      achievable return, as in the authors' release (the caller passes it; note that it is task information AD
-      and DPT do not get). Meta-World has no known maximum: ``spec.return_target`` = the best episode return in
-      the training data of the split's train tasks (``best_episode_return``, fixed when the model is built, so
-      it is stored in the checkpoint and deterministic), the same for every test task.
+      ``spec.return_scale`` = 1 / (10 x horizon) before embedding (train.model_spec_from_config), so they lie
+      in [0, 1].
+    * Acting, return target: the initial return-to-go of every episode is ``spec.return_target`` = the best
+      episode return in the training data of the split's train tasks (``best_episode_return``, fixed when the
+      model is built, so it is stored in the checkpoint and deterministic), the same for every test task
+      (Meta-World has no known maximum; the release uses 10 x horizon).
     * Acting, context: the newest E-1 finished episodes sorted by ascending return, then the current episode,
       i.e. laid out like a training window (the release slides a window of blocks in time order instead).
-    * Acting, continuous actions: ``act`` samples mean + std * N(0, 1) without clipping, like AD's
-      ``plan.sample_policy_action`` (the env clips; the caller records the executed, clipped action).
-    * DICP-IDT (continuous only): ``plan_action`` scores L candidates -- the policy mean and L-1 Gaussian samples,
-      clipped to [-1, 1] -- by the reward DtG predicts at the candidate's query-action token after o_t, and
-      returns the best (ties: the mean). Depth 1, as the paper plans Meta-World; the high-level decision z of the
-      block is the one the agent already took (sampled), not searched over. Evaluation plans once the context
-      holds E-1 finished episodes (IDT's context is whole episodes), and with plan.second_half_only from the
-      middle of each episode. AD's ``should_plan`` instead waits for k-1 transitions, i.e. the last step of
-      episode E-1, so in a side-by-side run DICP-IDT starts planning up to one episode earlier than DICP-AD.
+    * Acting: ``act`` samples mean + std * N(0, 1) without clipping, like AD's ``plan.sample_policy_action``
+      (the env clips; the caller records the executed, clipped action).
+    * DICP-IDT: ``plan_action`` scores L candidates -- the policy mean and L-1 Gaussian samples, clipped to
+      [-1, 1] -- by the reward DtG predicts at the candidate's query-action token after o_t, and returns the
+      best (ties: the mean). Depth 1, as the paper plans Meta-World; the high-level decision z of the block is
+      the one the agent already took (sampled), not searched over. Evaluation plans once the context holds E-1
+      finished episodes (IDT's context is whole episodes), and with plan.second_half_only from the middle of
+      each episode. AD's ``should_plan`` instead waits for k-1 transitions, i.e. the last step of episode E-1,
+      so in a side-by-side run DICP-IDT starts planning up to one episode earlier than DICP-AD.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ import torch
 import torch.nn as nn
 
 from dicp_ray.data import WindowSampler
-from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, Block, DICPTransformer, ModelSpec, rope_cos_sin
+from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, Block, DICPTransformer, KVCache, ModelSpec, rope_cos_sin
 
 # ----------------------------------------------------------------------------- training windows
 class EpisodeWindowSampler(WindowSampler):
@@ -173,12 +174,23 @@ class CausalStack(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, L, E) -> (N, L, E); token i attends to tokens 0..i."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.encode(tokens)[0]
+
+    def encode(self, tokens: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """New tokens (N, L, E) on top of `cache` -> (hidden, cache of all keys/values). By default RoPE positions
+        continue at cache.length and new tokens attend to the cache and causally to each other, so encode(a) then
+        encode(b, cache) equals forward(cat(a, b)) up to float rounding; `positions` (L,) and a bool `attn_mask`
+        (L, cache.length + L), True = may attend, override both (``DICPTransformer.encode``'s packing)."""
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         cos, sin = rope_cos_sin(self.head_dim, positions, tokens.dtype)
-        x = self.drop(tokens)
-        for block in self.blocks:
-            x, _ = block(x, cos, sin, None)
-        return self.norm(x)
+        x, layers = self.drop(tokens), []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, cos, sin, cache.layers[i] if cache is not None else None, attn_mask)
+            layers.append(kv)
+        return self.norm(x), KVCache(layers)
 
 
 class IDTTransformer(nn.Module):
@@ -200,6 +212,9 @@ class IDTTransformer(nn.Module):
         super().__init__()
         if spec.layout != "idt":
             raise ValueError(f"IDTTransformer needs spec.layout == 'idt', got {spec.layout!r}")
+        if spec.discrete_actions:
+            raise ValueError("IDTTransformer is the continuous-action IDT; the grid-world IDT is "
+                             "dicp_ray.idt_grid.GridIDT (build_model(spec) picks it)")
         self.spec = spec
         D, A, E, Z = spec.obs_dim, spec.action_in_dim, spec.embed_dim, spec.z_dim
         # Reviewing-Decisions: one token per transition (o, a, r, o'), z read at the block's last token.
@@ -215,7 +230,7 @@ class IDTTransformer(nn.Module):
         self.embed_obs = nn.Linear(D + 1, E)
         self.embed_action = nn.Linear(A, E)
         self.decisions_to_go = CausalStack(spec)
-        self.head_action = nn.Linear(E, A if spec.discrete_actions else 2 * A)   # logits | (mean, log_std)
+        self.head_action = nn.Linear(E, 2 * A)                          # (mean, log_std)
         if spec.world_model:
             self.head_reward = nn.Linear(E, spec.reward_classes or 1)
         if spec.has_next_obs_head:
@@ -296,12 +311,6 @@ class IDTTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- acting in context
-def _uniform(shape, generator, device) -> torch.Tensor:
-    """float64 uniforms drawn on the generator's device (a CPU generator can drive a GPU model)."""
-    gen_device = generator.device if generator is not None else "cpu"
-    return torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float64).to(device)
-
-
 def _normal(shape, generator, like: torch.Tensor) -> torch.Tensor:
     """float64 standard normals drawn on the generator's device, cast to `like` (as plan.py draws them)."""
     gen_device = generator.device if generator is not None else "cpu"
@@ -311,10 +320,9 @@ def _normal(shape, generator, like: torch.Tensor) -> torch.Tensor:
 class IDTAgent:
     """In-context acting of an IDTTransformer on N tasks in lockstep (every episode lasts `horizon` steps).
 
-    ``start_episode()`` before each episode, then per step ``act(obs)`` -> (N,) actions (sampled from the
-    action head; ``policy(obs)`` gives its output: logits, or (mean, log_std) for continuous actions, which
-    ``act`` samples as (N, A) floats) or ``plan_action(obs, L)`` (continuous world model: depth-1 sampled search),
-    and ``observe(action, reward, next_obs)``. A new
+    ``start_episode()`` before each episode, then per step ``act(obs)`` -> (N, A) actions (sampled from the
+    action head's Gaussian; ``policy(obs)`` gives its (mean, log_std)) or ``plan_action(obs, L)`` (world model:
+    depth-1 sampled search), and ``observe(action, reward, next_obs)``. A new
     decision z is taken every ``block_len`` steps, the finished block is reviewed into z, and the context is
     the newest E-1 finished episodes sorted by ascending return followed by the current one, E =
     ``context_len // horizon``. `return_target` (N,) is every episode's initial return-to-go.
@@ -344,8 +352,7 @@ class IDTAgent:
     def start_episode(self) -> None:
         N, H, D, Z = self.num_tasks, self.horizon, self.model.spec.obs_dim, self.model.spec.z_dim
         zeros = dict(device=self.device, dtype=self.dtype)
-        action = (torch.zeros(N, H, dtype=torch.long, device=self.device) if self.model.spec.discrete_actions
-                  else torch.zeros(N, H, self.model.spec.num_actions, **zeros))
+        action = torch.zeros(N, H, self.model.spec.num_actions, **zeros)
         self.current = {"obs": torch.zeros(N, H, D, **zeros), "next_obs": torch.zeros(N, H, D, **zeros),
                         "action": action,
                         "reward": torch.zeros(N, H, **zeros), "return_to_go": torch.zeros(N, H, **zeros),
@@ -368,11 +375,9 @@ class IDTAgent:
 
     @torch.no_grad()
     def policy(self, obs):
-        """Record the observation of step t (and, at a block start, take a decision) -> (N, A) logits, or
-        (mean, log_std), each (N, A), for continuous actions. Call once per step (or `act` / `plan_action`)."""
+        """Record the observation of step t (and, at a block start, take a decision) -> (mean, log_std), each
+        (N, A). Call once per step (or `act` / `plan_action`)."""
         return self.model.action_head(self.model.decisions_to_go(self._step_tokens(obs))[:, -1])
-
-    action_logits = policy  # the discrete name
 
     def _step_tokens(self, obs) -> torch.Tensor:
         """Record o_t (and decide at a block start) -> the block's DtG tokens up to o_t, (N, 2 (t mod c) + 2, E)."""
@@ -388,13 +393,8 @@ class IDTAgent:
                                            cur["reward"][:, b0:t])
 
     def act(self, obs) -> torch.Tensor:
-        """(N, D) observation -> (N,) long actions sampled from the action head (Gumbel-max), or for continuous
-        actions (N, A) samples mean + std * N(0, 1), unclipped, like plan.sample_policy_action."""
-        out = self.policy(obs)
-        if self.model.spec.discrete_actions:
-            u = _uniform(out.shape, self.generator, out.device).clamp_min(1e-300)
-            return (out.double() - torch.log(-torch.log(u))).argmax(dim=-1)
-        mean, log_std = out
+        """(N, D) observation -> (N, A) samples mean + std * N(0, 1), unclipped, like plan.sample_policy_action."""
+        mean, log_std = self.policy(obs)
         return mean + log_std.exp() * _normal(mean.shape, self.generator, mean)
 
     @torch.no_grad()
@@ -403,8 +403,8 @@ class IDTAgent:
         candidates (the policy mean, then L-1 samples of the policy Gaussian, all clipped to [-1, 1]) by the reward
         Decisions-to-Go predicts at the candidate's query-action token after o_t; ties go to the mean."""
         spec = self.model.spec
-        if spec.discrete_actions or not spec.world_model:
-            raise ValueError("IDTAgent.plan_action needs a continuous-action IDT with the world model")
+        if not spec.world_model:
+            raise ValueError("IDTAgent.plan_action needs an IDT with the world model")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         tokens = self._step_tokens(obs)                                                   # (N, P, E), ends at o_t

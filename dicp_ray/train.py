@@ -37,6 +37,7 @@ import torch
 from dicp_ray.config import META_WORLD_ENVS, ConfigError, ExperimentConfig, TrainConfig
 from dicp_ray.envs import GRID_SIZE, GRID_SPECS, cell_index, split_tasks
 from dicp_ray.idt import EpisodeWindowSampler, best_episode_return, relabel_windows
+from dicp_ray.idt_grid import HistoryWindowSampler
 from dicp_ray.model import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
                          reward_loss_weight=m.reward_loss_weight, next_obs_loss=config.next_obs_loss,
                          action_nll="mean", **idt, **token_choices(config))
     grid = GRID_SPECS[config.env.name]
-    idt = {"return_scale": 1.0 / grid.horizon} if m.variant == "idt" else {}  # returns-to-go -> [0, 1]
+    idt = {"return_scale": 1.0} if m.variant == "idt" else {}  # returns-to-go embedded unscaled (idt_grid.py)
     tokens = token_choices(config)
     # The release feeds raw cells 0..8 to its transition embedding; "gpt2" scales them to [0, 1].
     obs_scale = 1.0 if tokens.get("backbone") == "release" else 1.0 / (GRID_SIZE - 1)
@@ -97,12 +98,15 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
 
 
 def make_window_sampler(config: ExperimentConfig, dataset: Any, seed):
-    """Training windows for config.model.variant: k consecutive transitions starting anywhere (AD, DPT), or
-    context_episodes whole episodes (IDT, whose episodes are then sorted by return in `windows_to_batch`)."""
+    """Training windows for config.model.variant: k consecutive transitions starting anywhere (AD, DPT; grid IDT
+    in its history sorted by episode return, with relabelled return-to-go: `idt_grid.HistoryWindowSampler`), or
+    context_episodes whole episodes (continuous IDT, whose episodes are then sorted in `windows_to_batch`)."""
     from dicp_ray.data import WindowSampler
 
-    if config.model.variant == "idt":
+    if config.model.variant == "idt" and getattr(dataset, "is_continuous", False):
         return EpisodeWindowSampler(dataset, config.model.context_episodes, config.env.horizon, seed=seed)
+    if config.model.variant == "idt":
+        return HistoryWindowSampler(dataset, config.context_len, config.env.horizon, seed=seed)
     return WindowSampler(dataset, config.context_len, seed=seed)
 
 
@@ -116,25 +120,30 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
     as well; we use the window's last observation (so AD and DPT see the same tokens and the query state is
     one the source visited in this task) and its target is the oracle action a* of that state after each of
     the T context transitions (positions 1..T; the query alone, position 0, is not supervised, as in the
-    release). IDT windows (whole episodes with a ``step`` column) are sorted by episode
-    return and their return-to-go relabelled (`dicp_ray.idt.relabel_windows`); every step is a target there
-    (continuous actions: float actions, rewards and next observations are the targets, as in `_continuous_batch`).
+    release). Grid IDT windows (`idt_grid.HistoryWindowSampler`: already sorted, with a
+    ``return_to_go`` column) become cells, actions, reward classes and returns-to-go, every step a target.
+    Continuous IDT windows (whole episodes with a ``step`` column) are sorted by episode return and their
+    return-to-go relabelled (`dicp_ray.idt.relabel_windows`); float actions, rewards and next observations of
+    every step are the targets, as in `_continuous_batch`.
     """
     def tensor(x, dtype):
         return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
     if layout == "idt":
-        w = relabel_windows(windows)
-        if w["action"].ndim == 3:  # continuous actions (B, k, A): Meta-World, regression targets
-            return _continuous_idt_batch(w, world_model, tensor)
-        batch = {"ctx_obs": tensor(w["obs"], torch.float32), "ctx_action": tensor(w["action"], torch.long),
-                 "ctx_reward": tensor(w["reward"], torch.float32),
-                 "ctx_next_obs": tensor(w["next_obs"], torch.float32),
-                 "ctx_return_to_go": tensor(w["return_to_go"], torch.float32)}                 # (B, k, ...)
-        targets = {"target_action": tensor(w["action"], torch.long)}                          # (B, k)
+        if windows["action"].ndim == 3:  # continuous actions (B, k, A): Meta-World, regression targets
+            return _continuous_idt_batch(relabel_windows(windows), world_model, tensor)
+        if "return_to_go" not in windows:
+            raise ValueError("grid IDT windows need a return_to_go column: sample them with "
+                             "dicp_ray.idt_grid.HistoryWindowSampler (train.make_window_sampler)")
+        cells, next_cells = cell_index(windows["obs"]), cell_index(windows["next_obs"])       # (B, k)
+        batch = {"ctx_obs": tensor(cells, torch.long), "ctx_action": tensor(windows["action"], torch.long),
+                 "ctx_reward": tensor(np.rint(windows["reward"]), torch.long),
+                 "ctx_next_obs": tensor(next_cells, torch.long),
+                 "ctx_return_to_go": tensor(windows["return_to_go"], torch.float32)}           # (B, k)
+        targets = {"target_action": tensor(windows["action"], torch.long)}                    # (B, k)
         if world_model:
-            targets["target_reward"] = tensor(np.rint(w["reward"]), torch.long)
-            targets["target_next_obs"] = tensor(cell_index(w["next_obs"]), torch.long)
+            targets["target_reward"] = tensor(np.rint(windows["reward"]), torch.long)
+            targets["target_next_obs"] = tensor(next_cells, torch.long)
         return batch, targets
 
     obs, action, reward = windows["obs"], windows["action"], windows["reward"]    # (B,k,D), (B,k), (B,k)
@@ -248,6 +257,8 @@ def run_identity(config_dict: dict[str, Any], split_seed: int, dataset_id: str) 
     next_obs_loss = picked["model"].pop("next_obs_loss", None)  # grid worlds: always on, identities as before
     if config_dict["env"]["name"] in META_WORLD_ENVS:  # issue #14 changed the continuous loss: refuse older runs
         picked["model"].update(next_obs_loss=bool(next_obs_loss), action_nll="mean")
+    if picked["model"].get("variant") == "idt" and picked["env"].get("name") in GRID_SPECS:
+        picked["idt_format"] = "release-history-windows-v1"  # idt_grid.py: other windows and model than before
     return json.loads(json.dumps({**picked, "split_seed": split_seed, "dataset_id": dataset_id}))
 
 

@@ -1,9 +1,9 @@
-"""IDT end to end on a tiny real Darkroom dataset: windows, falling loss, Ray Train, in-context evaluation.
+"""Grid IDT end to end on a tiny real Darkroom dataset: release windows, falling loss, Ray Train, IDT and DICP-IDT.
 
 The dataset holds 6 tasks (4 train + 2 test tasks of split seed 0) x 2 streams x 10 episodes acted by the
 scripted epsilon-oracle learner (dicp_ray.scripted). The in-process test needs no Ray; the Ray Train run uses
 1 CPU worker, a 1-layer model and 10 steps (15-40 s on a busy 2-core box, mostly Ray start-up), then
-`evaluate_in_context` acts on all 8 test goals in policy mode. (Every IDT parameter gets a gradient, so DDP with
+`evaluate_in_context` acts on all 8 test goals in policy and plan mode (DICP-IDT). (Every IDT parameter gets a gradient, so DDP with
 several workers needs no find_unused_parameters: tests/unit/test_idt.py.)
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dicp_ray.checkpoints import build_model, load_checkpoint
 from dicp_ray.config import ExperimentConfig, config_from_dict
 from dicp_ray.envs import split_tasks
 from dicp_ray.evaluate import evaluate_in_context
-from dicp_ray.idt import EpisodeWindowSampler, IDTTransformer
+from dicp_ray.idt_grid import GridIDT, HistoryWindowSampler
 from dicp_ray.scripted import write_scripted_dataset
 from dicp_ray.train import (build_optimizer, make_window_sampler, model_spec_from_config, train_model, train_step,
                             windows_to_batch)
@@ -51,9 +51,9 @@ def test_loss_falls_in_process(dataset_dir, world_model, one_thread):
     config = _config(model={"world_model": world_model}, num_steps=40, lr=1e-2)
     dataset = data.HistoryDataset.open(dataset_dir, task_ids=TRAIN_IDS[:4])
     spec = model_spec_from_config(config, dataset)
-    assert (spec.layout, spec.context_len, spec.block_len, spec.return_scale) == ("idt", 40, 10, 1 / 20)
+    assert (spec.layout, spec.context_len, spec.block_len, spec.return_scale) == ("idt", 40, 10, 1.0)
     sampler = make_window_sampler(config, dataset, seed=0)
-    assert isinstance(sampler, EpisodeWindowSampler)
+    assert isinstance(sampler, HistoryWindowSampler)
     torch.manual_seed(0)
     model = build_model(spec)
     optimizer, scheduler = build_optimizer(model, config.train)
@@ -88,7 +88,7 @@ def test_ray_train_writes_an_idt_checkpoint_and_policy_mode_evaluates_it(trained
 
     out, path = trained_idt
     model, payload = load_checkpoint(path)
-    assert isinstance(model, IDTTransformer) and model.spec.layout == "idt" and model.spec.world_model
+    assert isinstance(model, GridIDT) and model.spec.layout == "idt" and model.spec.world_model
     assert payload["variant"] == "idt" and payload["step"] == 10 and payload["test_task_ids"] == TEST_IDS
     tb = EventAccumulator(str(out / "tb"))
     tb.Reload()
@@ -102,5 +102,5 @@ def test_ray_train_writes_an_idt_checkpoint_and_policy_mode_evaluates_it(trained
     assert written["returns"] == result["returns"] and (tmp_path / "eval" / "returns.csv").exists()
     again = evaluate_in_context(path, mode="policy")                # deterministic for eval.seed
     assert again["returns"] == result["returns"]
-    with pytest.raises(ValueError, match="implemented for AD and DPT on the grid worlds"):
-        evaluate_in_context(path, mode="plan")
+    planned = evaluate_in_context(path, mode="plan")                # DICP-IDT from episode 3 (k = 40 steps)
+    assert np.array(planned["returns"]).shape == (8, 3) and planned["timing"]["planned_decisions"] == 8 * 20

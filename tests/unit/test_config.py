@@ -68,7 +68,6 @@ BAD = {
     "dropout 1": ({"model": {"dropout": 1.0}}, "model.dropout = 1.0"),
     "heads do not divide": ({"model": {"embed_dim": 30, "num_heads": 4}}, "must be divisible by model.num_heads"),
     "unknown variant": ({"model": {"variant": "ada"}}, "did you mean 'ad'"),
-    "idt cannot plan": ({"model": {"variant": "idt"}}, "planning is implemented for AD only"),
     "plan without world model": ({"model": {"world_model": False}}, "planning needs the world model"),
     "unknown eval mode": ({"eval": {"modes": ["planning"]}}, "did you mean 'plan'"),
     "sac on grid": ({"collect": {"algorithm": "sac"}}, "needs a continuous-action env"),

@@ -365,8 +365,8 @@ def test_idt_plans_on_meta_world_only_and_at_depth_1():
     config = config_from_dict(meta)
     with pytest.raises(ConfigError, match="depth 1 only"):
         config_from_dict({**meta, "plan": {"depth": 2}})
-    with pytest.raises(ConfigError, match="implemented for AD only"):
-        config_from_dict({**meta, "env": {"name": "Darkroom"}})
+    grid = config_from_dict({**meta, "env": {"name": "Darkroom"}, "plan": {"depth": 2}})  # grid IDT: any depth
+    assert grid.eval.modes == ("policy", "plan")
 
     from dicp_ray.eval_results import method_label
     from dicp_ray.evaluate import _check_compatible
