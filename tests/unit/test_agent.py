@@ -17,7 +17,7 @@ from dicp_ray.agent import HierarchicalAgent, TransformerAgent, check_agent_opti
 from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
 from dicp_ray.evaluate import run_episodes
-from dicp_ray.idt import IDTAgent
+from dicp_ray.idt_grid_agent import GridIDTAgent
 from dicp_ray.model import ModelSpec
 from dicp_ray.plan import Context, PlannerSettings, plan_discrete, sample_policy_action, should_plan
 
@@ -80,7 +80,7 @@ def hand_written_loop(model, env, mode: str, generator) -> int:
         for t in range(env.horizon):
             start = max(0, step - (k - 1))
             context, query = hist.map(lambda x: x[:, start:step]), torch.as_tensor(obs, dtype=torch.float32)
-            if mode == "plan" and should_plan(SETTINGS, k, step - start, t, env.horizon):
+            if mode == "plan" and should_plan(SETTINGS, k, step, t, env.horizon, discrete=True):  # release: step >= k
                 action = plan_discrete(model, context, query, torch.full((N,), env.horizon - t), OBS_TABLE, SETTINGS,
                                        generator)
                 planned += N
@@ -94,20 +94,28 @@ def hand_written_loop(model, env, mode: str, generator) -> int:
 
 
 @torch.no_grad()
-def hand_written_idt_loop(model, env, generator) -> None:
-    agent = IDTAgent(model, env.horizon, torch.as_tensor(env.max_returns(), dtype=torch.float32), generator)
+def hand_written_idt_loop(model, env, mode: str, generator) -> int:
+    """The grid IDT's loop without the agent interface (GridIDTAgent called directly); returns planned decisions."""
+    agent = GridIDTAgent(model, env.horizon, torch.as_tensor(env.max_returns(), dtype=torch.float32), generator)
+    planned = 0
     for _ in range(EPISODES):
         obs, _ = env.reset()
         agent.start_episode()
         for _ in range(env.horizon):
-            action = agent.act(torch.as_tensor(obs, dtype=torch.float32))
+            query = torch.as_tensor(obs, dtype=torch.float32)
+            if mode == "plan" and agent.plan_ready:
+                action = agent.plan_action(query, SETTINGS.beam_width, SETTINGS.use_cache)
+                planned += env.num_envs
+            else:
+                action = agent.act(query)
             next_obs, reward, _, _, _ = env.step(action.numpy())
             agent.observe(action, torch.as_tensor(reward), torch.as_tensor(next_obs))
             obs = next_obs
+    return planned
 
 
 @pytest.mark.parametrize("layout,mode", [("ad", "policy"), ("ad", "plan"), ("dpt", "policy"), ("dpt", "plan"),
-                                         ("idt", "policy")])
+                                         ("idt", "policy"), ("idt", "plan")])
 def test_agent_acts_like_the_hand_written_loop(layout, mode, checkpoints, one_thread):
     model = load(checkpoints[layout])
     ours, reference = Recorder(), Recorder()
@@ -117,13 +125,12 @@ def test_agent_acts_like_the_hand_written_loop(layout, mode, checkpoints, one_th
     assert isinstance(agent, HierarchicalAgent if layout == "idt" else TransformerAgent)
     returns, successes = run_episodes(agent, ours, EPISODES)
     if layout == "idt":
-        hand_written_idt_loop(model, reference, torch.Generator().manual_seed(5))
-        planned = 0
+        planned = hand_written_idt_loop(model, reference, mode, torch.Generator().manual_seed(5))
     else:
         planned = hand_written_loop(model, reference, mode, torch.Generator().manual_seed(5))
     assert returns.shape == (8, EPISODES) and successes is None
     np.testing.assert_array_equal(np.stack(ours.actions), np.stack(reference.actions))
-    assert agent.num_planned == planned == (8 * (EPISODES * HORIZON - (K - 1)) if mode == "plan" else 0)
+    assert agent.num_planned == planned == (8 * (EPISODES * HORIZON - K) if mode == "plan" else 0)
     assert agent.num_decisions == 8 * EPISODES * HORIZON and (agent.t == 0).all()
     assert len({a.tobytes() for a in ours.actions}) > 10                       # not a constant policy
 
@@ -173,8 +180,7 @@ def test_lockstep_idt_refuses_rows_and_options_are_checked(checkpoints):
         per_task.observe(torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.zeros(2, 2), episode_end=True)
     with pytest.raises(ValueError, match="block length 10"):
         check_agent_options(idt, "policy", 15, SETTINGS)
-    with pytest.raises(ValueError, match="discrete-action IDT"):
-        make_agent(idt, 2, mode="plan", horizon=HORIZON, return_target=torch.zeros(2))
+    assert make_agent(idt, 2, mode="plan", horizon=HORIZON, return_target=torch.zeros(2)).mode == "plan"  # DICP-IDT
     with pytest.raises(ValueError, match="mode 'greedy'"):
         make_agent(ad, 2, mode="greedy", horizon=HORIZON)
     with pytest.raises(ValueError, match="obs_table"):
