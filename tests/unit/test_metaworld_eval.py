@@ -36,7 +36,7 @@ def world(model, past: Context, query, action):
     """The world model's reward and next observation for `action` at `query` after the context `past`."""
     with torch.no_grad():
         preds, _ = model(past.as_batch(query, action))
-    return preds["reward"], preds["next_obs"]
+    return preds["reward"], preds.get("next_obs")  # None: no next-observation head (Meta-World default)
 
 
 def load(path):

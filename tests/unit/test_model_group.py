@@ -138,10 +138,10 @@ def test_stacked_forward_equals_each_members_own_forward(layout):
                          block_len=10, z_dim=4, obs_scale=1 / 8, return_scale=1 / 20, reward_max=1.0, dropout=0.0,
                          attn_dropout=0.0)
         g = torch.Generator().manual_seed(0)
-        pairs = [({"ctx_obs": torch.randint(0, 9, (3, 40, 2), generator=g).float(),
+        pairs = [({"ctx_obs": torch.randint(0, 81, (3, 40), generator=g),           # grid IDT: cell indices
                    "ctx_action": torch.randint(0, 5, (3, 40), generator=g),
                    "ctx_reward": torch.randint(0, 2, (3, 40), generator=g).float(),
-                   "ctx_next_obs": torch.randint(0, 9, (3, 40, 2), generator=g).float(),
+                   "ctx_next_obs": torch.randint(0, 81, (3, 40), generator=g),
                    "ctx_return_to_go": torch.rand(3, 40, generator=g) * 20}, {}) for _ in range(3)]
     else:
         spec = _spec(layout, world_model=True)
