@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench reproduce-darkroom report-darkroom clean
+.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-permuted reproduce-dark-key-to-door \
+	reproduce-darkroom-2core report-darkroom clean
 
 $(STAMP): setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +31,21 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
-# docs/results.md, Darkroom: DICP-AD and AD over split seeds 0-2 (collection ~20 min on 2 cores; training on
-# 2 cores ~3 h per model: see docs/results.md for the GPU route we used), the planning ablation, the table.
+# The paper's grid-world results (issue #18): six methods x the config's 5 split seeds on one shared dataset, at the
+# paper's scale (tune_configs/<env>.yaml; GPU for training, a cluster or a big node for collection). Extra dicp-ray
+# arguments: make reproduce-darkroom ARGS="--address auto". Layout and resume: scripts/reproduce.sh.
 reproduce-darkroom: $(STAMP)
+	scripts/reproduce.sh darkroom $(ARGS)
+
+reproduce-darkroom-permuted: $(STAMP)
+	scripts/reproduce.sh darkroom_permuted $(ARGS)
+
+reproduce-dark-key-to-door: $(STAMP)
+	scripts/reproduce.sh dark_key_to_door $(ARGS)
+
+# docs/results.md (before issue #14), Darkroom at 1/5 scale: DICP-AD and AD over split seeds 0-2, the planning
+# ablation, the table.
+reproduce-darkroom-2core: $(STAMP)
 	$(VENV)/bin/dicp-ray pipeline --config tune_configs/darkroom_2core.yaml --output runs/darkroom_2core
 	mkdir -p runs/darkroom_2core_ad && ln -sfn ../darkroom_2core/dataset runs/darkroom_2core_ad/dataset
 	$(VENV)/bin/dicp-ray pipeline --config tune_configs/darkroom_2core_ad.yaml --output runs/darkroom_2core_ad

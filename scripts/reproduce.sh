@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The paper's grid-world figure for one environment: six methods (AD, DPT, IDT, each with and without DICP)
+# over the config's split seeds, on one shared dataset. `make reproduce-darkroom` etc. call it.
+#
+#   scripts/reproduce.sh darkroom [--address auto] [--set key=value ...]   (env: darkroom | darkroom_permuted |
+#                                                                          dark_key_to_door)
+#
+# Layout: runs/reproduce/<env>/data/dataset (collected once), runs/reproduce/<env>/<variant>_{dicp,base}/ (one
+# `dicp-ray pipeline` per method pair, its dataset a link to the shared one), docs/results/<env>/ (report).
+# With the world model (DICP-X) the pipeline evaluates modes plan (DICP-X) and policy ("X + world model, no
+# planning"); without it (X) mode policy. Every step is resumable: re-run the same command after a failure and
+# finished stages are skipped. Extra arguments go to every dicp-ray call (e.g. --address auto on a cluster, or
+# --set train.models_per_process=5 to train all split seeds of a method in one process on one GPU).
+set -euo pipefail
+env_name=${1:?usage: scripts/reproduce.sh darkroom|darkroom_permuted|dark_key_to_door [dicp-ray args]}
+shift
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=${DICP_RAY:-$root/.venv/bin/dicp-ray}
+py=${PYTHON:-$root/.venv/bin/python}
+base=$root/tune_configs/$env_name.yaml
+out=${REPRODUCE_OUT:-$root/runs/reproduce}/$env_name
+[ -f "$base" ] || { echo "unknown env config $base" >&2; exit 2; }
+
+"$bin" collect --config "$base" --output "$out/data" "$@"
+for variant in ad dpt idt; do
+  config=$base
+  [ "$variant" = idt ] && config=$root/tune_configs/reproduce/${env_name}_idt.yaml
+  for kind in dicp base; do
+    run=$out/${variant}_$kind
+    mkdir -p "$run" && ln -sfn ../data/dataset "$run/dataset"
+    if [ "$kind" = dicp ]; then modes='[policy,plan]'; wm=true; else modes='[policy]'; wm=false; fi
+    "$bin" pipeline --config "$config" --output "$run" "$@" \
+      --set model.variant=$variant model.world_model=$wm "eval.modes=$modes"
+  done
+done
+
+label() { case $1 in ad) echo AD;; dpt) echo DPT;; idt) echo IDT;; esac; }
+args=()
+for variant in ad dpt idt; do
+  name=$(label $variant)
+  args+=(--method "$name=$out/${variant}_base/eval/summary.json:policy"
+         --method "DICP-$name=$out/${variant}_dicp/eval/summary.json:plan"
+         --compare "DICP-$name" "$name")
+done
+"$py" -m dicp_ray.report --out "$root/docs/results/$env_name" "${args[@]}"
