@@ -494,9 +494,9 @@ def data_fingerprint(config: ExperimentConfig) -> str:
     """Hash of everything that determines a task's shard (env, collect settings, schema version).
 
     The SAC settings count only for SAC and the ML1 task only when set, so fingerprints of grid-world
-    datasets collected before those keys existed stay valid (resume keeps their shards). Likewise
-    ``source_obs: model`` is what every Meta-World dataset before that key was, so it is hashed as absent:
-    those datasets resume under ``model`` and are refused under the default ``full``.
+    datasets collected before those keys existed stayed valid. ``source_obs: model`` is hashed as absent.
+    Datasets from before issue #14 (dataset schema 1: other grid action labels, bootstrapped source PPO, the
+    11-dim Meta-World learner) no longer match and are refused with a clear message.
     """
     collect = {k: v for k, v in _collect_settings(config).items() if k not in _NOT_IN_FINGERPRINT}
     collect["bootstrap_at_horizon"] = config.bootstraps_at_horizon  # None and its resolved value are the same data

@@ -95,12 +95,12 @@ def test_results_files_have_tasks_by_episodes(written, mode):
 
 
 def test_dicp_dpt_plans_once_the_context_is_full(tmp_path):
-    """DICP-DPT (beam search over the query-first layout) runs in plan mode like DICP-AD: it plans from step 39 on,
+    """DICP-DPT (beam search over the query-first layout) runs in plan mode like DICP-AD: it plans from step k = 40 on,
     and its cached and reference planners take the same actions (same returns)."""
     config = _config(model={"variant": "dpt"})
     path = _write_checkpoint(tmp_path / "dpt.pt", config, 0, layout="dpt")
     cached = evaluate_in_context(path, config, None, mode="plan")
-    assert cached["label"] == "DICP-DPT (plan)" and cached["timing"]["planned_decisions"] == 8 * 41
+    assert cached["label"] == "DICP-DPT (plan)" and cached["timing"]["planned_decisions"] == 8 * 40
     reference = evaluate_in_context(path, replace(config, {"plan.use_cache": False}), None, mode="plan")
     assert reference["returns"] == cached["returns"]
 
