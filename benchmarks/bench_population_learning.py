@@ -98,10 +98,11 @@ def main() -> None:
     parser.add_argument("--bootstrap", action="store_true", help="bootstrap V(s_T) at the horizon")
     parser.add_argument("--steps", type=int, default=100_000, help="env steps per goal (paper: 100K)")
     parser.add_argument("--goals", type=int, default=8, help="the first GOALS train tasks of split seed 0")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first SKIP of those goals")
     args = parser.parse_args()
     from dicp_ray.envs import max_return, split_tasks
 
-    tasks = [int(t) for t in split_tasks("Darkroom", 0)[0][:args.goals]]
+    tasks = [int(t) for t in split_tasks("Darkroom", 0)[0][args.skip:args.goals]]
     runner = run_population if args.learner == "population" else run_sb3
     returns, wall = runner(tasks, args.steps, args.bootstrap)
     print(f"{args.learner}, bootstrap_at_horizon={args.bootstrap}, {args.steps:,} steps per goal, "

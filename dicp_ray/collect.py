@@ -2,7 +2,7 @@
 
 ``collect.learner`` picks the learner: on the grid worlds (default ``auto``) a *population* of task
 learners per Ray task (`dicp_ray.population_collect`: one stacked network per core, equal to SB3's PPO per
-learner; at N = 81 16x SB3's and 33x the RLlib learner's env steps per CPU-second, bench_collect.py); on
+learner; at N = 81 14-16x SB3's and 21-33x the RLlib learner's steps per CPU-second, bench_collect.py); on
 Meta-World, and with ``learner: rllib``, one RLlib learner per task as described here (the reference).
 
 Run it with ``dicp-ray collect --config tune_configs/<env>.yaml --output DIR`` or from Python::

@@ -22,9 +22,10 @@ live SB3 in tests/unit/test_population.py:
 * GAE (``gae``): SB3's ``compute_returns_and_advantage`` in float32, vectorised over learners.
 
 Throughput (benchmarks/bench_collect.py --quick, paper Darkroom settings, one thread each, env steps per
-CPU-second, all rows in one run on 2 shared cores at load average 35-49): SB3 PPO 1,025; RLlib learner per
-task 503 (0.5x); population N = 1: 1,937 (1.9x), N = 9: 8,286 (8.1x), N = 81: 16,485 (16.1x SB3, 33x RLlib);
-Dark Key-to-Door N = 81 (its settings take 4x fewer gradient steps per env step): 37,069.
+CPU-second, all rows in one run on 2 shared cores; two runs, at load average 35-49 / 5): SB3 PPO 1,025 /
+1,409; RLlib learner per task 503 / 976; population N = 1: 1,937 / 3,465 (1.9x / 2.5x SB3), N = 9: 8,286 /
+14,236 (8.1x / 10.1x), N = 81: 16,485 / 20,120 (16.1x / 14.3x SB3, 33x / 21x RLlib); Dark Key-to-Door
+N = 81 (its settings take 4x fewer gradient steps per env step): 37,069 / 40,833.
 
 Decision: the population runs as plain PyTorch inside Ray tasks, not hosted in RLlib. Bounded attempt
 (benchmarks/bench_population_rllib.py 81): at N = 81 one update of the plain population costs 0.13 CPU s of
