@@ -50,7 +50,8 @@ class CausalAttentionDropout(torch.autograd.Function):
     for fully masked rows, ``bernoulli_`` masks and several full passes in the backward. Here: one
     ``baddbmm`` (scores + causal bias), softmax, a 32-bit-threshold keep mask (`_keep_mask`), the 1/(1-p)
     scale applied to the small output instead of the probabilities, and a hand-written backward that needs
-    no mask: with D = P * keep and G = s dO v^T, dS = G * D - P * rowsum(G * D). Same distribution of
+    no mask: with D = P * keep and G = s dO v^T, dS = G * D - P * rowsum(G * D); the scores of the first half of
+    the queries skip the second half of the keys (all masked). Same distribution of
     dropout masks; other draws than SDPA's, so not bitwise equal to it with p > 0 (equal with p = 0).
     """
 
@@ -59,25 +60,42 @@ class CausalAttentionDropout(torch.autograd.Function):
         B, H, L, hd = q.shape
         scale, keep_scale = hd ** -0.5, 1.0 / (1.0 - p)
         q3, k3, v3 = (t.reshape(B * H, L, hd) for t in (q, k, v))
-        probs = torch.baddbmm(_causal_bias(L, q.dtype, q.device), q3, k3.transpose(1, 2), alpha=scale).softmax(-1)
-        dropped = probs * _keep_mask(probs.shape, p, q.device)
-        out = torch.bmm(dropped, v3).mul_(keep_scale)
-        ctx.save_for_backward(q3, k3, v3, probs, dropped)
-        ctx.scale, ctx.keep_scale = scale, keep_scale
+        # Two query blocks: queries [0, h) see only keys [0, h), so the all-masked top-right (h x (L - h)) block of
+        # the scores is never computed: 25 % fewer of the (L x L) elements every later pass touches.
+        blocks = _query_blocks(L)
+        outs, saved = [], []
+        for lo, hi in blocks:
+            bias = _causal_bias(hi, q.dtype, q.device)[lo:]                      # rows lo..hi-1, keys 0..hi-1
+            probs = torch.baddbmm(bias, q3[:, lo:hi], k3[:, :hi].transpose(1, 2), alpha=scale).softmax(-1)
+            dropped = probs * _keep_mask(probs.shape, p, q.device)
+            outs.append(torch.bmm(dropped, v3[:, :hi]))
+            saved += [probs, dropped]
+        out = (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]).mul_(keep_scale)
+        ctx.save_for_backward(q3, k3, v3, *saved)
+        ctx.scale, ctx.keep_scale, ctx.blocks = scale, keep_scale, blocks
         return out.view(B, H, L, hd)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q3, k3, v3, probs, dropped = ctx.saved_tensors
+        q3, k3, v3, *saved = ctx.saved_tensors
         g = grad_out.reshape(q3.shape) * ctx.keep_scale                          # (BH, L, hd)
-        # X^T Y as (Y^T X)^T: CPU batched GEMM is ~5x faster with the (L, L) operand on the right, untransposed
-        grad_v = torch.bmm(g.transpose(1, 2), dropped).transpose(1, 2)
-        ds = torch.bmm(g, v3.transpose(1, 2)).mul_(dropped)                      # G * D
-        ds.addcmul_(probs, ds.sum(-1, keepdim=True), value=-1.0)                  # - P * rowsum(G * D)
-        grad_q = torch.bmm(ds, k3).mul_(ctx.scale)
-        grad_k = torch.bmm(q3.transpose(1, 2), ds).transpose(1, 2).mul_(ctx.scale)
+        grad_q, grad_k, grad_v = torch.empty_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
+        for (lo, hi), probs, dropped in zip(ctx.blocks, saved[0::2], saved[1::2]):
+            g_blk = g[:, lo:hi]
+            # X^T Y as (Y^T X)^T: CPU batched GEMM is ~5x faster with the (L, L) operand on the right, untransposed
+            grad_v[:, :hi] += torch.bmm(g_blk.transpose(1, 2), dropped).transpose(1, 2)
+            ds = torch.bmm(g_blk, v3[:, :hi].transpose(1, 2)).mul_(dropped)      # G * D
+            ds.addcmul_(probs, ds.sum(-1, keepdim=True), value=-1.0)              # - P * rowsum(G * D)
+            grad_q[:, lo:hi] = torch.bmm(ds, k3[:, :hi])
+            grad_k[:, :hi] += torch.bmm(q3[:, lo:hi].transpose(1, 2), ds).transpose(1, 2)
         shape = grad_out.shape
-        return grad_q.view(shape), grad_k.reshape(shape), grad_v.reshape(shape), None
+        return (grad_q.mul_(ctx.scale).view(shape), grad_k.mul_(ctx.scale).view(shape), grad_v.view(shape), None)
+
+
+def _query_blocks(length: int) -> list[tuple[int, int]]:
+    """[(lo, hi)]: query rows lo..hi-1 attend keys 0..hi-1 (causal); two halves from 2 tokens on."""
+    half = length // 2
+    return [(0, half), (half, length)] if half else [(0, length)]
 
 
 class _DropoutFn(torch.autograd.Function):

@@ -15,8 +15,8 @@ of several models dicp_ray/model_group.py, and the launcher (`train_model`, `tra
 finished runs) dicp_ray/train_launch.py; `train_model`, `train_models` and `train_in_process` are importable
 from here as before.
 
-The paper's AD model (4 layers, 32 wide, k = 80, batch 512) trains at ~460-500 windows/s per CPU-second on
-this project's shared 2-core machine, 1.8-2.0x the step before issue 17 (benchmarks/bench_train.py, CPU-time
+The paper's AD model (4 layers, 32 wide, k = 80, batch 512) trains at ~510-530 windows/s per CPU-second on
+this project's shared 2-core machine, ~2.0x the step before issue 17 (265; benchmarks/bench_train.py, CPU-time
 rates); stacking M models in one process keeps that per-core rate on a CPU (the step is compute-bound) and is
 the GPU's win. Ray start-up adds ~15-20 s per run.
 """

@@ -69,6 +69,24 @@ def test_model_trained_in_a_group_of_three_equals_it_trained_alone(layout, world
     assert not torch.allclose(a["head_action.weight"], b["head_action.weight"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_group_equals_alone_on_cuda():
+    """The same on a GPU (stacked batched GEMMs, fused AdamW, SDPA kernels); TF32 off, so fp32 tolerances hold."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    spec, train, cuda = _spec(), _train_config(), torch.device("cuda")
+    streams = [[tuple({k: v.to(cuda) for k, v in d.items()} for d in pair) for pair in _pairs(seed, 4, "ad", True)]
+               for seed in (10, 11, 12)]
+    group = ModelGroup(_models(spec, [0, 1, 2]), train, cuda)
+    for i in range(4):
+        group.step([s[i] for s in streams])
+    for m in range(3):
+        alone = ModelGroup(_models(spec, [0]), train, cuda)
+        for i in range(4):
+            alone.step([streams[m][i]])
+        for key, value in alone.member_state(0)["model"].items():
+            torch.testing.assert_close(group.member_state(m)["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
 def test_clipping_is_per_model(one_thread):
     """A tiny clip norm is active for every model; each is clipped by its own norm, as when trained alone."""
     spec, train = _spec(), _train_config(grad_clip=1e-4, lr=1e-2)
