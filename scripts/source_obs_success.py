@@ -4,7 +4,7 @@ Runs `dicp_ray.collect.learn_task` in this process (no Ray, one torch thread) fo
 ``collect.source_obs`` = SOURCE_OBS, writing each task's shard + sidecar to OUT (learner seed collect.seed +
 task id, so the same for both observations), and prints one JSON line per task. ``--summary`` instead reads
 the shards of two such runs (OUT/../src_full, OUT/../src_model style: pass both directories) and prints the
-per-goal table of docs/fidelity_metaworld.md: success in each stream's first and last 10 % of episodes (an
+per-goal table of docs/fidelity.md (row 4 measurement): success in each stream's first and last 10 % of episodes (an
 episode succeeds if ``success`` is 1 at any step, as in the sidecar) and return in the last 10 %.
 
     PYTHONPATH=. python scripts/source_obs_success.py --config tune_configs/ml1_reach_2core.yaml \
