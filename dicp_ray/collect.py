@@ -564,6 +564,8 @@ def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], w
         queue = list(todo)
     pending, sidecars = {}, []
     start, env_steps = time.perf_counter(), 0
+    if resolved_learner(config) == "population":  # one bar over env steps, fed by every population as it learns
+        return _run_populations(remote, queue, config, dataset_dir, writer, progress, max_in_flight)
     with tqdm(total=total, initial=done_before, desc="collect learners", unit="learner",
               disable=not progress) as bar:
         while queue or pending:
@@ -582,6 +584,36 @@ def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], w
                         writer.add_scalar("collect/env_steps_per_s", steps_per_s, env_steps)
                     bar.set_postfix(env_steps_per_s=f"{steps_per_s:,.0f}")
                     bar.update(1)
+    return sidecars
+
+
+def _run_populations(remote, queue: list[list[int]], config: ExperimentConfig, dataset_dir: str, writer: Any,
+                     progress: bool, max_in_flight: int) -> list[dict]:
+    """Run the populations of `queue` (task-id lists) as Ray tasks; one progress bar over all their env steps."""
+    from dicp_ray.console import watch_progress
+    from dicp_ray.population_collect import progress_path
+
+    files = [progress_path(dataset_dir, ids) for ids in queue] if "://" not in dataset_dir else []
+    for f in files:
+        f.unlink(missing_ok=True)  # an interrupted run's count: those populations run again from the start
+    total = sum(len(ids) for ids in queue) * config.collect.env_steps_per_task
+    pending, sidecars, start, env_steps = {}, [], time.perf_counter(), 0
+    with watch_progress(files if progress else [], total, "collect", "env step", unit_scale=True):
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                ids = queue.pop(0)
+                pending[remote.remote(config, ids, dataset_dir)] = ids
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                del pending[ref]
+                for sidecar in ray.get(ref):
+                    sidecars.append(sidecar)
+                    env_steps += sidecar["env_steps"]
+                    if writer is not None:
+                        writer.add_scalar("collect/env_steps_per_s", env_steps / (time.perf_counter() - start),
+                                          env_steps)
+    for f in files:
+        f.unlink(missing_ok=True)
     return sidecars
 
 

@@ -149,11 +149,14 @@ class ProgressFile:
     progress is a convenience, never a reason to fail a run.
     """
 
-    def __init__(self, path: str | Path, total: int, min_interval_s: float = 0.5):
-        self.path, self.total, self.min_interval_s = Path(path), int(total), min_interval_s
+    def __init__(self, path: str | Path | None, total: int, min_interval_s: float = 0.5):
+        self.path = None if path is None else Path(path)   # None: count nothing (e.g. remote storage)
+        self.total, self.min_interval_s = int(total), min_interval_s
         self._last = 0.0
 
     def update(self, done: int, **info: float | str) -> None:
+        if self.path is None:
+            return
         now = time.monotonic()
         if done < self.total and now - self._last < self.min_interval_s:
             return
@@ -174,7 +177,7 @@ def _read(path: Path) -> dict | None:
 
 @contextlib.contextmanager
 def watch_progress(paths: list[Path], total: int, desc: str, unit: str, initial: int = 0,
-                   poll_s: float = 0.5) -> Iterator[None]:
+                   poll_s: float = 0.5, unit_scale: bool = False) -> Iterator[None]:
     """Show one tqdm bar summing the ``done`` of `paths` (ProgressFiles) while the body runs.
 
     Missing files count as 0 (the work has not started); the bar never goes backwards. With --verbose the
@@ -186,7 +189,7 @@ def watch_progress(paths: list[Path], total: int, desc: str, unit: str, initial:
     from tqdm.auto import tqdm
 
     stop = threading.Event()
-    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, unit_scale=unit_scale,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
     def poll() -> None:

@@ -46,6 +46,7 @@ import torch
 from dicp_ray.agent import MODES, InContextAgent, make_agent
 from dicp_ray.checkpoints import load_checkpoint
 from dicp_ray.config import ExperimentConfig, config_from_dict
+from dicp_ray.console import watch_progress
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
 from dicp_ray.eval_results import (RESULTS_FILE, RESULTS_SCHEMA_VERSION, aggregate_results, mean_ci95, method_label,
                                    success_metrics, write_run_outputs, write_summary)
@@ -186,19 +187,28 @@ def _fingerprint(config: ExperimentConfig, checkpoint_sha256: str, mode: str, sp
 
 # ----------------------------------------------------------------------------- the in-context loop
 @torch.no_grad()
-def run_episodes(agent: InContextAgent, env, num_episodes: int, desc: str = "eval") -> tuple[np.ndarray, np.ndarray | None]:
+def run_episodes(agent: InContextAgent, env, num_episodes: int, desc: str = "eval",
+                 progress: Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """`agent` acts on all of `env`'s tasks at once for `num_episodes` episodes -> returns (N, E), and for
     continuous actions (Meta-World) per-episode success (N, E), else None.
 
     Every task truncates at the same step, so all reset together. The agent gets back the executed action: for
     continuous actions the env's clipped ``info["action"]``, what the training data stores. An episode counts as
-    a success when ``info["success"]`` is 1 at any of its steps (Meta-World's own convention).
+    a success when ``info["success"]`` is 1 at any of its steps (Meta-World's own convention). `progress`: a
+    `dicp_ray.console.ProgressFile` path where the finished episodes are counted for the driver's progress bar.
     """
     from tqdm.auto import tqdm
 
+    from dicp_ray.console import ProgressFile, is_verbose
+
+    bar = ProgressFile(progress, num_episodes) if progress is not None else None
     returns = np.zeros((env.num_envs, num_episodes))
     successes = None if agent.discrete else np.zeros((env.num_envs, num_episodes))
-    for episode in tqdm(range(num_episodes), desc=desc, unit="episode", leave=False, disable=None):
+    episodes = tqdm(range(num_episodes), desc=desc, unit="episode", leave=False,
+                    disable=None if bar is None or is_verbose() else True)
+    for episode in episodes:
+        if bar is not None:
+            bar.update(episode)
         obs, _ = env.reset()
         for t in range(env.horizon):
             action = agent.act(obs)
@@ -209,6 +219,8 @@ def run_episodes(agent: InContextAgent, env, num_episodes: int, desc: str = "eva
             if successes is not None:
                 successes[:, episode] = np.maximum(successes[:, episode], info["success"])
             obs = next_obs
+    if bar is not None:
+        bar.update(num_episodes)
     return returns, successes
 
 
@@ -280,7 +292,9 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
     agent = make_agent(model, env.num_envs, mode=mode, horizon=env.horizon, settings=settings, generator=generator,
                        obs_table=obs_table, return_target=target)
     loop_start = time.perf_counter()
-    returns, successes = run_episodes(agent, env, config.eval.num_episodes, f"eval {mode} split {split_seed}")
+    progress = Path(output_dir) / "progress.json" if output_dir else None
+    returns, successes = run_episodes(agent, env, config.eval.num_episodes, f"eval {mode} split {split_seed}",
+                                      progress)
     num_planned = agent.num_planned
     loop_s = time.perf_counter() - loop_start
     env.close()
@@ -375,11 +389,15 @@ def run_evaluations(config: ExperimentConfig, checkpoints: dict[int, str], outpu
         refs = {task.remote(path, config, run_dir, mode, int(seed)): (seed, mode)
                 for (seed, mode), (path, run_dir) in pending.items()}
         remaining = list(refs)
-        while remaining:
-            ready, remaining = ray.wait(remaining, num_returns=1)
-            results[refs[ready[0]]] = ray.get(ready[0])
-            logger.info("evaluate: split %d %s finished (%d/%d)", *refs[ready[0]], len(refs) - len(remaining),
-                        len(refs))
+        files = [Path(run_dir) / "progress.json" for _, run_dir in pending.values()]
+        for f in files:
+            f.unlink(missing_ok=True)  # left by an interrupted run: its episodes are run again
+        with watch_progress(files, len(files) * config.eval.num_episodes, "evaluate", "episode"):
+            while remaining:
+                ready, remaining = ray.wait(remaining, num_returns=1)
+                results[refs[ready[0]]] = ray.get(ready[0])
+                logger.debug("evaluate: split %d %s finished (%d/%d)", *refs[ready[0]],
+                             len(refs) - len(remaining), len(refs))
     summary = aggregate_results(config, results, modes)
     write_summary(out, summary)
     return summary

@@ -24,12 +24,15 @@ from __future__ import annotations
 import math
 import time
 
+from pathlib import Path
+
 import numpy as np
 import ray
 import torch
 
 from dicp_ray import data, envs
 from dicp_ray.config import ExperimentConfig
+from dicp_ray.console import ProgressFile
 from dicp_ray.envs.grid import make_tasks, transition
 from dicp_ray.envs.splits import GRID_SIZE
 from dicp_ray.population import Layout, PPOSettings, forward, gae, init_params, make_optimizer, ppo_update
@@ -84,6 +87,11 @@ class _Histories:
         return columns
 
 
+def progress_path(dataset_dir: str, task_ids: list[int]) -> Path:
+    """Where the population of `task_ids` counts its env steps for the driver's progress bar."""
+    return Path(dataset_dir) / ".progress" / f"population_{task_ids[0]:05d}.json"
+
+
 def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir: str) -> list[dict]:
     """Train one PPO learner per task of ``task_ids`` as one population, write their shards, return sidecars."""
     from dicp_ray.collect import data_fingerprint
@@ -112,6 +120,9 @@ def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir:
     rows = np.arange(n)[:, None]
     histories, curves = _Histories(), [{"env_steps": [], "return_mean": []} for _ in task_ids]
     update_cpu = 0.0                                                       # CPU seconds inside ppo_update
+    local = "://" not in dataset_dir                                       # remote storage: no progress file
+    progress = ProgressFile(progress_path(dataset_dir, task_ids) if local else None,
+                            num_updates * steps * streams * n)              # the driver's progress bar
 
     for update in range(num_updates):
         with torch.no_grad():
@@ -165,6 +176,7 @@ def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir:
         update_start = time.process_time()
         ppo_update(params, optimizer, layout, ppo, batch, torch.from_numpy(perms))
         update_cpu += time.process_time() - update_start
+        progress.update((update + 1) * steps * streams * n)
         for i, curve in enumerate(curves):
             curve["env_steps"].append((update + 1) * size)
             curve["return_mean"].append(float(np.mean(finished[i])) if finished[i] else None)

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from dicp_ray.config import ConfigError, ExperimentConfig
 from dicp_ray.checkpoints import load_checkpoint
+from dicp_ray.config import ConfigError, ExperimentConfig
+from dicp_ray.console import watch_progress
 from dicp_ray.train import _loop_config, run_name
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ def train_models(config: ExperimentConfig, dataset_dir: str, runs: list[tuple[st
     device = _check_device(config)
     size = train.models_per_process
     for group in (pending[i:i + size] for i in range(0, len(pending), size)):
-        dirs = _run_local(group, device) if train.backend == "local" else _run_ray(config, group)
+        progress = Path(group[0]["output_dir"]) / "progress.json"   # written by rank 0 of the training loop
+        label = "train" if len(group) == 1 else f"train ({len(group)} models)"
+        with watch_progress([progress], train.num_steps, label, "step"):
+            dirs = _run_local(group, device) if train.backend == "local" else _run_ray(config, group)
         for lc, ckpt in zip(group, dirs):
             _copy_atomic(ckpt / "model.pt", Path(lc["output_dir"]) / "model.pt")
             logger.info("train: wrote %s", Path(lc["output_dir"]) / "model.pt")

@@ -22,6 +22,7 @@ import torch
 
 from dicp_ray.config import ExperimentConfig
 from dicp_ray.checkpoints import build_model
+from dicp_ray.console import ProgressFile
 from dicp_ray.model_group import ModelGroup
 from dicp_ray.train import (CRASH_ENV_VAR, evaluate_batches, make_window_sampler, model_spec_from_config,
                             windows_to_batch)
@@ -161,6 +162,8 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
     train, spec = r.train, r.spec
     means, now = MetricMeans(), time.perf_counter()
     clock = {"start": now, "time": now, "step": r.start_step}
+    progress = (ProgressFile(Path(loop_configs[0]["output_dir"]) / "progress.json", train.num_steps)
+                if backend.rank == 0 else None)  # the driver's progress bar (dicp_ray.console.watch_progress)
     for step in range(r.start_step, train.num_steps):
         pairs = []
         for member in r.members:
@@ -175,6 +178,8 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
             raise RuntimeError(f"{CRASH_ENV_VAR}: simulated crash at step {step}")
         means.add(r.group.step(pairs))
         done = step + 1
+        if progress is not None:
+            progress.update(done)
         metrics = None
         if done % train.log_every_steps == 0 or done == train.num_steps:
             metrics = r.log(means, done, clock)
