@@ -6,7 +6,8 @@
 #                                                                          dark_key_to_door)
 #
 # Layout: runs/reproduce/<env>/data/dataset (collected once), runs/reproduce/<env>/<variant>_{dicp,base}/ (one
-# `dicp-ray pipeline` per method pair, its dataset a link to the shared one), docs/results/<env>/ (report).
+# `dicp-ray pipeline` per method pair, its dataset a link to the shared one), docs/results/<env>/ (report);
+# REPRODUCE_OUT and REPORT_OUT move the runs and the report (e.g. for a reduced-scale trial run).
 # With the world model (DICP-X) the pipeline evaluates modes plan (DICP-X) and policy ("X + world model, no
 # planning"); without it (X) mode policy. Every step is resumable: re-run the same command after a failure and
 # finished stages are skipped. Extra arguments go to every dicp-ray call (e.g. --address auto on a cluster, or
@@ -19,6 +20,7 @@ bin=${DICP_RAY:-$root/.venv/bin/dicp-ray}
 py=${PYTHON:-$root/.venv/bin/python}
 base=$root/tune_configs/$env_name.yaml
 out=${REPRODUCE_OUT:-$root/runs/reproduce}/$env_name
+report=${REPORT_OUT:-$root/docs/results/$env_name}
 [ -f "$base" ] || { echo "unknown env config $base" >&2; exit 2; }
 
 "$bin" collect --config "$base" --output "$out/data" "$@"
@@ -42,4 +44,4 @@ for variant in ad dpt idt; do
          --method "DICP-$name=$out/${variant}_dicp/eval/summary.json:plan"
          --compare "DICP-$name" "$name")
 done
-"$py" -m dicp_ray.report --out "$root/docs/results/$env_name" "${args[@]}"
+"$py" -m dicp_ray.report --out "$report" "${args[@]}"
