@@ -74,9 +74,9 @@ def stage_summary(config: ExperimentConfig, stage: str, output_dir: Path) -> str
     if stage == "train":
         kind = f"{config.model.variant.upper()}{' + world model' if config.model.world_model else ''}"
         seeds = len(env.split_seeds)
-        return (f"{seeds} {kind} model{'s' if seeds > 1 else ''} (split seed{'s' if seeds > 1 else ''} "
-                f"{', '.join(map(str, env.split_seeds))}), {t.num_steps:,} steps of batch {t.batch_size} "
-                f"-> {output_dir / 'train'}")
+        return (f"{kind}, {seeds} model{'s' if seeds > 1 else ''} (split seed{'s' if seeds > 1 else ''} "
+                f"{', '.join(map(str, env.split_seeds))}), context k = {config.context_len}, {t.num_steps:,} steps "
+                f"of batch {t.batch_size} -> {output_dir / 'train'}")
     modes = " and ".join(config.eval.modes)
     return f"{modes} on the held-out tasks, {config.eval.num_episodes} in-context episodes -> {output_dir / 'eval'}"
 
