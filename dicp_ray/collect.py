@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -156,34 +156,43 @@ def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], w
         sizes = population_sizes(len(todo), cpus / c.num_cpus_per_learner, c.tasks_per_population)
         bounds = np.cumsum([0, *sizes])
         queue = [todo[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    else:
-        from dicp_ray.collect_rllib import _learn_task_remote
-
-        remote = _learn_task_remote.options(**options)
-        queue = list(todo)
-    pending, sidecars = {}, []
-    start, env_steps = time.perf_counter(), 0
-    if resolved_learner(config) == "population":  # one bar over env steps, fed by every population as it learns
+        # one bar over env steps, fed by every population as it learns
         return _run_populations(remote, queue, config, dataset_dir, writer, progress, max_in_flight)
+    from dicp_ray.collect_rllib import _learn_task_remote
+
+    remote, queue = _learn_task_remote.options(**options), list(todo)
+    sidecars, start, env_steps = [], time.perf_counter(), 0
     with tqdm(total=total, initial=done_before, desc="collect learners", unit="learner",
               disable=not progress) as bar:
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                task_id = queue.pop(0)
-                pending[remote.remote(config, task_id, dataset_dir)] = task_id
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                del pending[ref]
-                result = ray.get(ref)
-                for sidecar in result if isinstance(result, list) else [result]:
-                    sidecars.append(sidecar)
-                    env_steps += sidecar["env_steps"]
-                    steps_per_s = env_steps / (time.perf_counter() - start)
-                    if writer is not None:
-                        writer.add_scalar("collect/env_steps_per_s", steps_per_s, env_steps)
-                    bar.set_postfix(env_steps_per_s=f"{steps_per_s:,.0f}")
-                    bar.update(1)
+        for sidecar in _in_flight(remote, queue, config, dataset_dir, max_in_flight):
+            sidecars.append(sidecar)
+            env_steps += sidecar["env_steps"]
+            bar.set_postfix(env_steps_per_s=f"{_log_rate(writer, env_steps, start):,.0f}")
+            bar.update(1)
     return sidecars
+
+
+def _in_flight(remote, queue: list, config: ExperimentConfig, dataset_dir: str, max_in_flight: int) -> Iterator[dict]:
+    """Run every item of `queue` (a task id, or a population's task ids) as a Ray task, at most `max_in_flight` at
+    once; yields the sidecar of every shard written, as its task finishes."""
+    pending: dict = {}
+    while queue or pending:
+        while queue and len(pending) < max_in_flight:
+            item = queue.pop(0)
+            pending[remote.remote(config, item, dataset_dir)] = item
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            del pending[ref]
+            result = ray.get(ref)
+            yield from (result if isinstance(result, list) else [result])
+
+
+def _log_rate(writer: Any, env_steps: int, start: float) -> float:
+    """Env steps per second since `start`, also logged to TensorBoard as collect/env_steps_per_s."""
+    rate = env_steps / (time.perf_counter() - start)
+    if writer is not None:
+        writer.add_scalar("collect/env_steps_per_s", rate, env_steps)
+    return rate
 
 
 def _run_populations(remote, queue: list[list[int]], config: ExperimentConfig, dataset_dir: str, writer: Any,
@@ -196,21 +205,12 @@ def _run_populations(remote, queue: list[list[int]], config: ExperimentConfig, d
     for f in files:
         f.unlink(missing_ok=True)  # an interrupted run's count: those populations run again from the start
     total = sum(len(ids) for ids in queue) * config.collect.env_steps_per_task
-    pending, sidecars, start, env_steps = {}, [], time.perf_counter(), 0
+    sidecars, start, env_steps = [], time.perf_counter(), 0
     with watch_progress(files if progress else [], total, "collect", "env step", unit_scale=True):
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                ids = queue.pop(0)
-                pending[remote.remote(config, ids, dataset_dir)] = ids
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                del pending[ref]
-                for sidecar in ray.get(ref):
-                    sidecars.append(sidecar)
-                    env_steps += sidecar["env_steps"]
-                    if writer is not None:
-                        writer.add_scalar("collect/env_steps_per_s", env_steps / (time.perf_counter() - start),
-                                          env_steps)
+        for sidecar in _in_flight(remote, queue, config, dataset_dir, max_in_flight):
+            sidecars.append(sidecar)
+            env_steps += sidecar["env_steps"]
+            _log_rate(writer, env_steps, start)
     for f in files:
         f.unlink(missing_ok=True)
     return sidecars
