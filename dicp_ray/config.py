@@ -176,6 +176,11 @@ class ModelConfig:
     """Query-observation token (AD, DPT): auto | cell | transition | linear. auto = the authors' release: a learned
     table over the 81 cells for AD on the grid worlds (cell), the shared transition embedding of the zero-padded
     query for DPT (transition), a linear map on Meta-World (linear). docs/fidelity.md, rows 7 and 11."""
+    action_embedding: str = "auto"
+    """Query-action token of the world model (AD, DPT): auto | table | linear. table = a learned nn.Embedding row per
+    action (the release's grid AD and DPT, nn.Embedding(5, 32)); linear = a Linear over the one-hot action with a
+    bias (dicp_ray before issue #23). auto = table on the grid worlds, linear on Meta-World (continuous actions, as
+    the release). docs/fidelity.md, row 7."""
     backbone: str = "auto"
     """Transformer details (AD, DPT): auto | release | gpt2. release = the authors' TinyLlama blocks (no final norm,
     dropout on each sublayer's input, attention bias, PyTorch default init, raw grid coordinates); gpt2 = our

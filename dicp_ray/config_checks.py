@@ -92,10 +92,12 @@ def _validate_model(m: ModelConfig) -> None:
     _check_choice("model.variant", m.variant, ["ad", "dpt", "idt"])
     _check_choice("model.obs_embedding", m.obs_embedding, ["auto", "cell", "transition", "linear"])
     _check_choice("model.backbone", m.backbone, ["auto", "release", "gpt2"])
+    _check_choice("model.action_embedding", m.action_embedding, ["auto", "table", "linear"])
     if m.variant == "idt":
-        _require(m.obs_embedding in ("auto", "linear") and m.backbone in ("auto", "gpt2"), "model.obs_embedding",
-                 m.obs_embedding, f"(and model.backbone = {m.backbone!r}) must be auto for variant idt, which "
-                 "embeds observations itself", "auto")
+        _require(m.obs_embedding in ("auto", "linear") and m.backbone in ("auto", "gpt2")
+                 and m.action_embedding in ("auto", "linear"), "model.obs_embedding", m.obs_embedding,
+                 f"(and model.backbone = {m.backbone!r}, model.action_embedding = {m.action_embedding!r}) must be "
+                 "auto for variant idt, which embeds observations and actions itself", "auto")
     _require(m.reward_loss_weight > 0, "model.reward_loss_weight", m.reward_loss_weight, "must be > 0", "1.0")
     for key in ("context_episodes", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1", "4")
@@ -211,6 +213,9 @@ def validate(config: ExperimentConfig) -> None:
                           f"reward regression only; {config.env.name}'s reward is a 2-class prediction: drop it")
     if config.model.obs_embedding == "cell" and config.env.is_meta_world:
         raise ConfigError(f"model.obs_embedding = 'cell' needs grid cells; {config.env.name} observations are "
+                          "continuous: use auto or linear")
+    if config.model.action_embedding == "table" and config.env.is_meta_world:
+        raise ConfigError(f"model.action_embedding = 'table' needs discrete actions; {config.env.name} actions are "
                           "continuous: use auto or linear")
     _check_choice("collect.source_obs", config.collect.source_obs, ["full", "model"])
     if config.model.next_obs_loss is False and not config.env.is_meta_world:

@@ -84,6 +84,9 @@ class ModelSpec:
                                         # attention bias, normal(0.02) init; "release": the release's TinyLlama
                                         # blocks (no final norm, dropout on each sublayer's input before its norm,
                                         # attention bias, PyTorch default init)
+    action_embedding: str = "linear"    # query-action token (world model): "linear" = Linear over the one-hot
+                                        # action, with a bias (before issue #23); "table" = nn.Embedding(num_actions)
+                                        # row of the action (the release's grid AD and DPT); continuous: "linear"
     # Loss (issue #14). Checkpoints written before these fields existed load with _LEGACY_SPEC (old behaviour).
     next_obs_loss: bool = True          # world model: a next-observation head, trained (False: no such head)
     action_nll: str = "mean"            # Gaussian action NLL over action dims: "mean" (release) | "sum" (old)
@@ -117,6 +120,10 @@ class ModelSpec:
             raise ValueError(f"return_target must be None or finite, got {self.return_target!r}")
         if self.obs_embedding not in ("linear", "cell", "transition"):
             raise ValueError(f"obs_embedding must be 'linear', 'cell' or 'transition', got {self.obs_embedding!r}")
+        if self.action_embedding not in ("linear", "table"):
+            raise ValueError(f"action_embedding must be 'linear' or 'table', got {self.action_embedding!r}")
+        if self.action_embedding == "table" and not self.discrete_actions:
+            raise ValueError("action_embedding 'table' needs discrete actions (continuous actions use 'linear')")
         if self.backbone not in ("gpt2", "release"):
             raise ValueError(f"backbone must be 'gpt2' or 'release', got {self.backbone!r}")
         if self.obs_embedding == "cell" and (self.obs_dim != 2 or not self.num_obs_classes
@@ -165,7 +172,11 @@ class DICPTransformer(nn.Module):
             self.embed_query_obs_proj = nn.Linear(D, E)
         elif spec.obs_embedding == "cell":
             self.embed_query_cell = nn.Embedding(spec.num_obs_classes, E)  # cell x * side + y -> token
-        self.embed_query_action_proj = nn.Linear(A, E) if spec.world_model else None
+        self.embed_query_action_proj = self.embed_query_action_table = None
+        if spec.world_model and spec.action_embedding == "table":
+            self.embed_query_action_table = nn.Embedding(spec.num_actions, E)  # release: nn.Embedding(5, E)
+        elif spec.world_model:
+            self.embed_query_action_proj = nn.Linear(A, E)
         gpt2 = spec.backbone == "gpt2"
         self.drop = attention.Dropout(spec.dropout) if gpt2 else nn.Identity()
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
@@ -224,8 +235,12 @@ class DICPTransformer(nn.Module):
 
     def embed_query_action(self, action) -> torch.Tensor:
         """(B,) long | (B, A) float -> (B, 1, E)."""
-        if self.embed_query_action_proj is None:
+        if not self.spec.world_model:
             raise RuntimeError("this model has world_model=False, so it has no query-action token")
+        if self.embed_query_action_table is not None:
+            if action.dtype.is_floating_point:
+                raise TypeError("discrete actions must be an integer tensor of action indices")
+            return self.embed_query_action_table(action.long()).unsqueeze(1)
         return self.embed_query_action_proj(self._action_features(action)).unsqueeze(1)
 
     def embed_batch(self, batch: dict) -> torch.Tensor:

@@ -54,14 +54,16 @@ _RUN_KEYS = {"env": ("name", "task", "train_ratio", "max_train_tasks"), "model":
 
 # ------------------------------------------------------------------------------------------- model inputs
 def token_choices(config: ExperimentConfig) -> dict[str, str]:
-    """model.obs_embedding / model.backbone resolved ("auto" = the release's choice for the env and layout);
-    IDT keeps ModelSpec's defaults (it embeds observations itself)."""
+    """model.obs_embedding / model.action_embedding / model.backbone resolved ("auto" = the release's choice for the
+    env and layout); IDT keeps ModelSpec's defaults (it embeds observations and actions itself)."""
     m = config.model
     if m.variant == "idt":
         return {}
     mw = config.env.is_meta_world
     auto_obs = "linear" if mw else ("cell" if m.variant == "ad" else "transition")
+    auto_action = "linear" if mw else "table"
     return {"obs_embedding": auto_obs if m.obs_embedding == "auto" else m.obs_embedding,
+            "action_embedding": auto_action if m.action_embedding == "auto" else m.action_embedding,
             "backbone": ("gpt2" if mw else "release") if m.backbone == "auto" else m.backbone}
 
 

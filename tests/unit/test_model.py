@@ -515,3 +515,67 @@ def test_training_with_attention_dropout_uses_the_fast_path_equal_to_sdpa_as_p_g
     slow, _ = model.encode(x)
     assert calls == [1]
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def _release_grid_parameter_shapes(layout: str, E: int = 32, A: int = 5, D: int = 2, cells: int = 81) -> dict:
+    """The release's grid AD / DPT parameters outside the Transformer, restated from its constructors
+    (release:gridworld/model/ad.py:26-35, dpt.py:26-33) as {role: shape} with the dynamics heads on."""
+    shapes = {"context": [(E, 2 * D + A + 1), (E,)], "query_action": [(A, E)],  # nn.Embedding(5, 32): no bias
+              "action_head": [(A, E), (A,)], "reward_head": [(2, E), (2,)], "next_obs_head": [(cells, E), (cells,)]}
+    shapes["query_obs"] = [(cells, E)] if layout == "ad" else []  # DPT: the zero-padded query shares "context"
+    return shapes
+
+
+@pytest.mark.parametrize("layout", ["ad", "dpt"])
+def test_grid_query_action_token_is_the_releases_embedding_table(layout):
+    """Issue #23: the release embeds the query action with nn.Embedding(5, 32): no bias, N(0, 1) init (std ~1.0,
+    not a Linear's ~0.37 over a one-hot), so training and the gradient-clip norm see the same parameters."""
+    from dicp_ray.config import config_from_dict
+    from dicp_ray.train import model_spec_from_config
+
+    class Data:
+        obs_dim, num_actions = 2, 5
+
+    spec = model_spec_from_config(config_from_dict({"env": {"name": "Darkroom"}, "model": {"variant": layout}}),
+                                  Data())
+    assert spec.action_embedding == "table"
+    torch.manual_seed(0)
+    model = DICPTransformer(spec)
+    ours = {"context": model.embed_transition, "query_action": model.embed_query_action_table,
+            "action_head": model.head_action, "reward_head": model.head_reward,
+            "next_obs_head": model.head_next_obs}
+    if layout == "ad":
+        ours["query_obs"] = model.embed_query_cell
+    got = {role: [tuple(p.shape) for p in module.parameters()] for role, module in ours.items()}
+    got.setdefault("query_obs", [])
+    assert got == _release_grid_parameter_shapes(layout)
+    assert model.embed_query_action_proj is None
+    table = model.embed_query_action_table.weight
+    assert 0.85 < table.std().item() < 1.15                     # nn.Embedding's N(0, 1); a Linear(5, 32) gives ~0.37
+    actions = torch.tensor([0, 4, 2])
+    torch.testing.assert_close(model.embed_query_action(actions)[:, 0], table[actions], atol=0, rtol=0)
+    with pytest.raises(TypeError, match="integer"):
+        model.embed_query_action(actions.float())
+
+
+def test_query_action_table_is_for_discrete_actions_and_old_checkpoints_load_as_linear(tmp_path):
+    with pytest.raises(ValueError, match="discrete"):
+        make_spec(discrete_actions=False, num_obs_classes=None, reward_classes=None, action_embedding="table")
+    model = DICPTransformer(make_spec(obs_embedding="cell", backbone="release")).eval()
+    path = tmp_path / "before_23.pt"
+    save_checkpoint(str(path), model, {})
+    payload = torch.load(path, weights_only=True)
+    del payload["model_spec"]["action_embedding"]      # written before the field existed: a Linear query action
+    torch.save(payload, path)
+    loaded, _ = load_checkpoint(str(path))
+    assert loaded.spec.action_embedding == "linear" and loaded.embed_query_action_table is None
+    batch, _ = make_batch(model.spec)
+    torch.testing.assert_close(loaded(batch)[0]["reward_logits"], model(batch)[0]["reward_logits"], atol=0, rtol=0)
+    table = DICPTransformer(make_spec(action_embedding="table"))
+    bad_path = tmp_path / "table.pt"
+    save_checkpoint(str(bad_path), table, {})
+    bad = torch.load(bad_path, weights_only=True)
+    bad["model_spec"]["action_embedding"] = "linear"
+    torch.save(bad, bad_path)
+    with pytest.raises(ValueError, match="do not match"):
+        load_checkpoint(str(bad_path))
