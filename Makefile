@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dicp-ray pipeline --config tune_configs/demo.yaml --output runs/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
@@ -54,7 +55,7 @@ reproduce-darkroom-2core: $(STAMP)
 	$(MAKE) report-darkroom
 
 report-darkroom: $(STAMP)
-	$(PY) -m dicp_ray.report --out docs/results/darkroom_2core --compare DICP-AD AD \
+	$(PY) -m dicp_ray.evaluate.report --out docs/results/darkroom_2core --compare DICP-AD AD \
 		--compare DICP-AD "AD + world model (no planning)" \
 		--method "AD=runs/darkroom_2core_ad/eval/summary.json:policy" \
 		--method "AD + world model (no planning)=runs/darkroom_2core/eval/summary.json:policy" \

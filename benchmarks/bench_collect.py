@@ -27,7 +27,7 @@ KTD_TASKS, KTD_STEPS = 6561, 100_000
 
 
 def paper_config(steps: int, num_tasks: int, env: str = "Darkroom", **collect):
-    from dicp_ray.config import config_from_dict
+    from dicp_ray.config.load import config_from_dict
 
     settings = {"num_streams": 100, "rollout_steps": 20, "minibatch_size": 50, "num_epochs": 20}
     if env == "DarkKeyToDoor":
@@ -50,8 +50,8 @@ class Clock:
 
 
 def bench_population(steps: int, n: int, env: str = "Darkroom") -> dict:
+    from dicp_ray.collect.population_learner import learn_population
     from dicp_ray.envs import split_tasks
-    from dicp_ray.population_collect import learn_population
 
     tasks = [int(t) for t in split_tasks(env, 0)[0][:n]]
     with tempfile.TemporaryDirectory() as tmp, Clock() as clock:
@@ -62,7 +62,7 @@ def bench_population(steps: int, n: int, env: str = "Darkroom") -> dict:
 def bench_rllib(steps: int, task_id: int) -> dict:
     import torch
 
-    from dicp_ray.collect import learn_task
+    from dicp_ray.collect.rllib_learner import learn_task
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp, Clock() as clock:
@@ -91,8 +91,8 @@ def bench_sb3(steps: int, task_id: int) -> dict:
 
 def bench_scaling(steps: int, per_population: int = 9) -> dict:
     """1 vs 2 populations of ``per_population`` tasks at once through Ray (2 CPUs): wall and CPU rates."""
-    from dicp_ray import data
-    from dicp_ray.collect import collect_histories
+    from dicp_ray.collect.driver import collect_histories
+    from dicp_ray.data import shards
 
     out = {}
     for workers in (1, 2):
@@ -101,7 +101,7 @@ def bench_scaling(steps: int, per_population: int = 9) -> dict:
             start = time.perf_counter()
             path = collect_histories(config, os.path.join(tmp, "dataset"), progress=False)
             wall = time.perf_counter() - start
-            sidecars = [data.read_sidecar(path, t) for t in data.read_manifest(path)["task_ids"]]
+            sidecars = [shards.read_sidecar(path, t) for t in shards.read_manifest(path)["task_ids"]]
         total = sum(s["env_steps"] for s in sidecars)
         populations = {(s["wall_s"], s["cpu_s"]) for s in sidecars}   # a population's members share them
         out[workers] = {"steps": total, "wall": wall, "cpu": sum(cpu for _, cpu in populations),
@@ -141,7 +141,7 @@ def main() -> None:
     ktd = rows["population, N = 81, Dark Key-to-Door"]
     ktd_rate = ktd["steps"] / ktd["cpu"]
     if not args.no_scaling:
-        from dicp_ray.config import ResourcesConfig
+        from dicp_ray.config.schema import ResourcesConfig
         from dicp_ray.runtime import init_ray
 
         init_ray(ResourcesConfig(num_cpus=2), log_to_driver=False)

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from dicp_ray.checkpoints import save_checkpoint
-from dicp_ray.config import config_from_dict
-from dicp_ray.evaluate import evaluate_in_context
-from dicp_ray.model import DICPTransformer, ModelSpec, count_parameters
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.evaluate.episodes import evaluate_in_context
+from dicp_ray.models.checkpoints import save_checkpoint
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.models.transformer import DICPTransformer, count_parameters
 
 
 def _config(num_episodes: int, device: str, use_cache: bool):

@@ -1,7 +1,7 @@
 """Benchmark DICP-IDT's beam search inside Decisions-to-Go: KV-cached vs reference (full re-encoding).
 
 What: decisions per second on the 8 Darkroom test tasks of split 0 for a paper-size grid IDT with random
-weights (dicp_ray.idt_grid_agent.benchmark_planner), K = 10 beams, depth to the end of each 10-step block; both
+weights (dicp_ray.agents.idt_grid.benchmark_planner), K = 10 beams, depth to the end of each 10-step block; both
 modes drive the same envs from the same seeds and must execute identical actions.
 
 How:  python benchmarks/bench_idt_plan.py [--episodes 2] [--beam-width 10] [--device cpu|cuda] [--dtype float32|float64]
@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from dicp_ray.idt_grid_agent import benchmark_planner
+from dicp_ray.agents.idt_grid import benchmark_planner
 
 
 def main() -> None:

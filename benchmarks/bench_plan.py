@@ -2,7 +2,7 @@
 
 What: decisions per second and FLOPs per decision for 8 Darkroom tasks at the paper's settings
 (K=10 beams, H=8 depth, k=80 context, model 4 layers / 4 heads / embed 32 / MLP 128), random
-weights, every task planning at full depth, driven through the in-context agent (dicp_ray.agent) in plan
+weights, every task planning at full depth, driven through the in-context agent (dicp_ray.agents.agent) in plan
 mode: each agent's context is filled with k-1 random Darkroom-like transitions, then every timed call is
 one ``agent.act`` (one batched beam search for the 8 tasks) followed by one more random transition. Both
 modes run on the same inputs and generator seeds in one process, and the benchmark checks that they choose
@@ -28,9 +28,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from dicp_ray.agent import make_agent
-from dicp_ray.model import DICPTransformer, ModelSpec
-from dicp_ray.plan import PlannerSettings
+from dicp_ray.agents.agent import make_agent
+from dicp_ray.agents.plan import PlannerSettings
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.models.transformer import DICPTransformer
 
 PAPER_GFLOPS_PER_ACTION = 18.0  # paper Table 7, "up to"
 OBS_TABLE = torch.tensor([[c // 9, c % 9] for c in range(81)], dtype=torch.float64)  # Darkroom cell -> (x, y)
@@ -128,7 +129,7 @@ def main(argv=None) -> dict:
     timed = time_modes(agents, steps[1:calls + 1], args.device)
     results = {}
     for name, agent in agents.items():
-        flops = count_flops(lambda: agent.act(steps[-1][0])) / args.tasks
+        flops = count_flops(lambda agent=agent: agent.act(steps[-1][0])) / args.tasks
         median = statistics.median(timed[name]["times"])
         results[name] = dict(actions=torch.cat(timed[name]["actions"]), decisions_per_s=args.tasks / median,
                              mean_decisions_per_s=calls * args.tasks / sum(timed[name]["times"]),
@@ -144,7 +145,7 @@ def report(args, calls: int, results: dict) -> None:
     print(f"DICP beam search, {args.layout.upper()} layout, {args.tasks} Darkroom tasks, K={args.beam_width} "
           f"H={args.depth} k={args.context_len}, 4 layers/4 heads/embed 32/MLP 128, random weights, "
           f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}, "
-          f"{calls} calls per mode through dicp_ray.agent "
+          f"{calls} calls per mode through dicp_ray.agents.agent "
           f"(decisions/s from the median call; mean over all calls in brackets)")
     print(f"{'mode':<10} {'decisions/s':>12} {'(mean)':>8} {'ms/decision':>12} {'GFLOPs/decision':>16}")
     for name, res in results.items():

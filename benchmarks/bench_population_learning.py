@@ -29,8 +29,8 @@ def stream_metrics(returns: np.ndarray, best: float) -> dict:
 
 
 def run_population(tasks: list[int], steps: int, bootstrap: bool) -> tuple[dict, float]:
-    from dicp_ray.config import config_from_dict
-    from dicp_ray.population_collect import learn_population
+    from dicp_ray.collect.population_learner import learn_population
+    from dicp_ray.config.load import config_from_dict
 
     config = config_from_dict({"env": {"name": "Darkroom"}, "model": {"context_episodes": 1}, "collect": {
         "num_streams": 100, "rollout_steps": 20, "minibatch_size": 50, "num_epochs": 20,
@@ -47,9 +47,9 @@ def _returns_from_shard(path: str, task: int) -> np.ndarray:
     """``(streams, episodes)`` episode returns of a task's shard."""
     import pyarrow as pa
 
-    from dicp_ray import data
+    from dicp_ray.data import shards
 
-    with pa.memory_map(os.path.join(path, data.SHARD_DIR, data.shard_name(task) + ".arrow")) as source:
+    with pa.memory_map(os.path.join(path, shards.SHARD_DIR, shards.shard_name(task) + ".arrow")) as source:
         table = pa.ipc.open_file(source).read_all()
     stream = table.column("stream").to_numpy()
     episode = table.column("episode").to_numpy()

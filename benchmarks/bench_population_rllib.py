@@ -16,7 +16,7 @@ import time
 
 
 def config(streams: int, steps: int, learner: str):
-    from dicp_ray.config import config_from_dict
+    from dicp_ray.config.load import config_from_dict
 
     return config_from_dict({"env": {"name": "Darkroom"}, "model": {"context_episodes": 1},
                              "collect": {"num_streams": streams, "rollout_steps": 20, "minibatch_size": 50,
@@ -25,7 +25,7 @@ def config(streams: int, steps: int, learner: str):
 
 def rllib_sample_cpu_s(n: int, repeats: int = 3) -> float:
     """CPU s of one ``sample()`` (20 steps) of RLlib's default EnvRunner over n x 100 sub-envs."""
-    from dicp_ray.collect import build_learner_config
+    from dicp_ray.collect.rllib_learner import build_learner_config
 
     algo = build_learner_config(config(n * 100, n * 100 * 20, "rllib"), 0).build_algo()
     try:
@@ -41,7 +41,7 @@ def rllib_sample_cpu_s(n: int, repeats: int = 3) -> float:
 def main() -> None:
     import torch
 
-    from dicp_ray.population_collect import learn_population
+    from dicp_ray.collect.population_learner import learn_population
 
     torch.set_num_threads(1)
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 81

@@ -8,7 +8,7 @@ own windows (WindowSampler -> windows_to_batch) every step, as in training.
 Rows, each in a fresh child process (glibc's allocator settings are per process):
   * today's step: `train_step` on a lone model, SDPA for attention with dropout, the per-tensor AdamW loop,
     the default allocator (the step before issue 17);
-  * new step, M models: `dicp_ray.model_group.ModelGroup` as the training loop runs it (`tune_allocator`,
+  * new step, M models: `dicp_ray.train.model_group.ModelGroup` as the training loop runs it (`tune_allocator`,
     CausalAttentionDropout on CPU, fused AdamW, stacked weights for M > 1, passes of --per-pass models).
 Reported: windows/s summed over the models by wall clock and by the process's CPU time (`time.process_time`:
 on a shared machine the CPU-time rate is the per-core figure; wall rates move with the other load), and the
@@ -37,7 +37,7 @@ TABLE_WINDOWS = 30 * 50_000 * 512  # the paper's Darkroom table: 5 seeds x 2 var
 
 
 def paper_config(env: str, batch_size: int, num_steps: int):
-    from dicp_ray.config import config_from_dict
+    from dicp_ray.config.load import config_from_dict
 
     return config_from_dict({
         "env": {"name": env, "max_train_tasks": NUM_TASKS},
@@ -49,31 +49,31 @@ def child(args: dict) -> dict:
     """One row: build the models and samplers, warm up, time `steps` steps."""
     import torch
 
-    from dicp_ray import data
-    from dicp_ray import attention
-    from dicp_ray.checkpoints import build_model
-    from dicp_ray.model import count_parameters
-    from dicp_ray.train import model_spec_from_config, windows_to_batch
+    from dicp_ray.data import history
+    from dicp_ray.models import attention
+    from dicp_ray.models.checkpoints import build_model
+    from dicp_ray.models.transformer import count_parameters
+    from dicp_ray.train.batches import model_spec_from_config, windows_to_batch
 
     torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])
     cfg = paper_config(args["env"], args["batch"], 1000)
-    dataset = data.HistoryDataset.open(args["dataset"], verify=False)
+    dataset = history.HistoryDataset.open(args["dataset"], verify=False)
     spec = model_spec_from_config(cfg, dataset)
-    samplers = [data.WindowSampler(dataset, cfg.context_len, seed=[0, m]) for m in range(args["models"])]
+    samplers = [history.WindowSampler(dataset, cfg.context_len, seed=[0, m]) for m in range(args["models"])]
     models = []
     for _ in range(args["models"]):
         torch.manual_seed(0)
         models.append(build_model(spec))
 
     def batches():  # as the training loop does it (CUDA: pinned memory, non-blocking copies)
-        from dicp_ray.train_loop import _to_device
+        from dicp_ray.train.loop import _to_device
 
         return [_to_device(windows_to_batch(s.sample(args["batch"]), spec.layout, spec.world_model), device)
                 for s in samplers]
 
     if args["mode"] == "today":
-        from dicp_ray.train import train_step
+        from dicp_ray.train.step import train_step
 
         def batches():  # noqa: F811  today's: straight to the device
             return [windows_to_batch(samplers[0].sample(args["batch"]), spec.layout, spec.world_model, device)]
@@ -87,9 +87,9 @@ def child(args: dict) -> dict:
         def step():
             return [train_step(model, optimizer, scheduler, *batches()[0], cfg.train)]
     else:
-        from dicp_ray.model_group import ModelGroup
-        from dicp_ray.train_backends import tune_allocator
-        from dicp_ray.train_loop import models_per_pass
+        from dicp_ray.train.backends import tune_allocator
+        from dicp_ray.train.loop import models_per_pass
+        from dicp_ray.train.model_group import ModelGroup
 
         tune_allocator()
         per_pass = args["per_pass"] or models_per_pass(spec, args["batch"], device)
@@ -139,8 +139,8 @@ def main() -> None:
         return
     import torch
 
+    from dicp_ray.collect.scripted import write_scripted_dataset
     from dicp_ray.envs import split_tasks
-    from dicp_ray.scripted import write_scripted_dataset
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")

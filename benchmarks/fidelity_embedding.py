@@ -27,9 +27,9 @@ RUNS = {f"wm{int(wm)}_{emb}": (wm, emb) for wm in (True, False) for emb in ("lin
 
 def _run_one(args, name: str) -> dict:
     """Train one model in this process (one torch thread), then score it on split 0's held-out goals."""
-    from dicp_ray.config import load_config
-    from dicp_ray.evaluate import evaluate_in_context
-    from dicp_ray.train import train_in_process
+    from dicp_ray.config.load import load_config
+    from dicp_ray.evaluate.episodes import evaluate_in_context
+    from dicp_ray.train.launch import train_in_process
 
     torch.set_num_threads(1)
     world_model, embedding = RUNS[name]

@@ -23,7 +23,8 @@ import logging
 import sys
 from pathlib import Path
 
-from dicp_ray.config import ConfigError, ExperimentConfig, load_config
+from dicp_ray.config.load import load_config
+from dicp_ray.config.schema import ConfigError, ExperimentConfig
 
 logger = logging.getLogger("dicp_ray")
 
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
         if stage in ("evaluate", "sweep"):
             p.add_argument("--checkpoint", default=None, help="trained model.pt (evaluate: required)")
-        if stage in ("train", "pipeline"):  # shorthands for --set train.backend=... (dicp_ray/train_launch.py)
+        if stage in ("train", "pipeline"):  # shorthands for --set train.backend=... (dicp_ray/train/launch.py)
             p.add_argument("--backend", choices=["ray", "local"], default=None,
                            help="ray: Ray Train workers (default); local: this process, no Ray")
             p.add_argument("--models-per-process", type=int, default=None, metavar="N",
@@ -69,7 +70,7 @@ def _add_mw_eval(sub) -> None:
     p.add_argument("--adaptation-episodes", type=int, default=10, help="episodes with rewards (default 10)")
     p.add_argument("--evaluation-episodes", type=int, default=3, help="scored episodes per task (default 3)")
     p.add_argument("--meta-batch-size", type=int, default=None, help="envs (a multiple of the test "
-                   "classes: ML1 1, ML10 5; default one env per class, see dicp_ray/metaworld_eval.py)")
+                   "classes: ML1 1, ML10 5; default one env per class, see dicp_ray/evaluate/metaworld.py)")
     p.add_argument("--max-episode-steps", type=int, default=100, help="episode length (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent's sampling (default 0)")
     p.add_argument("--eval-reward", default=None, choices=["predicted", "zero"], help="reward tokens of the "
@@ -84,7 +85,7 @@ def _run_mw_eval(args: argparse.Namespace) -> int:
     """Check everything that can be checked (checkpoint, mode, sizes, output) before the envs are built."""
     import json
 
-    from dicp_ray import metaworld_eval
+    from dicp_ray.evaluate import metaworld as metaworld_eval
     from dicp_ray.runtime import write_text_atomic
 
     if not Path(args.checkpoint).is_file():
@@ -123,10 +124,10 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
     if args.address:
         overrides.append(f"resources.address={args.address}")
     if args.config is None:  # evaluate without --config: the checkpoint's own config
-        from dicp_ray.checkpoints import load_checkpoint
+        from dicp_ray.models.checkpoints import load_checkpoint
 
         _, payload = load_checkpoint(args.checkpoint)
-        from dicp_ray.config import config_from_dict, apply_overrides
+        from dicp_ray.config.load import apply_overrides, config_from_dict
 
         return config_from_dict(apply_overrides(payload["config"], overrides))
     return load_config(args.config, overrides)
@@ -175,20 +176,19 @@ def _run(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace, config: ExperimentConfig, out: Path) -> int:
     if args.stage == "collect":
-        from dicp_ray.collect import collect_histories
+        from dicp_ray.collect.driver import collect_histories
 
         print(collect_histories(config, str(out / "dataset")))
     elif args.stage == "train":
-        from dicp_ray.train import train_models
+        from dicp_ray.train.launch import train_models
 
         runs = [(str(out / "train" / f"split_{seed}"), seed) for seed in config.env.split_seeds]
         for path in train_models(config, str(out / "dataset"), runs):
             print(path)
     elif args.stage == "evaluate":
-        from dicp_ray.eval_results import format_results_table
-        from dicp_ray.evaluate import run_evaluations
-
-        from dicp_ray.checkpoints import load_checkpoint
+        from dicp_ray.evaluate.episodes import run_evaluations
+        from dicp_ray.evaluate.results import format_results_table
+        from dicp_ray.models.checkpoints import load_checkpoint
 
         _, payload = load_checkpoint(args.checkpoint)
         seed = int(payload.get("split_seed", config.env.split_seeds[0]))

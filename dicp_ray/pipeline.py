@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicp_ray.config import ConfigError, ExperimentConfig
+from dicp_ray.config.schema import ConfigError, ExperimentConfig
 from dicp_ray.runtime import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def stage_summary(config: ExperimentConfig, stage: str, output_dir: Path) -> str
     """One line saying what a stage will do at this config's scale, for the stage's banner."""
     env, c, t = config.env, config.collect, config.train
     if stage == "collect":
-        from dicp_ray.collect import collection_task_ids
+        from dicp_ray.collect.driver import collection_task_ids
 
         tasks = len(collection_task_ids(config))
         what = f"{c.algorithm.upper()} on {tasks} {env.name}{'/' + env.task if env.task else ''} tasks"
@@ -84,7 +84,7 @@ def stage_summary(config: ExperimentConfig, stage: str, output_dir: Path) -> str
 def collect_stage(config: ExperimentConfig, output_dir: Path) -> Path:
     """Collect histories into <output>/dataset; collect_histories returns at once (without starting Ray)
     when the dataset is complete for this config, and otherwise re-collects only missing or corrupt shards."""
-    from dicp_ray.collect import collect_histories
+    from dicp_ray.collect.driver import collect_histories
 
     dataset_dir = output_dir / "dataset"
     collect_histories(config, str(dataset_dir))
@@ -93,7 +93,7 @@ def collect_stage(config: ExperimentConfig, output_dir: Path) -> Path:
 
 def train_stage(config: ExperimentConfig, output_dir: Path) -> dict[int, str]:
     """One model per split seed (train.models_per_process of them at once); an existing valid model.pt is reused."""
-    from dicp_ray.train import train_models
+    from dicp_ray.train.launch import train_models
 
     seeds = list(config.env.split_seeds)
     runs = [(str(output_dir / "train" / f"split_{seed}"), seed) for seed in seeds]
@@ -125,8 +125,8 @@ def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, 
 
 def _run_pipeline(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     from dicp_ray.console import banner
-    from dicp_ray.eval_results import format_results_table
-    from dicp_ray.evaluate import run_evaluations
+    from dicp_ray.evaluate.episodes import run_evaluations
+    from dicp_ray.evaluate.results import format_results_table
     from dicp_ray.runtime import init_ray
 
     record_run(config, output_dir)

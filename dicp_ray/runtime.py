@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dicp_ray.config import ResourcesConfig
+from dicp_ray.config.schema import ResourcesConfig
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dicp_ray.config import ExperimentConfig, config_from_dict, point_slug, replace, sweep_points, trial_config
+from dicp_ray.config.load import config_from_dict, point_slug, replace, sweep_points, trial_config
+from dicp_ray.config.schema import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _plan_trial(params: dict[str, Any], *, base: dict[str, Any], checkpoints: di
     import numpy as np
     from ray import tune
 
-    from dicp_ray.evaluate import evaluate_in_context
+    from dicp_ray.evaluate.episodes import evaluate_in_context
 
     config = replace(config_from_dict(base), params)
     curves, successes = [], []
@@ -108,11 +109,12 @@ def _train_trial(params: dict[str, Any], *, base: dict[str, Any], dataset_dir: s
     import torch
     from ray import tune
 
-    from dicp_ray.checkpoints import save_checkpoint
-    from dicp_ray.data import HistoryDataset, WindowSampler
-    from dicp_ray.model import DICPTransformer
-    from dicp_ray.train import (build_optimizer, evaluate_batches, model_spec_from_config, split_task_ids,
-                                train_step, windows_to_batch)
+    from dicp_ray.data.history import HistoryDataset, WindowSampler
+    from dicp_ray.models.checkpoints import save_checkpoint
+    from dicp_ray.models.transformer import DICPTransformer
+    from dicp_ray.train.batches import model_spec_from_config, windows_to_batch
+    from dicp_ray.train.runs import split_task_ids
+    from dicp_ray.train.step import build_optimizer, evaluate_batches, train_step
 
     torch.set_num_threads(1)
     config = replace(config_from_dict(base), params)
@@ -259,7 +261,7 @@ def _check_same_sweep(config: ExperimentConfig, output_dir: Path) -> None:
     keep the old trials and mix their results with new ones in one table)."""
     import json
 
-    from dicp_ray.config import ConfigError
+    from dicp_ray.config.schema import ConfigError
     from dicp_ray.runtime import write_text_atomic
 
     data = config.to_dict()
@@ -421,7 +423,7 @@ def run_sweep(config: ExperimentConfig, output_dir: str | Path, checkpoint: str 
         # Only the dataset is shared with a pipeline run here; the trials' model/train settings vary.
         return run_train_sweep(config, output_dir, collect_stage(config, output_dir))
     if checkpoint is not None:
-        from dicp_ray.checkpoints import load_checkpoint
+        from dicp_ray.models.checkpoints import load_checkpoint
 
         _, payload = load_checkpoint(checkpoint)
         checkpoints = {int(payload.get("split_seed", config.env.split_seeds[0])): str(Path(checkpoint).resolve())}

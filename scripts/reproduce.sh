@@ -44,4 +44,4 @@ for variant in ad dpt idt; do
          --method "DICP-$name=$out/${variant}_dicp/eval/summary.json:plan"
          --compare "DICP-$name" "$name")
 done
-"$py" -m dicp_ray.report --out "$report" "${args[@]}"
+"$py" -m dicp_ray.evaluate.report --out "$report" "${args[@]}"

@@ -26,8 +26,8 @@ import numpy as np
 def learn(config_path: str, source_obs: str, output: str, task_ids: list[int], overrides: list[str]) -> None:
     import torch
 
-    from dicp_ray.collect import learn_task
-    from dicp_ray.config import load_config
+    from dicp_ray.collect.rllib_learner import learn_task
+    from dicp_ray.config.load import load_config
 
     torch.set_num_threads(1)
     config = load_config(config_path, [f"collect.source_obs={source_obs}", *overrides])

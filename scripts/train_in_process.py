@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dicp_ray.config import load_config
-from dicp_ray.train import train_in_process
+from dicp_ray.config.load import load_config
+from dicp_ray.train.launch import train_in_process
 
 
 def main() -> None:

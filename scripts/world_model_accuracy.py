@@ -13,10 +13,11 @@ import argparse
 import numpy as np
 import torch
 
-from dicp_ray.checkpoints import load_checkpoint
-from dicp_ray.config import config_from_dict, replace
-from dicp_ray.data import HistoryDataset
-from dicp_ray.train import evaluate_batches, make_window_sampler, windows_to_batch
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.data.history import HistoryDataset
+from dicp_ray.models.checkpoints import load_checkpoint
+from dicp_ray.train.batches import make_window_sampler, windows_to_batch
+from dicp_ray.train.step import evaluate_batches
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def tiny_meta_world_dataset(tmp_path_factory):
     100 steps each) from our own env, without Ray or RLlib."""
     import numpy as np
 
-    from dicp_ray import data
+    from dicp_ray.data import shards
     from dicp_ray.envs.meta_world import ML1Env
 
     root = tmp_path_factory.mktemp("tiny_meta_world_data")
@@ -64,8 +64,8 @@ def tiny_meta_world_dataset(tmp_path_factory):
         cols = {**cols, "stream": np.zeros(len(rows), np.int32), "episode": cols["episode"].astype(np.int32),
                 "step": cols["step"].astype(np.int32), "reward": cols["reward"].astype(np.float32),
                 "success": cols["success"].astype(np.float32)}
-        sidecars.append(data.write_shard(dataset, task_id, cols, {}))
-    data.write_manifest(dataset, env_name="ML1", obs_dim=11, num_actions=None, action_type="continuous",
+        sidecars.append(shards.write_shard(dataset, task_id, cols, {}))
+    shards.write_manifest(dataset, env_name="ML1", obs_dim=11, num_actions=None, action_type="continuous",
                         action_dim=4, env_task="reach-v3", task_ids=[0, 1], shards=sidecars, collect_config={},
                         seeds={}, provenance={}, fingerprint="tiny-random", complete=True)
     return dataset
@@ -75,8 +75,8 @@ def _train_tiny_meta_world(dataset: str, root, variant: str) -> dict:
     """{"world_model": path, "no_world_model": path, "world_model_next_obs": path}: tune_configs/ml1_smoke.yaml's
     model (2-episode context), 20 steps of `train_in_process` on `dataset` with model.variant = `variant`; the
     world models predict rewards only (Meta-World's default) or also next observations (model.next_obs_loss)."""
-    from dicp_ray.config import load_config
-    from dicp_ray.train import train_in_process
+    from dicp_ray.config.load import load_config
+    from dicp_ray.train.launch import train_in_process
 
     paths = {}
     for key, world_model, next_obs in (("world_model", "true", "null"), ("no_world_model", "false", "null"),

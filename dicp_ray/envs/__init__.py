@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gymnasium
 
+from dicp_ray.envs import meta_world
 from dicp_ray.envs.grid import (
     MOVES,
     NUM_ACTIONS,
@@ -34,9 +35,16 @@ from dicp_ray.envs.grid import (
     oracle_actions,
     transition,
 )
-from dicp_ray.envs import meta_world
-from dicp_ray.envs.splits import (GRID_SIZE, GRID_SPECS, GridSpec, cell_index, cell_obs, grid_spec,
-                                  is_meta_world, split_tasks)
+from dicp_ray.envs.splits import (
+    GRID_SIZE,
+    GRID_SPECS,
+    GridSpec,
+    cell_index,
+    cell_obs,
+    grid_spec,
+    is_meta_world,
+    split_tasks,
+)
 
 __all__ = [
     "GRID_SIZE", "GRID_SPECS", "MOVES", "NUM_ACTIONS", "PERMUTATIONS", "DarkKeyToDoor",

@@ -83,11 +83,30 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from dicp_ray.envs.meta_world_tasks import (ACTION_DIM, CACHE_ENV_VAR, ENV_NAMES, HAND_DIMS, HORIZON, OBJECT_DIMS,
-                                            VARIATIONS_PER_TYPE, MetaWorldTasks, cache_dir, check_env_name,
-                                            check_int, check_task_arg, check_task_name, decode_task_id,
-                                            load_tasks, num_objects, num_tasks, num_train_tasks, observation_dim,
-                                            split_tasks, task_names, task_type)
+from dicp_ray.envs.meta_world_tasks import (
+    ACTION_DIM,
+    CACHE_ENV_VAR,
+    ENV_NAMES,
+    HAND_DIMS,
+    HORIZON,
+    OBJECT_DIMS,
+    VARIATIONS_PER_TYPE,
+    MetaWorldTasks,
+    cache_dir,
+    check_env_name,
+    check_int,
+    check_task_arg,
+    check_task_name,
+    decode_task_id,
+    load_tasks,
+    num_objects,
+    num_tasks,
+    num_train_tasks,
+    observation_dim,
+    split_tasks,
+    task_names,
+    task_type,
+)
 
 __all__ = [
     "ACTION_DIM", "CACHE_ENV_VAR", "ENV_NAMES", "HAND_DIMS", "HORIZON", "ML10Env", "ML10VectorEnv", "ML1Env",

@@ -122,7 +122,7 @@ def split_tasks(
         ValueError: unknown name, invalid seed, a ratio outside (0, 1), or one leaving a side empty.
     """
     if is_meta_world(name):
-        from dicp_ray.envs import meta_world_tasks  # numpy only; it never imports splits
+        import dicp_ray.envs.meta_world_tasks as meta_world_tasks  # numpy only; it never imports splits
 
         return meta_world_tasks.split_tasks(name, split_seed, train_ratio)
     spec = grid_spec(name)

@@ -1,6 +1,6 @@
 """Integration tests for dicp_ray.collect: real PPO learners as Ray tasks on the shared local Ray.
 
-The grid-world default is the population learner (dicp_ray/population_collect.py), so the end-to-end tests
+The grid-world default is the population learner (dicp_ray/collect/population_learner.py), so the end-to-end tests
 below run it; ``learn_task`` and ``test_rllib_learner_end_to_end`` keep the RLlib learner covered
 (``collect.learner=rllib``). Tiny scale: 3 Darkroom tasks x 4 streams x 3 updates of 20 steps. Checks that
 the histories are complete, ordered, replay exactly in a fresh env (true terminal next_obs, oracle labels),
@@ -27,10 +27,12 @@ import pytest
 import torch
 
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
-from dicp_ray import data
-from dicp_ray.collect import (SB3InitPPOModule, build_learner_config, collect_histories, collection_task_ids,
-                              data_fingerprint, learn_task)
-from dicp_ray.config import config_from_dict
+from dicp_ray.collect.driver import collect_histories, collection_task_ids
+from dicp_ray.collect.fingerprint import data_fingerprint
+from dicp_ray.collect.rllib_learner import SB3InitPPOModule, build_learner_config, learn_task
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.data import history as data_history
+from dicp_ray.data import shards as data_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Overriding environment rllib-single-agent-env-v0")
 
@@ -46,7 +48,7 @@ def tiny_config(**collect):
 
 
 def shard_hashes(path) -> dict[str, str]:
-    shards = Path(path) / data.SHARD_DIR
+    shards = Path(path) / data_shards.SHARD_DIR
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shards.glob("*.arrow"))}
 
 
@@ -75,9 +77,9 @@ def test_rllib_learner_end_to_end(ray_local, tmp_path):
     """``collect.learner=rllib``: the RLlib path still writes complete, aligned, replayable histories."""
     config = tiny_config(learner="rllib")
     path = collect_histories(config, str(tmp_path / "rllib"), progress=False)
-    ds = data.HistoryDataset.open(path)
+    ds = data_history.HistoryDataset.open(path)
     assert ds.manifest["collect_config"]["learner"] == "rllib" and ds.num_histories == 3 * STREAMS
-    assert all(data.read_sidecar(path, t)["updates_aligned"] for t in ds.task_ids)
+    assert all(data_shards.read_sidecar(path, t)["updates_aligned"] for t in ds.task_ids)
     for i in range(ds.num_histories):
         assert replay_mismatches(ds.history(i), "dicp_ray/Darkroom-v0", int(ds.index["task_id"][i])) == 0
 
@@ -152,7 +154,7 @@ def test_horizon_rule_enters_the_data_fingerprint():
 
 def test_histories_are_complete_ordered_and_aligned(first_run):
     config = tiny_config()
-    ds = data.HistoryDataset.open(first_run)
+    ds = data_history.HistoryDataset.open(first_run)
     assert ds.task_ids == collection_task_ids(config) and len(ds.task_ids) == 3
     assert ds.num_histories == 3 * STREAMS
     assert ds.index["length"].tolist() == [ROLLOUT * UPDATES] * ds.num_histories
@@ -168,10 +170,10 @@ def test_histories_are_complete_ordered_and_aligned(first_run):
         last = h["step"] == HORIZON - 1
         assert np.all(np.abs(h["next_obs"][last] - h["obs"][last]).sum(axis=1) <= 1)
     manifest = ds.manifest
-    assert manifest["complete"] and manifest["schema_version"] == data.SCHEMA_VERSION
+    assert manifest["complete"] and manifest["schema_version"] == data_shards.SCHEMA_VERSION
     assert manifest["collect_config"]["num_streams"] == STREAMS and manifest["provenance"]["versions"]["ray"]
     for task_id in ds.task_ids:
-        sidecar = data.read_sidecar(first_run, task_id)
+        sidecar = data_shards.read_sidecar(first_run, task_id)
         assert sidecar["updates_aligned"] and sidecar["num_updates"] == UPDATES
         assert sidecar["curve"]["env_steps"] == [STREAMS * ROLLOUT * (u + 1) for u in range(UPDATES)]
     assert os.path.getsize(os.path.join(first_run, "source_returns.png")) > 0
@@ -179,7 +181,7 @@ def test_histories_are_complete_ordered_and_aligned(first_run):
 
 
 def test_histories_replay_exactly_in_a_fresh_env(first_run):
-    ds = data.HistoryDataset.open(first_run)
+    ds = data_history.HistoryDataset.open(first_run)
     for i in range(ds.num_histories):
         task_id = int(ds.index["task_id"][i])
         assert replay_mismatches(ds.history(i), "dicp_ray/Darkroom-v0", task_id) == 0
@@ -190,11 +192,11 @@ def test_episodes_spanning_updates_are_stitched_and_aligned(ray_local, tmp_path)
     config = tiny_config(rollout_steps=10, minibatch_size=20, env_steps_per_task=STREAMS * 40)
     sidecar = learn_task(config, 7, str(tmp_path))
     assert sidecar["updates_aligned"] and sidecar["num_updates"] == 4 and sidecar["num_rows"] == STREAMS * 40
-    assert data.read_sidecar(str(tmp_path), 7) == sidecar                  # the sidecar on disk
-    data.write_manifest(str(tmp_path), env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete",
+    assert data_shards.read_sidecar(str(tmp_path), 7) == sidecar                  # the sidecar on disk
+    data_shards.write_manifest(str(tmp_path), env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete",
                         task_ids=[7], shards=[sidecar], collect_config={}, seeds={}, provenance={},
                         fingerprint="t", complete=True)
-    ds = data.HistoryDataset.open(str(tmp_path))
+    ds = data_history.HistoryDataset.open(str(tmp_path))
     for i in range(ds.num_histories):
         h = ds.history(i)
         assert h["step"].tolist() == list(range(HORIZON)) * 2
@@ -207,10 +209,10 @@ def test_key_to_door_oracle_labels_use_the_key_state(ray_local, tmp_path):
                                            "env_steps_per_task": 400}})
     task_id = 40 * 81 + 41                                   # key on the start cell (4,4), door next to it
     sidecar = learn_task(config, task_id, str(tmp_path))
-    data.write_manifest(str(tmp_path), env_name="DarkKeyToDoor", obs_dim=2, num_actions=5,
+    data_shards.write_manifest(str(tmp_path), env_name="DarkKeyToDoor", obs_dim=2, num_actions=5,
                         action_type="discrete", task_ids=[task_id], shards=[sidecar], collect_config={},
                         seeds={}, provenance={}, fingerprint="t", complete=True)
-    ds = data.HistoryDataset.open(str(tmp_path))
+    ds = data_history.HistoryDataset.open(str(tmp_path))
     assert sum(ds.history(i)["reward"].sum() for i in range(ds.num_histories)) > 0   # some keys were found
     for i in range(ds.num_histories):
         assert replay_mismatches(ds.history(i), "dicp_ray/DarkKeyToDoor-v0", task_id) == 0
@@ -219,7 +221,7 @@ def test_key_to_door_oracle_labels_use_the_key_state(ray_local, tmp_path):
 def test_resume_recollects_only_missing_or_corrupt_shards(first_run, tmp_path):
     path = str(tmp_path / "dataset")
     shutil.copytree(first_run, path)
-    shards = Path(path) / data.SHARD_DIR
+    shards = Path(path) / data_shards.SHARD_DIR
     names = sorted(p.name for p in shards.glob("*.arrow"))
     deleted, corrupted, untouched = names
     (shards / deleted).unlink()
@@ -228,7 +230,7 @@ def test_resume_recollects_only_missing_or_corrupt_shards(first_run, tmp_path):
     (shards / corrupted).write_bytes(bytes(raw))
     (shards / f".{untouched}.tmp-1-dead").write_bytes(b"left by a killed writer")
     untouched_stat = (shards / untouched).stat()
-    assert not data.dataset_is_complete(path)
+    assert not data_shards.dataset_is_complete(path)
 
     collect_histories(tiny_config(), path, progress=False)
     assert shard_hashes(path) == shard_hashes(first_run)
@@ -236,8 +238,8 @@ def test_resume_recollects_only_missing_or_corrupt_shards(first_run, tmp_path):
     assert (after.st_ino, after.st_mtime_ns) == (untouched_stat.st_ino, untouched_stat.st_mtime_ns)
     assert (shards / corrupted).stat().st_mtime_ns > untouched_stat.st_mtime_ns
     assert not [p for p in os.listdir(shards) if ".tmp-" in p]
-    assert data.dataset_is_complete(path)
-    data.HistoryDataset.open(path)
+    assert data_shards.dataset_is_complete(path)
+    data_history.HistoryDataset.open(path)
 
 
 def test_same_seed_gives_a_byte_identical_dataset(first_run, tmp_path):
@@ -296,21 +298,21 @@ def test_sigkilled_learner_is_retried_by_ray(first_run, tmp_path):
     thread.join(timeout=180)
     assert killed and not thread.is_alive() and not errors, (killed, errors)
     assert shard_hashes(path) == shard_hashes(first_run)                  # the retry wrote the same bytes
-    data.HistoryDataset.open(path)
+    data_history.HistoryDataset.open(path)
 
 
 def test_sigkill_mid_collection_then_rerun_gives_the_clean_dataset(first_run, ray_local, tmp_path):
     path = str(tmp_path / "killed")
     config = {**TINY, "resources": {"num_cpus": 1}}          # its own local Ray: one learner at a time
-    code = ("import json, sys; from dicp_ray.config import config_from_dict; "
-            "from dicp_ray.collect import collect_histories; "
+    code = ("import json, sys; from dicp_ray.config.load import config_from_dict; "
+            "from dicp_ray.collect.driver import collect_histories; "
             "collect_histories(config_from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False)")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(config), path], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not list((Path(path) / data.SHARD_DIR).glob("*.json")):
+        while not list((Path(path) / data_shards.SHARD_DIR).glob("*.json")):
             assert proc.poll() is None, "collect exited before it could be killed"
             assert time.monotonic() < deadline, "no shard appeared within 120 s"
             time.sleep(0.2)
@@ -322,7 +324,7 @@ def test_sigkill_mid_collection_then_rerun_gives_the_clean_dataset(first_run, ra
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not data.dataset_is_complete(path)
+    assert not data_shards.dataset_is_complete(path)
     collect_histories(tiny_config(), path, progress=False)                # the same command again
     assert shard_hashes(path) == shard_hashes(first_run)
-    data.HistoryDataset.open(path)
+    data_history.HistoryDataset.open(path)

@@ -16,9 +16,13 @@ import pytest
 import torch
 
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
-from dicp_ray import data
-from dicp_ray.collect import build_learner_config, collect_histories, collection_task_ids, data_fingerprint
-from dicp_ray.config import ConfigError, config_from_dict, load_config
+from dicp_ray.collect.driver import collect_histories, collection_task_ids
+from dicp_ray.collect.fingerprint import data_fingerprint
+from dicp_ray.collect.rllib_learner import build_learner_config
+from dicp_ray.config.load import config_from_dict, load_config
+from dicp_ray.config.schema import ConfigError
+from dicp_ray.data import history as data_history
+from dicp_ray.data import shards as data_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Overriding environment rllib-single-agent-env-v0")
 
@@ -59,11 +63,11 @@ def test_shards_have_the_continuous_schema_and_replay_exactly(collected):
     algorithm, path = collected
     config = tiny_config(algorithm=algorithm)
     assert collection_task_ids(config) == [0, 50]
-    manifest = data.read_manifest(path)
+    manifest = data_shards.read_manifest(path)
     assert (manifest["action_type"], manifest["action_dim"], manifest["num_actions"]) == (
         "continuous", 4, None)
     assert (manifest["obs_dim"], manifest["env_task"], manifest["env_name"]) == (11, "reach-v3", "ML1")
-    ds = data.HistoryDataset.open(path)
+    ds = data_history.HistoryDataset.open(path)
     assert ds.is_continuous and ds.action_dim == 4 and ds.has_success and ds.num_actions is None
     schema = ds._tables[0].schema
     assert schema.field("action").type == pa.list_(pa.float32(), 4)
@@ -77,10 +81,10 @@ def test_shards_have_the_continuous_schema_and_replay_exactly(collected):
         assert np.all(np.abs(history["action"]) <= 1.0)
         assert replay_mismatches(history, int(history["task_id"][0])) == 0
     for task_id in ds.task_ids:
-        sidecar = data.read_sidecar(path, task_id)
+        sidecar = data_shards.read_sidecar(path, task_id)
         assert sidecar["updates_aligned"] and sidecar["algorithm"] == algorithm
         assert 0.0 <= sidecar["success"]["episode_success_rate"] <= 1.0
-    batch = data.WindowSampler(ds, window_len=150, seed=0).sample(8)
+    batch = data_history.WindowSampler(ds, window_len=150, seed=0).sample(8)
     assert batch["action"].shape == (8, 150, 4) and batch["action"].dtype == np.float32
     assert batch["obs"].shape == (8, 150, 11) and batch["success"].shape == (8, 150)
 
@@ -135,7 +139,7 @@ def test_the_learner_sees_metaworlds_39_dims_and_the_history_keeps_the_model_vie
     # Release: PPO / SAC observe the raw 39-dim obs (release:metaworld/collect_data.py:59) and the history stores
     # the state part (release:metaworld/alg/utils.py:25). Ours: the learner sees the same 39 numbers (current 18,
     # previous frame 18, zeroed goal 3), the recorder keeps the first 11 (the model observation).
-    from dicp_ray.collect import _EPISODES_ATTR
+    from dicp_ray.collect.rllib_learner import _EPISODES_ATTR
 
     assert tiny_config().collect.source_obs == "full"                       # the release's is the default
     for algorithm in ("ppo", "sac"):

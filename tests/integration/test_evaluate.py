@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from dicp_ray.config import config_from_dict, replace
-from dicp_ray.envs import max_returns, make_tasks
-from dicp_ray.eval_results import format_results_table, mean_ci95, metric_tag, t_critical_95
-from dicp_ray.evaluate import evaluate_in_context, run_evaluations
-from dicp_ray.checkpoints import save_checkpoint
-from dicp_ray.model import DICPTransformer, ModelSpec
+from dicp_ray.config.load import config_from_dict, replace
+from dicp_ray.envs import make_tasks, max_returns
+from dicp_ray.evaluate.episodes import evaluate_in_context, run_evaluations
+from dicp_ray.evaluate.results import format_results_table, mean_ci95, metric_tag, t_critical_95
+from dicp_ray.models.checkpoints import save_checkpoint
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.models.transformer import DICPTransformer
 
 NUM_EPISODES = 4
 

@@ -17,13 +17,15 @@ import pytest
 import torch
 
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
-from dicp_ray import data
-from dicp_ray.checkpoints import load_checkpoint
-from dicp_ray.config import ExperimentConfig, config_from_dict
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.config.schema import ExperimentConfig
+from dicp_ray.data import history, shards
+from dicp_ray.data.idt_windows import best_episode_return
 from dicp_ray.envs import split_tasks
-from dicp_ray.evaluate import evaluate_in_context
-from dicp_ray.idt import IDTTransformer, best_episode_return
-from dicp_ray.train import train_in_process
+from dicp_ray.evaluate.episodes import evaluate_in_context
+from dicp_ray.models.checkpoints import load_checkpoint
+from dicp_ray.models.idt_continuous import IDTTransformer
+from dicp_ray.train.launch import train_in_process
 
 TRAIN_IDS, TEST_IDS = split_tasks("ML1", 0)
 STREAMS, EPISODES, HORIZON = 2, 3, 100
@@ -75,8 +77,8 @@ def trained(tmp_path_factory):
         root = tmp_path_factory.mktemp("idt_ml1")
         dataset_dir, rng = str(root / "dataset"), np.random.default_rng(0)
         task_ids = TRAIN_IDS[:2]
-        sidecars = [data.write_shard(dataset_dir, t, _random_histories(t, rng), {}) for t in task_ids]
-        data.write_manifest(dataset_dir, env_name="ML1", obs_dim=11, num_actions=None, action_type="continuous",
+        sidecars = [shards.write_shard(dataset_dir, t, _random_histories(t, rng), {}) for t in task_ids]
+        shards.write_manifest(dataset_dir, env_name="ML1", obs_dim=11, num_actions=None, action_type="continuous",
                             action_dim=4, env_task="reach-v3", task_ids=task_ids, shards=sidecars, collect_config={},
                             seeds={}, provenance={}, fingerprint="idt-ml1-test", complete=True)
         path = train_in_process(_config(), dataset_dir, str(root / "train" / "split_0"), split_seed=0, device="cpu")
@@ -93,7 +95,7 @@ def test_checkpoint_is_a_continuous_idt_with_the_best_training_return_as_target(
     assert not spec.discrete_actions and (spec.num_actions, spec.obs_dim, spec.context_len) == (4, 11, 200)
     assert spec.reward_classes is None and spec.num_obs_classes is None and spec.world_model
     assert spec.return_scale == pytest.approx(1e-3)
-    train_data = data.HistoryDataset.open(dataset_dir, task_ids=payload["train_task_ids"])
+    train_data = history.HistoryDataset.open(dataset_dir, task_ids=payload["train_task_ids"])
     assert payload["train_task_ids"] == TRAIN_IDS[:2]
     assert spec.return_target == best_episode_return(train_data) > 0
 

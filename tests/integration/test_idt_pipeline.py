@@ -1,7 +1,7 @@
 """Grid IDT end to end on a tiny real Darkroom dataset: release windows, falling loss, Ray Train, IDT and DICP-IDT.
 
 The dataset holds 6 tasks (4 train + 2 test tasks of split seed 0) x 2 streams x 10 episodes acted by the
-scripted epsilon-oracle learner (dicp_ray.scripted). The in-process test needs no Ray; the Ray Train run uses
+scripted epsilon-oracle learner (dicp_ray.collect.scripted). The in-process test needs no Ray; the Ray Train run uses
 1 CPU worker, a 1-layer model and 10 steps (15-40 s on a busy 2-core box, mostly Ray start-up), then
 `evaluate_in_context` acts on all 8 test goals in policy and plan mode (DICP-IDT). (Every IDT parameter gets a gradient, so DDP with
 several workers needs no find_unused_parameters: tests/unit/test_idt.py.)
@@ -15,15 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from dicp_ray import data
-from dicp_ray.checkpoints import build_model, load_checkpoint
-from dicp_ray.config import ExperimentConfig, config_from_dict
+from dicp_ray.collect.scripted import write_scripted_dataset
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.config.schema import ExperimentConfig
+from dicp_ray.data import history
+from dicp_ray.data.idt_windows import HistoryWindowSampler
 from dicp_ray.envs import split_tasks
-from dicp_ray.evaluate import evaluate_in_context
-from dicp_ray.idt_grid import GridIDT, HistoryWindowSampler
-from dicp_ray.scripted import write_scripted_dataset
-from dicp_ray.train import (build_optimizer, make_window_sampler, model_spec_from_config, train_model, train_step,
-                            windows_to_batch)
+from dicp_ray.evaluate.episodes import evaluate_in_context
+from dicp_ray.models.checkpoints import build_model, load_checkpoint
+from dicp_ray.models.idt_grid import GridIDT
+from dicp_ray.train.batches import make_window_sampler, model_spec_from_config, windows_to_batch
+from dicp_ray.train.launch import train_model
+from dicp_ray.train.step import build_optimizer, train_step
 
 TRAIN_IDS, TEST_IDS = split_tasks("Darkroom", 0)
 
@@ -49,7 +52,7 @@ def dataset_dir(tmp_path_factory) -> str:
 @pytest.mark.parametrize("world_model", [True, False])
 def test_loss_falls_in_process(dataset_dir, world_model, one_thread):
     config = _config(model={"world_model": world_model}, num_steps=40, lr=1e-2)
-    dataset = data.HistoryDataset.open(dataset_dir, task_ids=TRAIN_IDS[:4])
+    dataset = history.HistoryDataset.open(dataset_dir, task_ids=TRAIN_IDS[:4])
     spec = model_spec_from_config(config, dataset)
     assert (spec.layout, spec.context_len, spec.block_len, spec.return_scale) == ("idt", 40, 10, 1.0)
     sampler = make_window_sampler(config, dataset, seed=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicp_ray.config import load_config
+from dicp_ray.config.load import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "tune_configs"
 
@@ -23,8 +23,8 @@ def pipeline_run(request, ray_local, tmp_path_factory):
 
 
 def test_checkpoint_is_a_continuous_world_model_of_the_train_tasks(pipeline_run):
-    from dicp_ray.checkpoints import load_checkpoint
     from dicp_ray.envs import split_tasks
+    from dicp_ray.models.checkpoints import load_checkpoint
 
     config, out, _ = pipeline_run
     model, payload = load_checkpoint(str(out / "train" / "split_0" / "model.pt"))

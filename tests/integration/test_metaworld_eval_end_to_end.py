@@ -44,8 +44,8 @@ def test_mw_eval_runs_metalearning_evaluation_end_to_end(mode, tmp_path, capsys,
 def test_mw_eval_scores_a_continuous_idt_checkpoint(mode, tmp_path, capsys, tiny_meta_world_idt_checkpoints,
                                                     one_thread):
     """The same for IDT (one IDTAgent per env): one env, 2 rounds of 2 adaptation and 2 evaluation episodes."""
-    from dicp_ray.checkpoints import load_checkpoint
     from dicp_ray.cli import main
+    from dicp_ray.models.checkpoints import load_checkpoint
 
     path, out = tiny_meta_world_idt_checkpoints["world_model"], tmp_path / "mw_eval.json"
     code = main(["mw-eval", "--checkpoint", path, "--mode", mode, "--num-evals", "2", "--adaptation-episodes", "2",

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dicp_ray.config import ConfigError, load_config
+from dicp_ray.config.load import load_config
+from dicp_ray.config.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -168,7 +169,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
 
 
 def test_a_failing_trial_does_not_stop_the_sweep(smoke_run, tmp_path, capsys):
-    from dicp_ray.config import replace
+    from dicp_ray.config.load import replace
     from dicp_ray.tune import run_sweep
 
     out, _ = smoke_run

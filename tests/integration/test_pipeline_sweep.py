@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dicp_ray.config import load_config
+from dicp_ray.config.load import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "tune_configs"
 
@@ -77,7 +77,7 @@ def test_a_failing_pipeline_fails_its_trial_with_the_log_tail(ray_local, tmp_pat
 
 
 def test_a_changed_grid_is_refused_on_resume(sweep_run):
-    from dicp_ray.config import ConfigError
+    from dicp_ray.config.schema import ConfigError
     from dicp_ray.tune import run_sweep
 
     config, out, _ = sweep_run
@@ -90,7 +90,7 @@ def test_a_changed_grid_is_refused_on_resume(sweep_run):
 
 
 def test_a_second_pipeline_on_a_directory_in_use_is_refused(tmp_path):
-    from dicp_ray.config import ConfigError
+    from dicp_ray.config.schema import ConfigError
     from dicp_ray.pipeline import exclusive_output, run_pipeline
 
     with exclusive_output(tmp_path):

@@ -1,4 +1,4 @@
-"""Population learners writing shards (dicp_ray/population_collect.py): split-independent bytes, learning.
+"""Population learners writing shards (dicp_ray/collect/population_learner.py): split-independent bytes, learning.
 
 The end-to-end ``collect_histories`` checks (complete, ordered, replayable histories, resume, SIGKILL) run
 with the population learner in tests/integration/test_collect.py, where it is the grid-world default.
@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicp_ray import data
-from dicp_ray.collect import collect_histories, data_fingerprint, resolved_learner
-from dicp_ray.config import ConfigError, config_from_dict
-from dicp_ray.population_collect import learn_population, population_sizes
+from dicp_ray.collect.driver import collect_histories
+from dicp_ray.collect.fingerprint import data_fingerprint, resolved_learner
+from dicp_ray.collect.population_learner import learn_population, population_sizes
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.config.schema import ConfigError
+from dicp_ray.data import history as data_history
+from dicp_ray.data import shards as data_shards
 
 TINY = {"env": {"name": "Darkroom", "max_train_tasks": 2, "max_test_tasks": 1},
         "collect": {"num_streams": 4, "rollout_steps": 20, "minibatch_size": 40, "num_epochs": 2,
@@ -28,7 +31,7 @@ def tiny_config(env=None, **collect):
 
 
 def shard_bytes(path) -> dict[str, str]:
-    shards = Path(path) / data.SHARD_DIR
+    shards = Path(path) / data_shards.SHARD_DIR
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shards.glob("*.arrow"))}
 
 
@@ -45,7 +48,7 @@ def test_shard_bytes_do_not_depend_on_the_population(tmp_path, env_name, rollout
     learn_population(config, [tasks[2]], str(tmp_path / "single"))
     one, two = shard_bytes(tmp_path / "one"), shard_bytes(tmp_path / "two")
     assert one == two and len(set(one.values())) == 4
-    name = data.shard_name(tasks[2]) + ".arrow"
+    name = data_shards.shard_name(tasks[2]) + ".arrow"
     assert shard_bytes(tmp_path / "single") == {name: one[name]}
 
 
@@ -56,7 +59,7 @@ def test_sidecar_curve_and_alignment(tmp_path):
     assert sidecar["curve"]["env_steps"] == [40 * (u + 1) for u in range(6)]
     # Episodes of 20 steps end on every second update of 10 steps.
     assert [r is None for r in sidecar["curve"]["return_mean"]] == [True, False] * 3
-    assert data.read_sidecar(str(tmp_path), 7) == sidecar
+    assert data_shards.read_sidecar(str(tmp_path), 7) == sidecar
     assert sidecar["fingerprint"] == data_fingerprint(config)
 
 
@@ -106,6 +109,6 @@ def test_collect_histories_resplit_gives_the_same_dataset(ray_local, tmp_path):
     one = collect_histories(tiny_config(tasks_per_population=1), str(tmp_path / "a"), progress=False)
     two = collect_histories(tiny_config(tasks_per_population=2), str(tmp_path / "b"), progress=False)
     assert shard_bytes(one) == shard_bytes(two) and len(shard_bytes(one)) == 3
-    ds = data.HistoryDataset.open(two)
+    ds = data_history.HistoryDataset.open(two)
     assert ds.manifest["collect_config"]["learner"] == "population"
     assert np.unique(ds.index["task_id"]).tolist() == ds.task_ids

@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from dicp_ray.scripted import write_scripted_dataset
-from dicp_ray import data
-from dicp_ray.checkpoints import load_checkpoint
-from dicp_ray.config import ConfigError, ExperimentConfig, config_from_dict
+from dicp_ray.collect.scripted import write_scripted_dataset
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.config.schema import ConfigError, ExperimentConfig
+from dicp_ray.data import history
 from dicp_ray.envs import cell_index, split_tasks
-from dicp_ray.model import DICPTransformer
-from dicp_ray.train import (CRASH_ENV_VAR, build_optimizer, model_spec_from_config, train_model, train_step,
-                            windows_to_batch)
+from dicp_ray.models.checkpoints import load_checkpoint
+from dicp_ray.models.transformer import DICPTransformer
+from dicp_ray.train.batches import model_spec_from_config, windows_to_batch
+from dicp_ray.train.launch import train_model
+from dicp_ray.train.runs import CRASH_ENV_VAR
+from dicp_ray.train.step import build_optimizer, train_step
 
 NUM_STREAMS, NUM_EPISODES = 2, 10
 TRAIN_IDS, TEST_IDS = split_tasks("Darkroom", 0)
@@ -87,7 +90,7 @@ def test_windows_to_batch_without_world_model_has_no_query_action():
 @pytest.mark.parametrize("variant", ["ad", "dpt"])
 def test_loss_falls_in_process(dataset_dir, variant, one_thread):
     config = _tiny_config(model={"variant": variant}, num_steps=60, lr=1e-2)
-    dataset = data.HistoryDataset.open(dataset_dir, task_ids=TRAIN_IDS[:4])
+    dataset = history.HistoryDataset.open(dataset_dir, task_ids=TRAIN_IDS[:4])
     spec = model_spec_from_config(config, dataset)
     assert (spec.obs_dim, spec.num_actions, spec.context_len, spec.obs_scale) == (2, 5, 40, 1.0)  # raw cells
     assert (spec.obs_embedding, spec.backbone) == ("cell" if variant == "ad" else "transition", "release")
@@ -95,7 +98,7 @@ def test_loss_falls_in_process(dataset_dir, variant, one_thread):
     torch.manual_seed(0)
     model = DICPTransformer(spec)
     optimizer, scheduler = build_optimizer(model, config.train)
-    sampler = data.WindowSampler(dataset, config.context_len, seed=0)
+    sampler = history.WindowSampler(dataset, config.context_len, seed=0)
     losses = []
     for _ in range(config.train.num_steps):
         batch, targets = windows_to_batch(sampler.sample(32), spec.layout, spec.world_model)
@@ -218,7 +221,7 @@ def _weights(path) -> dict:
 def test_local_group_resumes_after_a_crash_and_equals_a_lone_run(dataset_dir, tmp_path, one_thread, monkeypatch):
     """Two runs trained as one group in this process (no Ray): a crash at step 15 and a re-run continue every
     member from its step-10 checkpoint; each member then equals the same run trained alone (dropout 0)."""
-    from dicp_ray.train import train_models
+    from dicp_ray.train.launch import train_models
 
     config = _local(models_per_process=2)
     runs = [(str(tmp_path / "a"), 0), (str(tmp_path / "b"), 0)]
@@ -251,7 +254,7 @@ def test_local_group_resumes_after_a_crash_and_equals_a_lone_run(dataset_dir, tm
 @pytest.mark.ray
 def test_group_under_ray_train_equals_the_local_loop(ray_local, dataset_dir, tmp_path, fast_reports):
     """The same loop in a Ray Train worker: a group of 2 there trains each member to the local lone result."""
-    from dicp_ray.train import train_models
+    from dicp_ray.train.launch import train_models
 
     runs = [(str(tmp_path / "ray" / "split_0"), 0), (str(tmp_path / "ray" / "split_0b"), 0)]
     paths = train_models(_tiny_config(num_workers=1, models_per_process=2), dataset_dir, runs)

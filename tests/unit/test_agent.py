@@ -1,4 +1,4 @@
-"""Unit tests of dicp_ray.agent, the one in-context agent, on the real grid-world vector envs.
+"""Unit tests of dicp_ray.agents.agent, the one in-context agent, on the real grid-world vector envs.
 
 The agent driving AD and DPT (policy and plan) and IDT (policy) on a tiny checkpoint each takes exactly the actions
 of a hand-written in-context loop that calls the planner and IDTAgent directly (the loops evaluate.py had before the
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from dicp_ray.agent import HierarchicalAgent, TransformerAgent, check_agent_options, make_agent
-from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
+from dicp_ray.agents.agent import HierarchicalAgent, TransformerAgent, check_agent_options, make_agent
+from dicp_ray.agents.idt_grid import GridIDTAgent
+from dicp_ray.agents.plan import Context, PlannerSettings, plan_discrete, sample_policy_action, should_plan
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
-from dicp_ray.evaluate import run_episodes
-from dicp_ray.idt_grid_agent import GridIDTAgent
-from dicp_ray.model import ModelSpec
-from dicp_ray.plan import Context, PlannerSettings, plan_discrete, sample_policy_action, should_plan
+from dicp_ray.evaluate.episodes import run_episodes
+from dicp_ray.models.checkpoints import build_model, load_checkpoint, save_checkpoint
+from dicp_ray.models.spec import ModelSpec
 
 HORIZON, EPISODES, K = 20, 4, 40           # Darkroom: context of 2 episodes, planning from step 39 on
 SETTINGS = PlannerSettings(beam_width=3, depth=3)
@@ -79,7 +79,7 @@ def hand_written_loop(model, env, mode: str, generator) -> int:
         obs, _ = env.reset()
         for t in range(env.horizon):
             start = max(0, step - (k - 1))
-            context, query = hist.map(lambda x: x[:, start:step]), torch.as_tensor(obs, dtype=torch.float32)
+            context, query = hist.map(lambda x, start=start, step=step: x[:, start:step]), torch.as_tensor(obs, dtype=torch.float32)
             if mode == "plan" and should_plan(SETTINGS, k, step, t, env.horizon, discrete=True):  # release: step >= k
                 action = plan_discrete(model, context, query, torch.full((N,), env.horizon - t), OBS_TABLE, SETTINGS,
                                        generator)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dicp_ray.config import META_WORLD_TASKS, ConfigError, config_from_dict, load_config, replace
+from dicp_ray.config.load import config_from_dict, load_config, replace
+from dicp_ray.config.schema import META_WORLD_TASKS, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "tune_configs"
@@ -162,7 +163,7 @@ def test_base_include_merges_sections(tmp_path):
 
 def test_config_env_table_agrees_with_the_envs():
     # config.py stays import-light (no gymnasium), so it keeps its own small copy of the env table.
-    from dicp_ray.config import GRID_ENVS
+    from dicp_ray.config.schema import GRID_ENVS
     from dicp_ray.envs import GRID_SPECS
 
     for name, (num_tasks, horizon, ratio, depth) in GRID_ENVS.items():
@@ -181,7 +182,7 @@ def test_envs_command_prints_random_and_oracle_returns():
 
 
 def test_pipeline_sweep_trials_get_the_papers_meta_world_budgets():
-    from dicp_ray.config import sweep_points, trial_config
+    from dicp_ray.config.load import sweep_points, trial_config
 
     config = load_config(CONFIGS / "ml1_all.yaml")
     points = sweep_points(config.sweep.grid)

@@ -10,7 +10,7 @@ import pyarrow.ipc as ipc
 import pytest
 import torch
 
-from dicp_ray import data
+from dicp_ray.data import history, shards
 
 STREAMS, EPISODES, HORIZON = 3, 4, 5
 
@@ -31,8 +31,8 @@ def make_columns(task_id: int, streams: int = STREAMS, episodes: int = EPISODES)
 
 def make_dataset(root, task_ids=(3, 7), complete=True) -> str:
     path = str(root / "dataset")
-    sidecars = [data.write_shard(path, t, make_columns(t), {"note": "synthetic"}) for t in task_ids]
-    data.write_manifest(path, env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete",
+    sidecars = [shards.write_shard(path, t, make_columns(t), {"note": "synthetic"}) for t in task_ids]
+    shards.write_manifest(path, env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete",
                         task_ids=list(task_ids), shards=sidecars, collect_config={},
                         seeds={"collect_seed": 0}, provenance={}, fingerprint="unit", complete=complete)
     return path
@@ -51,7 +51,7 @@ def test_write_shard_roundtrip_and_sidecar(tmp_path):
     assert table.schema.field("action").type == pa.int64()
     assert table.schema.field("stream").type == pa.int32()
 
-    ds = data.HistoryDataset.open(path)
+    ds = history.HistoryDataset.open(path)
     assert ds.env_name == "Darkroom" and ds.obs_dim == 2 and ds.num_actions == 5
     assert ds.task_ids == [3, 7] and ds.num_histories == 2 * STREAMS
     expected = make_columns(7)
@@ -67,23 +67,23 @@ def test_write_shard_roundtrip_and_sidecar(tmp_path):
 def test_write_shard_rejects_unsorted_or_incomplete_columns(tmp_path):
     cols = make_columns(0)
     with pytest.raises(ValueError, match="missing"):
-        data.write_shard(str(tmp_path), 0, {k: v for k, v in cols.items() if k != "reward"}, {})
+        shards.write_shard(str(tmp_path), 0, {k: v for k, v in cols.items() if k != "reward"}, {})
     shuffled = {k: v[::-1] for k, v in cols.items()}
     with pytest.raises(ValueError, match="sorted"):
-        data.write_shard(str(tmp_path), 0, shuffled, {})
+        shards.write_shard(str(tmp_path), 0, shuffled, {})
 
 
 def test_shard_bytes_are_deterministic(tmp_path):
-    a = data.write_shard(str(tmp_path / "a"), 5, make_columns(5), {})
-    b = data.write_shard(str(tmp_path / "b"), 5, make_columns(5), {})
+    a = shards.write_shard(str(tmp_path / "a"), 5, make_columns(5), {})
+    b = shards.write_shard(str(tmp_path / "b"), 5, make_columns(5), {})
     assert a["sha256"] == b["sha256"]
-    assert data.shard_is_valid(str(tmp_path / "a"), 5)
+    assert shards.shard_is_valid(str(tmp_path / "a"), 5)
 
 
 def test_window_sampler_shapes_consecutive_and_within_one_history(tmp_path):
-    ds = data.HistoryDataset.open(make_dataset(tmp_path))
+    ds = history.HistoryDataset.open(make_dataset(tmp_path))
     k = 7
-    batch = data.WindowSampler(ds, window_len=k, seed=0).sample(256)
+    batch = history.WindowSampler(ds, window_len=k, seed=0).sample(256)
     assert batch["obs"].shape == (256, k, 2) and batch["obs"].dtype == np.float32
     assert batch["next_obs"].shape == (256, k, 2) and batch["next_obs"].dtype == np.float32
     assert batch["action"].shape == (256, k) and batch["action"].dtype == np.int64
@@ -101,20 +101,20 @@ def test_window_sampler_shapes_consecutive_and_within_one_history(tmp_path):
 
 
 def test_window_sampler_is_deterministic_and_rejects_long_windows(tmp_path):
-    ds = data.HistoryDataset.open(make_dataset(tmp_path))
-    a = data.WindowSampler(ds, 5, seed=1).sample(32)
-    b = data.WindowSampler(ds, 5, seed=1).sample(32)
-    c = data.WindowSampler(ds, 5, seed=2).sample(32)
+    ds = history.HistoryDataset.open(make_dataset(tmp_path))
+    a = history.WindowSampler(ds, 5, seed=1).sample(32)
+    b = history.WindowSampler(ds, 5, seed=1).sample(32)
+    c = history.WindowSampler(ds, 5, seed=2).sample(32)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     assert not np.array_equal(a["obs"], c["obs"])
     with pytest.raises(ValueError, match="window"):
-        data.WindowSampler(ds, EPISODES * HORIZON + 1, seed=0)
+        history.WindowSampler(ds, EPISODES * HORIZON + 1, seed=0)
 
 
 def test_window_batches_in_dataloader_workers(tmp_path):
     path = make_dataset(tmp_path)
-    loader = torch.utils.data.DataLoader(data.WindowBatches(path, window_len=4, batch_size=8, seed=0),
+    loader = torch.utils.data.DataLoader(history.WindowBatches(path, window_len=4, batch_size=8, seed=0),
                                          batch_size=None, num_workers=0)
     batch = next(iter(loader))
     assert batch["obs"].shape == (8, 4, 2) and batch["action"].dtype == torch.int64
@@ -127,30 +127,30 @@ def test_corrupt_shard_is_detected(tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"corrupt shard .*task_00007.arrow.*re-run"):
-        data.HistoryDataset.open(path)
-    assert not data.shard_is_valid(path, 7) and data.shard_is_valid(path, 3)
-    data.HistoryDataset.open(path, task_ids=[3])                       # only opened shards are verified
-    data.HistoryDataset.open(path, verify=False)
+        history.HistoryDataset.open(path)
+    assert not shards.shard_is_valid(path, 7) and shards.shard_is_valid(path, 3)
+    history.HistoryDataset.open(path, task_ids=[3])                       # only opened shards are verified
+    history.HistoryDataset.open(path, verify=False)
 
 
 def test_partial_datasets_give_clear_errors(tmp_path):
     path = make_dataset(tmp_path)
     os.remove(tmp_path / "dataset/manifest.json")
     with pytest.raises(FileNotFoundError, match="dicp-ray collect"):
-        data.HistoryDataset.open(path)
-    assert not data.dataset_is_complete(path)
+        history.HistoryDataset.open(path)
+    assert not shards.dataset_is_complete(path)
 
     path = make_dataset(tmp_path, complete=False)
     with pytest.raises(ValueError, match="partial dataset"):
-        data.HistoryDataset.open(path)
-    assert not data.dataset_is_complete(path)
+        history.HistoryDataset.open(path)
+    assert not shards.dataset_is_complete(path)
 
     path = make_dataset(tmp_path)
-    assert data.dataset_is_complete(path)
+    assert shards.dataset_is_complete(path)
     os.remove(tmp_path / "dataset/shards/task_00003.arrow")
     with pytest.raises(ValueError, match="partial dataset.*task_00003"):
-        data.HistoryDataset.open(path)
-    assert not data.dataset_is_complete(path)
+        history.HistoryDataset.open(path)
+    assert not shards.dataset_is_complete(path)
 
 
 def test_foreign_or_newer_datasets_are_rejected(tmp_path):
@@ -159,35 +159,35 @@ def test_foreign_or_newer_datasets_are_rejected(tmp_path):
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "schema_version": 99}))
     with pytest.raises(ValueError, match="schema_version"):
-        data.HistoryDataset.open(path)
+        history.HistoryDataset.open(path)
     manifest_path.write_text(json.dumps({"some": "other tool"}))
     with pytest.raises(ValueError, match="not a dicp_ray dataset"):
-        data.HistoryDataset.open(path)
+        history.HistoryDataset.open(path)
 
 
 def test_requested_task_ids_restrict_the_dataset(tmp_path):
     path = make_dataset(tmp_path, task_ids=(3, 7, 11))
-    ds = data.HistoryDataset.open(path, task_ids=[11, 3])
+    ds = history.HistoryDataset.open(path, task_ids=[11, 3])
     assert ds.task_ids == [11, 3] and set(ds.index["task_id"].tolist()) == {3, 11}
-    batch = data.WindowSampler(ds, 3, seed=0).sample(64)
+    batch = history.WindowSampler(ds, 3, seed=0).sample(64)
     assert set(batch["task_id"].tolist()) <= {3, 11}
     with pytest.raises(ValueError, match=r"task ids \[5, 9\]"):
-        data.HistoryDataset.open(path, task_ids=[3, 5, 9])
+        history.HistoryDataset.open(path, task_ids=[3, 5, 9])
 
 
 def test_remove_shard_deletes_leftovers(tmp_path):
     path = make_dataset(tmp_path)
-    shards = tmp_path / "dataset/shards"
-    (shards / ".task_00003.arrow.tmp-123-abcd").write_bytes(b"half")
-    data.remove_shard(path, 3)
-    assert sorted(os.listdir(shards)) == ["task_00007.arrow", "task_00007.json"]
-    assert data.read_sidecar(path, 3) is None and not data.shard_is_valid(path, 3)
+    shard_dir = tmp_path / "dataset/shards"
+    (shard_dir / ".task_00003.arrow.tmp-123-abcd").write_bytes(b"half")
+    shards.remove_shard(path, 3)
+    assert sorted(os.listdir(shard_dir)) == ["task_00007.arrow", "task_00007.json"]
+    assert shards.read_sidecar(path, 3) is None and not shards.shard_is_valid(path, 3)
 
 
 def test_memory_maps_hold_no_file_descriptors(tmp_path):
     """Thousands of shards (Key-to-Door: 6,561) must not exhaust the descriptor limit."""
     path = make_dataset(tmp_path, task_ids=tuple(range(20)))
     before = len(os.listdir("/proc/self/fd"))
-    ds = data.HistoryDataset.open(path)
+    ds = history.HistoryDataset.open(path)
     assert len(os.listdir("/proc/self/fd")) == before
-    assert data.WindowSampler(ds, 4, seed=0).sample(8)["obs"].shape == (8, 4, 2)
+    assert history.WindowSampler(ds, 4, seed=0).sample(8)["obs"].shape == (8, 4, 2)

@@ -296,7 +296,7 @@ def test_spec_table():
     assert [GRID_SPECS[n].default_plan_depth for n in NAMES] == [8, 16, 16]
     assert [GRID_SPECS[n].horizon for n in NAMES] == [20, 50, 50]
     assert [GRID_SPECS[n].num_tasks for n in NAMES] == [81, 6561, 120]
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         GRID_SPECS["Darkroom"].horizon = 3  # frozen
 
 

@@ -1,4 +1,4 @@
-"""Grid-world IDT as the release trains it (dicp_ray/idt_grid.py) and acts / plans (dicp_ray/idt_grid_agent.py)."""
+"""Grid-world IDT as the release trains it (dicp_ray/models/idt_grid.py) and acts / plans (dicp_ray/agents/idt_grid.py)."""
 from __future__ import annotations
 
 import itertools
@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from dicp_ray import data
-from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
-from dicp_ray.config import config_from_dict, load_config
-from dicp_ray.idt_grid import GridIDT, HistoryWindowSampler, sort_history
-from dicp_ray.idt_grid_agent import GridIDTAgent, beam_search
-from dicp_ray.model import DICPTransformer, ModelSpec
-from dicp_ray.train import TRAIN_TAGS, windows_to_batch
+from dicp_ray.agents.idt_grid import GridIDTAgent, beam_search
+from dicp_ray.config.load import config_from_dict, load_config
+from dicp_ray.data import history, shards
+from dicp_ray.data.idt_windows import HistoryWindowSampler, sort_history
+from dicp_ray.models.checkpoints import build_model, load_checkpoint, save_checkpoint
+from dicp_ray.models.idt_grid import GridIDT
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.models.transformer import DICPTransformer
+from dicp_ray.train.batches import windows_to_batch
+from dicp_ray.train.step import TRAIN_TAGS
 
 SMALL = dict(layout="idt", num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, context_len=40, block_len=10,
              z_dim=4, return_scale=1.0, reward_max=1.0, dropout=0.0, attn_dropout=0.0)
@@ -78,8 +81,8 @@ def _write_history(path: str) -> None:
                "obs": obs, "action": np.arange(n) % 5, "reward": REWARDS, "next_obs": obs + [0, 1],
                "terminated": np.zeros(n, bool), "truncated": np.arange(n) % 3 == 2,
                "optimal_action": np.zeros(n, np.int64)}
-    sidecar = data.write_shard(path, 7, columns, {})
-    data.write_manifest(path, env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete", task_ids=[7],
+    sidecar = shards.write_shard(path, 7, columns, {})
+    shards.write_manifest(path, env_name="Darkroom", obs_dim=2, num_actions=5, action_type="discrete", task_ids=[7],
                         shards=[sidecar], collect_config={}, seeds={}, provenance={}, fingerprint="hand",
                         complete=True)
 
@@ -87,7 +90,7 @@ def _write_history(path: str) -> None:
 def test_history_windows_start_anywhere_in_the_sorted_history(tmp_path):
     path = str(tmp_path / "ds")
     _write_history(path)
-    sampler = HistoryWindowSampler(data.HistoryDataset.open(path), window_len=4, horizon=3, seed=0)
+    sampler = HistoryWindowSampler(history.HistoryDataset.open(path), window_len=4, horizon=3, seed=0)
     w = sampler.sample(400)
     expected = {start: (SORTED_ROWS[start:start + 4], SORTED_RTG[start:start + 4]) for start in range(9)}
     seen = set()
@@ -99,7 +102,7 @@ def test_history_windows_start_anywhere_in_the_sorted_history(tmp_path):
         np.testing.assert_array_equal(action, expected[start[0]][0] % 5)
         seen.add(start[0])
     assert seen == set(range(9))                                     # every start, episode-straddling ones too
-    again = HistoryWindowSampler(data.HistoryDataset.open(path), 4, 3, seed=0).sample(400)
+    again = HistoryWindowSampler(history.HistoryDataset.open(path), 4, 3, seed=0).sample(400)
     np.testing.assert_array_equal(again["obs"], w["obs"])            # deterministic for a seed
     batch, targets = windows_to_batch(w, "idt", world_model=True)
     assert batch["ctx_obs"].dtype == torch.long and batch["ctx_obs"].shape == (400, 4)
@@ -107,7 +110,7 @@ def test_history_windows_start_anywhere_in_the_sorted_history(tmp_path):
     torch.testing.assert_close(targets["target_next_obs"], batch["ctx_obs"] + 1)
     torch.testing.assert_close(batch["ctx_return_to_go"], torch.as_tensor(w["return_to_go"]))
     with pytest.raises(ValueError, match="whole 4-step episodes"):
-        HistoryWindowSampler(data.HistoryDataset.open(path), 4, 4, seed=0)
+        HistoryWindowSampler(history.HistoryDataset.open(path), 4, 4, seed=0)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -247,7 +250,7 @@ def test_wide_beams_find_the_best_predicted_return_of_every_action_sequence():
 
 def test_dicp_idt_evaluates_in_plan_mode_on_darkroom(tmp_path):
     """A tiny random DICP-IDT checkpoint runs `dicp-ray evaluate`'s plan mode on Darkroom's test tasks."""
-    from dicp_ray.evaluate import _check_compatible, evaluate_in_context
+    from dicp_ray.evaluate.episodes import _check_compatible, evaluate_in_context
 
     config = config_from_dict({"env": {"name": "Darkroom", "max_test_tasks": 2},
                                "model": {"variant": "idt", "context_episodes": 2, "num_layers": 1, "num_heads": 2,
@@ -303,7 +306,7 @@ def test_darkroom_idt_config_is_the_releases_and_plans():
 
 
 def test_run_identity_marks_the_grid_idt_format():
-    from dicp_ray.train import run_identity
+    from dicp_ray.train.runs import run_identity
 
     idt = config_from_dict({"model": {"variant": "idt"}}).to_dict()
     ad = config_from_dict({}).to_dict()

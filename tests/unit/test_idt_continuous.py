@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from dicp_ray import data
-from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
-from dicp_ray.config import ConfigError, config_from_dict, load_config
-from dicp_ray.idt import EpisodeWindowSampler, IDTAgent, IDTTransformer, best_episode_return, relabel_windows
-from dicp_ray.model import LOG_STD_MAX, LOG_STD_MIN, ModelSpec
-from dicp_ray.train import model_spec_from_config, windows_to_batch
+from dicp_ray.agents.idt_continuous import IDTAgent
+from dicp_ray.config.load import config_from_dict, load_config
+from dicp_ray.config.schema import ConfigError
+from dicp_ray.data import history, shards
+from dicp_ray.data.idt_windows import EpisodeWindowSampler, best_episode_return, relabel_windows
+from dicp_ray.models.checkpoints import build_model, load_checkpoint, save_checkpoint
+from dicp_ray.models.idt_continuous import IDTTransformer
+from dicp_ray.models.spec import LOG_STD_MAX, LOG_STD_MIN, ModelSpec
+from dicp_ray.train.batches import model_spec_from_config, windows_to_batch
 
 D, A, H = 5, 3, 20                      # obs dim, action dim, episode length of the synthetic data
 SMALL = dict(layout="idt", discrete_actions=False, num_actions=A, obs_dim=D, num_obs_classes=None,
@@ -214,8 +217,8 @@ def write_continuous_dataset(path: str, task_ids, num_streams=2, num_episodes=4,
                 "truncated": np.tile(np.arange(horizon) == horizon - 1, n // horizon),
                 "success": (reward > 9).astype(np.float32)}
         returns += list(reward.astype(np.float64).reshape(-1, horizon).sum(1))
-        sidecars.append(data.write_shard(path, task_id, cols, {}))
-    data.write_manifest(path, env_name="ML1", obs_dim=D, num_actions=None, action_type="continuous", action_dim=A,
+        sidecars.append(shards.write_shard(path, task_id, cols, {}))
+    shards.write_manifest(path, env_name="ML1", obs_dim=D, num_actions=None, action_type="continuous", action_dim=A,
                         env_task="reach-v3", task_ids=list(task_ids), shards=sidecars, collect_config={}, seeds={},
                         provenance={}, fingerprint="test", complete=True)
     return returns
@@ -224,7 +227,7 @@ def write_continuous_dataset(path: str, task_ids, num_streams=2, num_episodes=4,
 def test_episode_windows_best_return_and_model_spec_on_continuous_data(tmp_path):
     path = str(tmp_path / "ds")
     returns = write_continuous_dataset(path, [0, 1, 50])
-    train = data.HistoryDataset.open(path, task_ids=[0, 1])
+    train = history.HistoryDataset.open(path, task_ids=[0, 1])
     assert train.is_continuous and train.action_dim == A
     w = EpisodeWindowSampler(train, num_episodes=2, horizon=H, seed=0).sample(8)
     assert w["action"].shape == (8, 2 * H, A) and w["reward"].dtype == np.float32
@@ -234,7 +237,7 @@ def test_episode_windows_best_return_and_model_spec_on_continuous_data(tmp_path)
     assert torch.isfinite(model(batch, targets)[1]["loss"])
     best_train = max(returns[: 2 * 2 * 4])                                 # the first two tasks' episodes
     assert best_episode_return(train) == pytest.approx(best_train, rel=1e-12)
-    assert best_episode_return(data.HistoryDataset.open(path)) == pytest.approx(max(returns), rel=1e-12)
+    assert best_episode_return(history.HistoryDataset.open(path)) == pytest.approx(max(returns), rel=1e-12)
     config = config_from_dict({"env": {"name": "ML1", "task": "reach-v3"},
                                "model": {"variant": "idt", "context_episodes": 2, "num_heads": 4, "embed_dim": 32,
                                          "mlp_dim": 128}, "train": {"lr": 1e-3}, "eval": {"modes": ["policy"]}})
@@ -347,7 +350,8 @@ def test_plan_action_picks_the_candidate_with_the_best_predicted_reward():
 
 # ------------------------------------------------------------------------------------------ config / evaluate
 def test_ml1_reach_2core_idt_config_reuses_the_ml1_reach_2core_dataset():
-    from dicp_ray.collect import collection_task_ids, data_fingerprint
+    from dicp_ray.collect.driver import collection_task_ids
+    from dicp_ray.collect.fingerprint import data_fingerprint
 
     config = load_config(REPO / "tune_configs" / "ml1_reach_2core_idt.yaml")
     base = load_config(REPO / "tune_configs" / "ml1_reach_2core.yaml")
@@ -368,8 +372,8 @@ def test_idt_plans_on_meta_world_only_and_at_depth_1():
     grid = config_from_dict({**meta, "env": {"name": "Darkroom"}, "plan": {"depth": 2}})  # grid IDT: any depth
     assert grid.eval.modes == ("policy", "plan")
 
-    from dicp_ray.eval_results import method_label
-    from dicp_ray.evaluate import _check_compatible
+    from dicp_ray.evaluate.episodes import _check_compatible
+    from dicp_ray.evaluate.results import method_label
 
     payload = {"env_name": "ML1", "variant": "idt", "config": {"env": {"task": "reach-v3"}}}
     _check_compatible(payload, make_model().spec, config, "plan", "model.pt")          # fine

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import dicp_ray.envs as E
-from dicp_ray.config import META_WORLD_TASKS, ConfigError, config_from_dict
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.config.schema import META_WORLD_TASKS, ConfigError
 from dicp_ray.envs import meta_world as M
 from dicp_ray.envs import meta_world_tasks
 
@@ -254,7 +255,7 @@ def test_run_directories_recorded_before_the_meta_world_keys_still_resume(tmp_pa
 
 
 def test_config_meta_world_table_agrees_with_the_envs():
-    from dicp_ray.config import META_WORLD_ENVS
+    from dicp_ray.config.schema import META_WORLD_ENVS
 
     for name, (num_tasks, horizon, ratio, depth) in META_WORLD_ENVS.items():
         train, test = M.split_tasks(name, 0)

@@ -1,4 +1,4 @@
-"""Unit tests of dicp_ray.metaworld_eval (the adapter to metaworld.evaluation) on real MuJoCo, tiny scale.
+"""Unit tests of dicp_ray.evaluate.metaworld (the adapter to metaworld.evaluation) on real MuJoCo, tiny scale.
 
 Checks that Meta-World's test goals for split seed s are our test ids of split s with the same observations
 and dynamics, that the agent's contexts hold exactly what our env records (rewards from Timestep at the right
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from dicp_ray import metaworld_agent as MWA
-from dicp_ray import metaworld_eval as MWE
-from dicp_ray.agent import make_agent as make_in_context_agent
-from dicp_ray.checkpoints import load_checkpoint
+from dicp_ray.agents.agent import make_agent as make_in_context_agent
+from dicp_ray.agents.plan import Context, PlannerSettings
 from dicp_ray.envs.meta_world import ML1Env
-from dicp_ray.plan import Context, PlannerSettings
+from dicp_ray.evaluate import metaworld as MWE
+from dicp_ray.evaluate import metaworld_adapter as MWA
+from dicp_ray.models.checkpoints import load_checkpoint
 
 
 def make_test_envs(task: str, split_seed: int, meta_batch_size: int, steps: int):
@@ -61,7 +61,7 @@ def test_metaworld_test_goals_are_our_test_ids_with_identical_observations(task,
             np.testing.assert_array_equal(mw_env.unwrapped._target_pos, env.meta_world_env._target_pos)  # goal
             np.testing.assert_array_equal(mw_env.unwrapped._get_pos_objects(), env.meta_world_env._get_pos_objects())
         rng = np.random.default_rng(split_seed)
-        for t in range(25):                                   # across the 20-step truncation (SAME_STEP reset)
+        for _t in range(25):                                   # across the 20-step truncation (SAME_STEP reset)
             action = np.clip(rng.uniform(-1.5, 1.5, (2, 4)), -1, 1).astype(np.float32)
             obs, reward, _, truncated, info = envs.step(action)
             for i, env in enumerate(ours):
@@ -166,7 +166,7 @@ def test_eval_phase_reward_tokens_reset_and_init(eval_reward, tiny_meta_world_ch
     np.testing.assert_array_equal(frozen[1]["reward"], [1, 11, 21, 31, 41, 51])
     agent.reset(np.ones(n, bool))
     contexts, queries, actions = [], [], []
-    for t in range(3):                                               # an evaluation episode
+    for _t in range(3):                                               # an evaluation episode
         queries.append(obs[0, :11].astype(np.float32))
         actions.append(agent.eval_action(obs)[0])
         contexts.append(agent.context(0))                            # what action t was chosen with
@@ -246,7 +246,7 @@ def test_agent_acts_exactly_like_evaluate_run_episodes(mode, second_half, tiny_m
     import gymnasium
 
     from dicp_ray.envs import meta_world
-    from dicp_ray.evaluate import run_episodes
+    from dicp_ray.evaluate.episodes import run_episodes
 
     model, horizon, steps = load(tiny_meta_world_checkpoints["world_model"]), 150, 300
     settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
@@ -308,7 +308,7 @@ def test_idt_agent_acts_exactly_like_evaluate_run_episodes(mode, second_half, ti
     import gymnasium
 
     from dicp_ray.envs import meta_world
-    from dicp_ray.evaluate import run_episodes
+    from dicp_ray.evaluate.episodes import run_episodes
 
     model, horizon, steps = load(tiny_meta_world_idt_checkpoints["world_model"]), 100, 170
     settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
@@ -342,7 +342,7 @@ def test_idt_agent_acts_exactly_like_evaluate_run_episodes(mode, second_half, ti
                                              ("no_world_model", "zero")])
 def test_idt_eval_phase_frozen_context_reward_tokens_and_reset(key, eval_reward, tiny_meta_world_idt_checkpoints,
                                                               one_thread):
-    from dicp_ray.idt import IDTAgent
+    from dicp_ray.agents.idt_continuous import IDTAgent
 
     model, rng, n, horizon = load(tiny_meta_world_idt_checkpoints[key]), np.random.default_rng(0), 2, 20
     agent = MWA.MetaWorldIDTAgent(model, horizon=horizon, eval_reward=eval_reward, seed=0)
@@ -460,9 +460,9 @@ def no_envs(monkeypatch):
 
 
 def grid_checkpoint(tmp_path, layout: str) -> str:
-    from dicp_ray.checkpoints import build_model, save_checkpoint
-    from dicp_ray.config import config_from_dict
-    from dicp_ray.model import ModelSpec
+    from dicp_ray.config.load import config_from_dict
+    from dicp_ray.models.checkpoints import build_model, save_checkpoint
+    from dicp_ray.models.spec import ModelSpec
 
     spec = ModelSpec(layout=layout, obs_dim=2, num_actions=5, context_len=20, num_layers=1, num_heads=2,
                      embed_dim=8, mlp_dim=16, block_len=10)

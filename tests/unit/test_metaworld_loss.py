@@ -14,11 +14,14 @@ import types
 import pytest
 import torch
 
-from dicp_ray.config import ConfigError, load_config
-from dicp_ray.checkpoints import build_model, load_checkpoint, save_checkpoint
-from dicp_ray.model import ModelSpec, _gaussian_nll
-from dicp_ray.plan import PlannerSettings, plan_continuous, sample_policy_action, should_plan_continuous
-from dicp_ray.train import model_spec_from_config, run_identity
+from dicp_ray.agents.plan import PlannerSettings, plan_continuous, sample_policy_action, should_plan_continuous
+from dicp_ray.config.load import load_config
+from dicp_ray.config.schema import ConfigError
+from dicp_ray.models.checkpoints import build_model, load_checkpoint, save_checkpoint
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.models.transformer import _gaussian_nll
+from dicp_ray.train.batches import model_spec_from_config
+from dicp_ray.train.runs import run_identity
 
 META_WORLD = types.SimpleNamespace(is_continuous=True, obs_dim=11, action_dim=4)   # what the dataset reports
 SMALL = ["model.num_layers=1", "model.num_heads=2", "model.embed_dim=16", "model.mlp_dim=32",
@@ -155,7 +158,7 @@ def test_continuous_planning_starts_at_the_releases_step(second_half_only):
 
 
 def test_evaluate_refuses_deep_search_on_a_checkpoint_without_next_obs_head(tmp_path):
-    from dicp_ray.evaluate import _check_compatible
+    from dicp_ray.evaluate.episodes import _check_compatible
 
     config = ml1(*SMALL, "model.next_obs_loss=true", "plan.depth=2")      # a config that allows depth 2 ...
     reward_only = model_spec_from_config(ml1(*SMALL), META_WORLD)         # ... and a checkpoint that cannot

@@ -1,4 +1,4 @@
-"""Unit tests for dicp_ray.model: shapes, causality, KV cache exactness, losses, checkpoints."""
+"""Unit tests for dicp_ray.models.transformer: shapes, causality, KV cache exactness, losses, checkpoints."""
 import dataclasses
 import math
 import os
@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
-from dicp_ray.checkpoints import load_checkpoint, save_checkpoint
-from dicp_ray.model import DICPTransformer, KVCache, ModelSpec, count_parameters, flops_per_token
+from dicp_ray.models.blocks import KVCache
+from dicp_ray.models.checkpoints import load_checkpoint, save_checkpoint
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.models.transformer import DICPTransformer, count_parameters, flops_per_token
 
 SMALL = dict(num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, context_len=8)
 
@@ -333,7 +335,7 @@ def test_bad_checkpoints(tmp_path):
 
 
 def test_spec_validation():
-    assert ModelSpec(layout="idt").layout == "idt"  # dicp_ray.idt.IDTTransformer (tests/unit/test_idt.py)
+    assert ModelSpec(layout="idt").layout == "idt"  # dicp_ray.models.idt_continuous.IDTTransformer (tests/unit/test_idt.py)
     with pytest.raises(ValueError):
         ModelSpec(layout="foo")
     with pytest.raises(ValueError):
@@ -357,8 +359,8 @@ def test_parameter_and_flop_counts():
 # ----------------------------------------------------------------------------- release tokens and backbone
 def test_grid_defaults_follow_the_release():
     """What model_spec_from_config builds for Darkroom AD / DPT: the release's query token and backbone."""
-    from dicp_ray.config import config_from_dict
-    from dicp_ray.train import model_spec_from_config
+    from dicp_ray.config.load import config_from_dict
+    from dicp_ray.train.batches import model_spec_from_config
 
     class Data:  # the two facts model_spec_from_config reads from a grid dataset
         obs_dim, num_actions = 2, 5
@@ -466,7 +468,7 @@ def _reference_attention(q, k, v, keep, p):
 def test_attention_dropout_path_equals_the_written_out_maths(monkeypatch):
     """CausalAttentionDropout (the CPU training path with attn_dropout > 0) against plain autograd with the same
     keep masks (recorded per query block), forward and all three gradients, in float64."""
-    from dicp_ray import attention
+    from dicp_ray.models import attention
 
     p, drawn = 0.3, []
     original = attention._keep_mask
@@ -488,7 +490,7 @@ def test_attention_dropout_path_equals_the_written_out_maths(monkeypatch):
 
 
 def test_keep_mask_drops_at_rate_p():
-    from dicp_ray.attention import _keep_mask
+    from dicp_ray.models.attention import _keep_mask
 
     torch.manual_seed(0)
     keep = _keep_mask(torch.Size([1000, 1001]), 0.1, "cpu")     # odd size: the last 32-bit half is cut off
@@ -499,7 +501,7 @@ def test_keep_mask_drops_at_rate_p():
 def test_training_with_attention_dropout_uses_the_fast_path_equal_to_sdpa_as_p_goes_to_0(monkeypatch):
     """The model in train mode with attn_dropout > 0 on CPU goes through CausalAttentionDropout; with p -> 0 it
     equals SDPA (same model, same inputs)."""
-    import dicp_ray.attention as attention
+    from dicp_ray.models import attention
 
     spec = ModelSpec(context_len=8, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16, dropout=0.0,
                      attn_dropout=1e-12)
@@ -530,8 +532,8 @@ def _release_grid_parameter_shapes(layout: str, E: int = 32, A: int = 5, D: int 
 def test_grid_query_action_token_is_the_releases_embedding_table(layout):
     """Issue #23: the release embeds the query action with nn.Embedding(5, 32): no bias, N(0, 1) init (std ~1.0,
     not a Linear's ~0.37 over a one-hot), so training and the gradient-clip norm see the same parameters."""
-    from dicp_ray.config import config_from_dict
-    from dicp_ray.train import model_spec_from_config
+    from dicp_ray.config.load import config_from_dict
+    from dicp_ray.train.batches import model_spec_from_config
 
     class Data:
         obs_dim, num_actions = 2, 5

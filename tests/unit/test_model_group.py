@@ -1,16 +1,21 @@
-"""Stacked training of several models (dicp_ray.model_group): a model trained in a group equals it trained alone."""
+"""Stacked training of several models (dicp_ray.train.model_group): a model trained in a group equals it trained alone."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from dicp_ray.config import config_from_dict
-from dicp_ray.checkpoints import build_model
-from dicp_ray.model import ModelSpec
-from dicp_ray.model_group import (ModelGroup, StackedEmbedding, member_optimizer_state, stack_models,
-                                  stack_optimizer_states)
-from dicp_ray.train import windows_to_batch
+from dicp_ray.config.load import config_from_dict
+from dicp_ray.models.checkpoints import build_model
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.train.batches import windows_to_batch
+from dicp_ray.train.model_group import (
+    ModelGroup,
+    StackedEmbedding,
+    member_optimizer_state,
+    stack_models,
+    stack_optimizer_states,
+)
 
 
 def _train_config(**kw):
@@ -149,7 +154,7 @@ def test_stacking_refuses_unknown_parameter_holders():
 def test_stacked_forward_equals_each_members_own_forward(layout):
     """Eval mode (deterministic: IDT uses its decisions' means): the stacked module on the concatenated batch gives
     every member exactly its own model's predictions, for the plain and the hierarchical (IDT) Transformer."""
-    from dicp_ray.model_group import concat_batches, split_rows
+    from dicp_ray.train.model_group import concat_batches, split_rows
 
     if layout == "idt":  # 4 blocks of 10 steps, as tests/unit/test_idt.py's small model
         spec = ModelSpec(layout="idt", num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32, context_len=40,

@@ -1,4 +1,4 @@
-"""Unit tests for dicp_ray.plan: determinism, cached == reference, greedy reduction, oracle Darkroom."""
+"""Unit tests for dicp_ray.agents.plan: determinism, cached == reference, greedy reduction, oracle Darkroom."""
 import math
 from dataclasses import dataclass
 
@@ -7,9 +7,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dicp_ray.model import DICPTransformer, ModelSpec
-from dicp_ray.plan import (Context, PlannerSettings, _cached_dpt_world_logits, _cached_world_logits,
-                           _reference_world_logits, plan_continuous, plan_discrete, sample_policy_action, should_plan)
+from dicp_ray.agents.plan import (
+    Context,
+    PlannerSettings,
+    _cached_dpt_world_logits,
+    _cached_world_logits,
+    _reference_world_logits,
+    plan_continuous,
+    plan_discrete,
+    sample_policy_action,
+    should_plan,
+)
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.models.transformer import DICPTransformer
 
 K_CTX = 12  # context_len of the small random models
 OBS_TABLE = torch.tensor([[c // 9, c % 9] for c in range(81)], dtype=torch.float64)  # cell -> (x, y)

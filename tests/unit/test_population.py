@@ -1,4 +1,4 @@
-"""Population PPO (dicp_ray/population.py) against live Stable-Baselines3 PPO and against itself.
+"""Population PPO (dicp_ray/collect/population_ppo.py) against live Stable-Baselines3 PPO and against itself.
 
 * one population update of N learners == N SB3 ``PPO.train()`` calls on the same rollouts (each SB3 model's
   weights copied in, the same minibatch permutations), parameters to float tolerance;
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
-from dicp_ray.population import Layout, PPOSettings, gae, init_params, make_optimizer, ppo_update
+from dicp_ray.collect.population_ppo import Layout, PPOSettings, gae, init_params, make_optimizer, ppo_update
 
 sb3 = pytest.importorskip("stable_baselines3")
 

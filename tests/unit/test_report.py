@@ -1,10 +1,10 @@
-"""dicp_ray.report: combining evaluation summaries into the results table."""
+"""dicp_ray.evaluate.report: combining evaluation summaries into the results table."""
 import json
 
 import numpy as np
 import pytest
 
-from dicp_ray import report
+from dicp_ray.evaluate import report
 
 
 def _summary(tmp_path, name, curves_by_mode, env="Darkroom", seeds=(0, 1, 2)):

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dicp_ray.config import ConfigError, ExperimentConfig, config_from_dict, replace
-from dicp_ray.model import DICPTransformer, ModelSpec
-from dicp_ray.train import run_identity
+from dicp_ray.config.load import config_from_dict, replace
+from dicp_ray.config.schema import ConfigError, ExperimentConfig
+from dicp_ray.models.spec import ModelSpec
+from dicp_ray.models.transformer import DICPTransformer
+from dicp_ray.train.runs import run_identity
 
 
 def _continuous_batch(B=4, T=5, D=11, A=4, seed=0):
