@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-permuted reproduce-dark-key-to-door \
+.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door \
 	reproduce-darkroom-2core report-darkroom clean
 
 $(STAMP): setup.cfg
@@ -37,6 +37,11 @@ bench: $(STAMP)
 # arguments: make reproduce-darkroom ARGS="--address auto". Layout and resume: scripts/reproduce.sh.
 reproduce-darkroom: $(STAMP)
 	scripts/reproduce.sh darkroom $(ARGS)
+
+# The six methods on Darkroom at a 2-core CPU scale (issue #23, docs/results/darkroom_cpu/): two method pairs at a
+# time, one model per core (tune_configs/darkroom_cpu.yaml says the scale). Resumable: re-run after a failure.
+reproduce-darkroom-cpu: $(STAMP)
+	REPRODUCE_JOBS=2 REPORT_OUT=docs/results/darkroom_cpu scripts/reproduce.sh darkroom_cpu $(ARGS)
 
 reproduce-darkroom-permuted: $(STAMP)
 	scripts/reproduce.sh darkroom_permuted $(ARGS)

@@ -2,7 +2,7 @@
 # The paper's grid-world figure for one environment: six methods (AD, DPT, IDT, each with and without DICP)
 # over the config's split seeds, on one shared dataset. `make reproduce-darkroom` etc. call it.
 #
-#   scripts/reproduce.sh darkroom [--address auto] [--set key=value ...]   (env: darkroom | darkroom_permuted |
+#   [REPRODUCE_JOBS=2] [REPRODUCE_VARIANTS="ad dpt"] scripts/reproduce.sh darkroom [--address auto] [--set k=v]  (env: darkroom | darkroom_permuted |
 #                                                                          dark_key_to_door)
 #
 # Layout: runs/reproduce/<env>/data/dataset (collected once), runs/reproduce/<env>/<variant>_{dicp,base}/ (one
@@ -24,21 +24,35 @@ report=${REPORT_OUT:-$root/docs/results/$env_name}
 [ -f "$base" ] || { echo "unknown env config $base" >&2; exit 2; }
 
 "$bin" collect --config "$base" --output "$out/data" "$@"
-for variant in ad dpt idt; do
-  config=$base
+
+# One method pair = one `dicp-ray pipeline`. REPRODUCE_JOBS=N runs N of the six at a time (each logs to
+# <run>/pipeline.log; a finished one frees its slot for the next, so evaluation overlaps the next training).
+run_method() {  # variant kind [dicp-ray args]
+  local variant=$1 kind=$2 config=$base run modes wm
+  shift 2
   [ "$variant" = idt ] && config=$root/tune_configs/reproduce/${env_name}_idt.yaml
-  for kind in dicp base; do
-    run=$out/${variant}_$kind
-    mkdir -p "$run" && ln -sfn ../data/dataset "$run/dataset"
-    if [ "$kind" = dicp ]; then modes='[policy,plan]'; wm=true; else modes='[policy]'; wm=false; fi
-    "$bin" pipeline --config "$config" --output "$run" "$@" \
-      --set model.variant=$variant model.world_model=$wm "eval.modes=$modes"
-  done
-done
+  run=$out/${variant}_$kind
+  mkdir -p "$run" && ln -sfn ../data/dataset "$run/dataset"
+  if [ "$kind" = dicp ]; then modes='[policy,plan]'; wm=true; else modes='[policy]'; wm=false; fi
+  "$bin" pipeline --config "$config" --output "$run" "$@" \
+    --set model.variant=$variant model.world_model=$wm "eval.modes=$modes"
+}
+jobs=${REPRODUCE_JOBS:-1}
+methods=$(for variant in ${REPRODUCE_VARIANTS:-ad dpt idt}; do echo "$variant dicp"; echo "$variant base"; done)
+if [ "$jobs" -le 1 ]; then
+  while read -r variant kind; do run_method "$variant" "$kind" "$@"; done <<< "$methods"
+else
+  export -f run_method; export bin base root env_name out
+  # shellcheck disable=SC2016  # xargs appends "variant kind" after the dicp-ray args
+  xargs -P "$jobs" -L 1 bash -c 'set -eo pipefail; v=${*: -2:1} k=${*: -1}; set -- "${@:1:$#-2}"; mkdir -p "$out/${v}_$k"
+    echo "[$(date +%T)] start ${v}_$k"; run_method "$v" "$k" "$@" > "$out/${v}_$k/pipeline.log" 2>&1 \
+    && echo "[$(date +%T)] done ${v}_$k" || { echo "[$(date +%T)] FAILED ${v}_$k: $out/${v}_$k/pipeline.log"; exit 255; }' \
+    _ "$@" <<< "$methods"
+fi
 
 label() { case $1 in ad) echo AD;; dpt) echo DPT;; idt) echo IDT;; esac; }
 args=()
-for variant in ad dpt idt; do
+for variant in ${REPRODUCE_VARIANTS:-ad dpt idt}; do
   name=$(label $variant)
   args+=(--method "$name=$out/${variant}_base/eval/summary.json:policy"
          --method "DICP-$name=$out/${variant}_dicp/eval/summary.json:plan"

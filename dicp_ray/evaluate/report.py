@@ -10,8 +10,8 @@ Each ``--method LABEL=SUMMARY:MODE`` picks one mode of one `summary.json` (writt
 evaluate`/`pipeline`). All methods must share env, split seeds and episode count. Writes
 ``table.md`` (mean return after episodes 1, 5, 10, 25, 50 with 95% CI over split seeds, the paper's
 value read off its curves, and the oracle), ``table.csv`` (every episode), ``curves.png``, and with
-each ``--compare A B`` the paired difference A − B per split seed (mean over all episodes and at the last
-episode) with its 95% t-interval. Meta-World summaries add two tables in percent: per-episode success and the
+each ``--compare A B`` the paired difference A − B per split seed (mean over episodes 1-10, over all episodes and
+at the last episode) with its 95% t-interval; ``--note TEXT`` lines (scale, wall time, command) head table.md. Meta-World summaries add two tables in percent: per-episode success and the
 release's "succeeded at least once so far", the latter beside the paper's Table 1 for the five ML1 tasks; the
 paired differences are then taken on per-episode success. One split seed is accepted with a warning (no
 interval: the table says so).
@@ -56,6 +56,7 @@ PAPER_ML1_SUCCESS = {
     "sweep-v3": {"AD": 67, "IDT": 96, "DICP-AD": 71, "DICP-IDT": 100},
     "peg-insert-side-v3": {"AD": 73, "IDT": 76, "DICP-AD": 83, "DICP-IDT": 87},
 }
+EARLY_EPISODES = 10  # the paired difference is also reported over episodes 1-10, where the paper says planning helps most
 SUCCESS_METRICS = (("success", "per-episode success"), ("success_once_so_far", "succeeded at least once so far"))
 
 
@@ -99,7 +100,10 @@ def build_report(methods: list[tuple[str, dict, dict]], compare: list[tuple[str,
             raise SystemExit(f"--compare {name_a!r} {name_b!r}: labels are {sorted(found)}")
         key = "success" if with_success else "curves"
         diff = found[name_a][key] - found[name_b][key]                                # (seeds, episodes)
+        early = min(EARLY_EPISODES, episodes)
         report["compare"].append({"a": name_a, "b": name_b, "metric": "success" if with_success else "return",
+                                  "early_episodes": early,
+                                  "mean_over_early": [float(x[0]) for x in mean_ci95(diff[:, :early].mean(1)[:, None])],
                                   "mean_over_episodes": [float(x[0]) for x in mean_ci95(diff.mean(1)[:, None])],
                                   "last_episode": [float(x[0]) for x in mean_ci95(diff[:, -1:])]})
     return report
@@ -125,21 +129,28 @@ def markdown_table(report: dict) -> str:
                 else f"one split seed ({seeds}): no interval")
     name = f"{report['env']} {report['task']}" if report.get("task") else report["env"]
     text = [f"{name}: mean return over the test tasks in episode n, {interval}.", "", *lines]
+    if report.get("notes"):
+        text = [*report["notes"], "", *text]
     if report.get("with_success"):
         text += _success_tables(report, episodes, interval)
     unit = ", success (percentage points)" if report.get("with_success") else ""
     scale = 100.0 if report.get("with_success") else 1.0
     for c in report["compare"]:
-        m, lo, hi = (scale * v for v in c["mean_over_episodes"])
-        lm, llo, lhi = (scale * v for v in c["last_episode"])
-        if len(report["split_seeds"]) < 2:
-            text += ["", f"{c['a']} − {c['b']}{unit}: mean over all {report['num_episodes']} episodes {m:+.2f}; "
-                     f"episode {report['num_episodes']} {lm:+.2f} (one split seed: no interval)."]
-            continue
-        text += ["", f"{c['a']} − {c['b']} (paired by split seed){unit}: mean over all {report['num_episodes']} "
-                 f"episodes {m:+.2f} [95% CI {lo:+.2f}, {hi:+.2f}]; episode {report['num_episodes']} "
-                 f"{lm:+.2f} [{llo:+.2f}, {lhi:+.2f}]."]
+        text += ["", _paired_line(c, report, unit, scale)]
     return "\n".join(text) + "\n"
+
+
+def _paired_line(c: dict, report: dict, unit: str, scale: float) -> str:
+    """'A − B: episodes 1-10 ..., 1-50 ..., episode 50 ...' with 95% t-intervals over split seeds when there are two+."""
+    n, seeds = report["num_episodes"], report["split_seeds"]
+    parts = []
+    for key, what in (("mean_over_early", f"mean over episodes 1-{c['early_episodes']}"),
+                      ("mean_over_episodes", f"mean over episodes 1-{n}"), ("last_episode", f"episode {n}")):
+        m, lo, hi = (scale * v for v in c[key])
+        parts.append(f"{what} {m:+.2f}" + (f" [95% CI {lo:+.2f}, {hi:+.2f}]" if len(seeds) > 1 else ""))
+    how = " (paired by split seed)" if len(seeds) > 1 else ""
+    tail = "" if len(seeds) > 1 else " (one split seed: no interval)"
+    return f"{c['a']} − {c['b']}{how}{unit}: " + "; ".join(parts) + tail + "."
 
 
 def _cell(mean: float, low: float, high: float, report: dict, digits: int = 2) -> str:
@@ -200,8 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="paired difference A - B over split seeds (repeatable)")
     parser.add_argument("--out", required=True, help="directory for table.md, table.csv, curves.png")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT",
+                        help="a line above the table (scale, wall time, command; repeatable)")
     args = parser.parse_args(argv)
     report = build_report([load_method(m) for m in args.method], [tuple(c) for c in args.compare])
+    report["notes"] = args.note
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "table.md", markdown_table(report))

@@ -30,10 +30,26 @@ def test_table_ci_and_paired_difference(tmp_path):
     # AD mean 5, sd 1, n 3 -> half-width t(2) * 1 / sqrt(3) = 2.48; paper value beside it
     assert "| AD | 5.00 ± 2.48 |" in table and "≈13.3" in table and "≈15.3" in table
     # differences 2, 3, 1 -> mean 2, half-width 2.48
-    assert "DICP-AD − AD (paired by split seed): mean over all 50 episodes +2.00 [95% CI -0.48, +4.48]" in table
+    assert ("DICP-AD − AD (paired by split seed): mean over episodes 1-10 +2.00 [95% CI -0.48, +4.48]; mean over "
+            "episodes 1-50 +2.00 [95% CI -0.48, +4.48]; episode 50 +2.00 [95% CI -0.48, +4.48]." in table)
     csv_lines = (out / "table.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 2 * episodes and csv_lines[1].startswith("AD,1,5.0000")
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_paired_difference_over_the_early_episodes_and_notes(tmp_path):
+    """DICP ahead by 3 in episodes 1-10 only: +3 early, +0.6 over 1-50, 0 at episode 50; notes head the table."""
+    ad = [np.full(50, v) for v in (4.0, 5.0, 6.0)]
+    dicp = [np.r_[np.full(10, v + 3.0), np.full(40, v)] for v in (4.0, 5.0, 6.0)]
+    a = _summary(tmp_path, "ad", {"policy": ad})
+    d = _summary(tmp_path, "dicp", {"plan": dicp})
+    out = tmp_path / "out"
+    report.main(["--out", str(out), "--method", f"AD={a}:policy", "--method", f"DICP-AD={d}:plan",
+                 "--compare", "DICP-AD", "AD", "--note", "Scale: 1/40 of the paper's windows.", "--note", "x"])
+    table = (out / "table.md").read_text()
+    assert table.startswith("Scale: 1/40 of the paper's windows.\nx\n\nDarkroom: mean return")
+    assert ("mean over episodes 1-10 +3.00 [95% CI +3.00, +3.00]; mean over episodes 1-50 +0.60 [95% CI +0.60, "
+            "+0.60]; episode 50 +0.00 [95% CI +0.00, +0.00]." in table)
 
 
 def test_mismatched_runs_are_refused(tmp_path):
@@ -78,7 +94,8 @@ def test_meta_world_success_tables_with_the_papers_table_1(tmp_path):
     assert "| AD | 0.0 ± 0.0 | 35.0 ± 63.5 | 86 |" in table
     assert "| DICP-AD | 10.0 ± 0.0 | 60.0 ± 0.0 | 84 |" in table
     # differences are on success, in percentage points: per seed 0.40 - 0.16 and 0.40 - 0.24 -> +20.00
-    assert "DICP-AD − AD (paired by split seed), success (percentage points): mean over all 5 episodes +20.00" in table
+    assert ("DICP-AD − AD (paired by split seed), success (percentage points): mean over episodes 1-5 +20.00"
+            in table and "mean over episodes 1-5 +20.00" in table)
     header = (out / "table.csv").read_text().splitlines()[0]
     assert header.endswith("success_once_so_far_mean,success_once_so_far_ci_low,success_once_so_far_ci_high")
     assert (out / "curves.png").stat().st_size > 1000
