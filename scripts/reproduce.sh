@@ -2,8 +2,9 @@
 # The paper's grid-world figure for one environment: six methods (AD, DPT, IDT, each with and without DICP)
 # over the config's split seeds, on one shared dataset. `make reproduce-darkroom` etc. call it.
 #
-#   [REPRODUCE_JOBS=2] [REPRODUCE_VARIANTS="ad dpt"] scripts/reproduce.sh darkroom [--address auto] [--set k=v]  (env: darkroom | darkroom_permuted |
-#                                                                          dark_key_to_door)
+#   scripts/reproduce.sh darkroom [--address auto] [--set key=value ...]
+#   env: darkroom | darkroom_permuted | dark_key_to_door | darkroom_cpu (tune_configs/<env>.yaml)
+#   REPRODUCE_JOBS=2: two method pairs at a time; REPRODUCE_VARIANTS="ad": only those variants (default ad dpt idt)
 #
 # Layout: runs/reproduce/<env>/data/dataset (collected once), runs/reproduce/<env>/<variant>_{dicp,base}/ (one
 # `dicp-ray pipeline` per method pair, its dataset a link to the shared one), docs/results/<env>/ (report);
