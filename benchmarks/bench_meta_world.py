@@ -22,18 +22,18 @@ import time
 import gymnasium as gym
 import numpy as np
 
-from dicp_ray.envs import meta_world
+from dicp_ray.envs import meta_world_tasks
 
-HORIZON = meta_world.HORIZON
+HORIZON = meta_world_tasks.HORIZON
 
 
 def raw_env(task: str, task_id: int):
     """metaworld's env for `task` with the task of ML1 id `task_id` set (what the wrapper wraps)."""
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-    split_seed, index = meta_world.decode_task_id("ML1", task_id)
+    split_seed, index = meta_world_tasks.decode_task_id("ML1", task_id)
     env = ALL_V3_ENVIRONMENTS[task]()
-    env.set_task(meta_world.load_tasks("ML1", task, split_seed).tasks[index])
+    env.set_task(meta_world_tasks.load_tasks("ML1", task, split_seed).tasks[index])
     return env
 
 

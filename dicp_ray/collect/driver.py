@@ -28,6 +28,7 @@ from dicp_ray import envs
 from dicp_ray.collect.fingerprint import _collect_settings, _env_settings, data_fingerprint, resolved_learner
 from dicp_ray.config.schema import ExperimentConfig
 from dicp_ray.data import shards
+from dicp_ray.envs import meta_world_tasks
 from dicp_ray.runtime import init_ray, provenance
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ def _action_facts(config: ExperimentConfig) -> dict[str, Any]:
     """obs_dim and the action description of the manifest, from the env (Meta-World: 11 or 18 dims)."""
     env = config.env
     if env.is_meta_world:
-        return {"obs_dim": envs.meta_world.observation_dim(env.name, env.task), "num_actions": None,
-                "action_type": "continuous", "action_dim": envs.meta_world.ACTION_DIM, "env_task": env.task}
+        return {"obs_dim": meta_world_tasks.observation_dim(env.name, env.task), "num_actions": None,
+                "action_type": "continuous", "action_dim": meta_world_tasks.ACTION_DIM, "env_task": env.task}
     spec = envs.grid_spec(env.name)
     return {"obs_dim": spec.obs_dim, "num_actions": spec.num_actions, "action_type": "discrete"}
 

@@ -43,6 +43,7 @@ from ray.tune.registry import register_env
 from dicp_ray import envs
 from dicp_ray.config.schema import ExperimentConfig
 from dicp_ray.data import shards
+from dicp_ray.envs import meta_world_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _env_config(config: ExperimentConfig, task_id: int) -> dict[str, Any]:
     env_config: dict[str, Any] = {"task_id": int(task_id)}
     if config.env.is_meta_world:
         env_config.update(observation=config.collect.source_obs,
-                          record_obs_dim=envs.meta_world.observation_dim(config.env.name, config.env.task))
+                          record_obs_dim=meta_world_tasks.observation_dim(config.env.name, config.env.task))
     return env_config
 
 

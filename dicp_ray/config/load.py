@@ -1,5 +1,5 @@
 """Building an :class:`ExperimentConfig` from plain data: YAML files (with ``base:`` includes), ``--set`` overrides
-and type checks that name the key. ``dicp_ray.config`` re-exports the public functions; validation of ranges and
+and type checks that name the key. validation of ranges and
 cross-stage rules is ``dicp_ray.config.checks``."""
 from __future__ import annotations
 

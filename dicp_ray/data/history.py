@@ -1,7 +1,7 @@
 """Reading learning histories and sampling training windows: ``HistoryDataset`` (memory-mapped, sha256-checked
 Arrow shards of a dataset directory), ``WindowSampler`` (vectorised k-transition windows) and ``WindowBatches``.
 
-Split out of `dicp_ray.data` (the on-disk format: schema, shards, sidecars, manifest), whose names it uses.
+The on-disk format itself (schema, shards, sidecars, manifest) is `dicp_ray.data.shards`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""On-disk learning histories: Arrow IPC shards + manifest, a memory-mapped reader and a window sampler.
+"""On-disk learning histories: Arrow IPC shards, sidecars and the manifest, written atomically and sha256-checked.
 
 A dataset directory written by ``dicp-ray collect`` (``dicp_ray.collect.collect_histories``) looks like::
 

@@ -68,8 +68,7 @@ values for one task. Sharing among different tasks would mix placements, so it i
 independent streams gave bit-identical trajectories on all 50 tasks (3 streams, different actions, resets
 at different times; checked once), and the unit tests repeat that on two tasks.
 
-Task ids, splits, the benchmark cache and observation sizes live in `dicp_ray.envs.meta_world_tasks` and are
-re-exported here. metaworld is imported lazily: importing this module (done by ``import dicp_ray.envs``) costs
+Task ids, splits, the benchmark cache and observation sizes live in `dicp_ray.envs.meta_world_tasks`. metaworld is imported lazily: importing this module (done by ``import dicp_ray.envs``) costs
 nothing until an env or benchmark is built.
 """
 from __future__ import annotations
@@ -85,34 +84,21 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from dicp_ray.envs.meta_world_tasks import (
     ACTION_DIM,
-    CACHE_ENV_VAR,
     ENV_NAMES,
     HAND_DIMS,
     HORIZON,
-    OBJECT_DIMS,
-    VARIATIONS_PER_TYPE,
-    MetaWorldTasks,
-    cache_dir,
     check_env_name,
     check_int,
     check_task_arg,
-    check_task_name,
     decode_task_id,
     load_tasks,
-    num_objects,
-    num_tasks,
     num_train_tasks,
     observation_dim,
-    split_tasks,
-    task_names,
-    task_type,
 )
 
 __all__ = [
-    "ACTION_DIM", "CACHE_ENV_VAR", "ENV_NAMES", "HAND_DIMS", "HORIZON", "ML10Env", "ML10VectorEnv", "ML1Env",
-    "ML1VectorEnv", "MetaWorldEnv", "MetaWorldTasks", "MetaWorldVectorEnv", "OBJECT_DIMS", "VARIATIONS_PER_TYPE",
-    "cache_dir", "check_task_name", "decode_task_id", "env_id", "load_tasks", "num_objects", "num_tasks",
-    "num_train_tasks", "observation_dim", "register_envs", "split_tasks", "task_names", "task_type",
+    "ML10Env", "ML10VectorEnv", "ML1Env", "ML1VectorEnv", "MetaWorldEnv", "MetaWorldVectorEnv", "env_id",
+    "register_envs",
 ]
 
 

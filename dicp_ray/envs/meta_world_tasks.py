@@ -1,7 +1,6 @@
 """What a Meta-World task id means: ids, splits, benchmark construction (cached) and observation sizes.
 
-The facts and the seeding traps behind them are in the docstring of `dicp_ray.envs.meta_world`, which also
-re-exports everything here. The id arithmetic imports nothing heavy; metaworld is imported on first use.
+The facts and the seeding traps behind them are in the docstring of `dicp_ray.envs.meta_world`. The id arithmetic imports nothing heavy; metaworld is imported on first use.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 or the exact fused CPU path with dropout of `dicp_ray.models.attention`), the SwiGLU MLP and the pre-norm block, in the
 "gpt2" or the authors' release ("release") arrangement of norms, dropouts and biases (``ModelSpec.backbone``).
 
-Split out of `dicp_ray.models.transformer`, which assembles them into ``DICPTransformer`` and re-exports these names.
+``DICPTransformer`` (`dicp_ray.models.transformer`) assembles them; ``CausalStack`` is the backbone of both IDTs.
 """
 from __future__ import annotations
 

@@ -1,19 +1,18 @@
-"""Distil learning histories into DICP Transformers: model inputs, the optimiser step, run identities, checks.
+"""Model inputs of the distillation: the ModelSpec of a config, its training windows and their batches per layout.
 
     dicp-ray train --config tune_configs/smoke.yaml --output runs/smoke            # Ray Train (DDP ranks)
     dicp-ray train --config ... --set train.backend=local train.models_per_process=5  # one process, 5 seeds at once
     train_model(config, "runs/smoke/dataset", "runs/smoke/train/split_0", split_seed=0)  # -> .../model.pt
 
 Each run samples windows of k = context_episodes * horizon transitions from the TRAIN tasks of the split
-(never a test task: asserted on the first batch; IDT: windows of whole episodes, `make_window_sampler`), turns
-them into the AD, DPT or IDT layout (`windows_to_batch`) and takes AdamW steps with cosine decay to 0 (no
-warm-up) and grad clipping; bf16 autocast on CUDA when train.mixed_precision.
+(never a test task: asserted on the first batch; IDT: windows of whole episodes, `make_window_sampler`) and turns
+them into the AD, DPT or IDT layout (`windows_to_batch`); `train.step` takes the AdamW steps (cosine decay to 0,
+no warm-up, grad clipping; bf16 autocast on CUDA when train.mixed_precision).
 
 Where the rest lives: the one training loop (Ray Train worker or this process, one or many models per
 process) is dicp_ray/train/loop.py, its checkpoints and backends dicp_ray/train/backends.py, stacked training
 of several models dicp_ray/train/model_group.py, and the launcher (`train_model`, `train_models`, resume, reuse of
-finished runs) dicp_ray/train/launch.py; `train_model`, `train_models` and `train_in_process` are importable
-from here as before.
+finished runs) dicp_ray/train/launch.py, run identities and checkpoints on disk dicp_ray/train/runs.py.
 
 The paper's AD model (4 layers, 32 wide, k = 80, batch 512) trains at ~510-530 windows/s per CPU-second on
 this project's shared 2-core machine, ~2.0x the step before issue 17 (265; benchmarks/bench_train.py, CPU-time

@@ -20,7 +20,7 @@ from dicp_ray.config.schema import META_WORLD_TASKS, ConfigError
 from dicp_ray.envs import meta_world as M
 from dicp_ray.envs import meta_world_tasks
 
-RNG_ACTIONS = np.random.default_rng(0).uniform(-1.5, 1.5, size=(M.HORIZON, M.ACTION_DIM)).astype(np.float32)
+RNG_ACTIONS = np.random.default_rng(0).uniform(-1.5, 1.5, size=(meta_world_tasks.HORIZON, meta_world_tasks.ACTION_DIM)).astype(np.float32)
 
 
 def make(task_id: int, task: str = "reach-v3", name: str = "ML1", **kwargs) -> M.MetaWorldEnv:
@@ -37,15 +37,15 @@ def rollout(env: M.MetaWorldEnv, actions: np.ndarray, seed: int | None = None) -
 def test_static_task_names_equal_metaworlds_own_list():
     import metaworld
 
-    assert META_WORLD_TASKS == M.task_names() == tuple(metaworld.ML1.ENV_NAMES)
+    assert META_WORLD_TASKS == meta_world_tasks.task_names() == tuple(metaworld.ML1.ENV_NAMES)
 
 
 def test_observation_has_11_dims_for_one_object_and_18_for_two():
     # Decided from the env (number of object positions), not from a list.
     tasks = ("reach-v3", "pick-place-v3", "hammer-v3", "stick-pull-v3")
-    assert [M.num_objects(t) for t in tasks] == [1, 1, 2, 2]
-    assert M.observation_dim("ML1", "reach-v3") == 11 and M.observation_dim("ML1", "hammer-v3") == 18
-    assert M.observation_dim("ML10") == 11                    # all 15 ML10 types have one object
+    assert [meta_world_tasks.num_objects(t) for t in tasks] == [1, 1, 2, 2]
+    assert meta_world_tasks.observation_dim("ML1", "reach-v3") == 11 and meta_world_tasks.observation_dim("ML1", "hammer-v3") == 18
+    assert meta_world_tasks.observation_dim("ML10") == 11                    # all 15 ML10 types have one object
     reach, hammer = make(0, "reach-v3"), make(0, "hammer-v3")
     for env, dim in ((reach, 11), (hammer, 18)):
         obs, _ = env.reset(seed=0)
@@ -124,31 +124,31 @@ def test_metaworld_seeding_traps_documented_in_the_module():
     assert env._freeze_rand_vec                                           # trap 2: placement frozen
     np.testing.assert_array_equal(env.reset(seed=1)[0], env.reset(seed=2)[0])  # trap 1: seed ignored
     # Trap 4: ML1 test goals of seed s are the train goals of seed s + 1.
-    test_0 = [pickle.loads(t.data)["rand_vec"] for t in M.load_tasks("ML1", "reach-v3", 0).tasks[50:]]
-    train_1 = [pickle.loads(t.data)["rand_vec"] for t in M.load_tasks("ML1", "reach-v3", 1).tasks[:50]]
+    test_0 = [pickle.loads(t.data)["rand_vec"] for t in meta_world_tasks.load_tasks("ML1", "reach-v3", 0).tasks[50:]]
+    train_1 = [pickle.loads(t.data)["rand_vec"] for t in meta_world_tasks.load_tasks("ML1", "reach-v3", 1).tasks[:50]]
     np.testing.assert_array_equal(test_0, train_1)
 
 
 def test_split_ids_are_metaworlds_split_offset_by_the_split_seed():
-    assert M.split_tasks("ML1", 0) == (list(range(50)), list(range(50, 100)))
+    assert meta_world_tasks.split_tasks("ML1", 0) == (list(range(50)), list(range(50, 100)))
     assert E.split_tasks("ML1", 2) == (list(range(200, 250)), list(range(250, 300)))
     train, test = E.split_tasks("ML10", 1)
     assert (train[0], train[-1], test[0], test[-1]) == (750, 1249, 1250, 1499)
-    assert M.decode_task_id("ML10", 1250 + 103) == (1, 603)
-    assert M.num_tasks("ML1") == config_from_dict({"env": {"name": "ML1", "task": "push-v3"}}).env.num_tasks
+    assert meta_world_tasks.decode_task_id("ML10", 1250 + 103) == (1, 603)
+    assert meta_world_tasks.num_tasks("ML1") == config_from_dict({"env": {"name": "ML1", "task": "push-v3"}}).env.num_tasks
     with pytest.raises(ValueError, match="train_ratio must be None"):
         E.split_tasks("ML1", 0, 0.9)
     from metaworld.env_dict import ML10_V3
 
     order = [*ML10_V3["train"], *ML10_V3["test"]]
-    assert [M.task_type("ML10", i * 50 + 7) for i in range(15)] == order
-    assert M.task_type("ML10", 500 + 2 * 50 + 3) == "shelf-place-v3"
-    assert M.task_type("ML1", 5, "push-v3") == "push-v3"
+    assert [meta_world_tasks.task_type("ML10", i * 50 + 7) for i in range(15)] == order
+    assert meta_world_tasks.task_type("ML10", 500 + 2 * 50 + 3) == "shelf-place-v3"
+    assert meta_world_tasks.task_type("ML1", 5, "push-v3") == "push-v3"
     assert make(49).is_train and not make(50).is_train
 
 
 def test_ml10_env_ids_follow_metaworlds_type_order():
-    tasks = M.load_tasks("ML10", None, 0)                   # ~15 s the first time, then the cache
+    tasks = meta_world_tasks.load_tasks("ML10", None, 0)                   # ~15 s the first time, then the cache
     assert tasks.train_types[:3] == ("reach-v3", "push-v3", "pick-place-v3") and len(tasks.test_types) == 5
     env = make(500 + 2 * 50 + 3, name="ML10")
     assert (env.task_type, env.is_train, env.obs_dim) == ("shelf-place-v3", False, 11)
@@ -166,7 +166,7 @@ def test_misspelt_or_missing_task_names_suggest_the_nearest():
     with pytest.raises(ConfigError, match="only used by ML1"):
         config_from_dict({"env": {"name": "ML10", "task": "reach-v3"}})
     with pytest.raises(ValueError, match="did you mean 'peg-insert-side-v3'"):
-        M.check_task_name("peg-insert-sid-v3")
+        meta_world_tasks.check_task_name("peg-insert-sid-v3")
     with pytest.raises(ValueError, match="did you mean"):
         gym.make("dicp_ray/ML1-v0", task="reach-v2", task_id=0)
 
@@ -189,24 +189,24 @@ def test_vector_env_streams_autoreset_and_batched_infos():
 
 
 def test_benchmark_cache_roundtrip(tmp_path, monkeypatch):
-    monkeypatch.setenv(M.CACHE_ENV_VAR, str(tmp_path))
-    M.load_tasks.cache_clear()
+    monkeypatch.setenv(meta_world_tasks.CACHE_ENV_VAR, str(tmp_path))
+    meta_world_tasks.load_tasks.cache_clear()
     try:
-        built = M.load_tasks("ML1", "reach-v3", 5)
+        built = meta_world_tasks.load_tasks("ML1", "reach-v3", 5)
         files = list(tmp_path.rglob("*.pkl"))
         assert len(files) == 1 and "ML1-reach-v3-seed5" in files[0].name
-        M.load_tasks.cache_clear()
+        meta_world_tasks.load_tasks.cache_clear()
         monkeypatch.setattr(meta_world_tasks, "_build_tasks", lambda *a: pytest.fail("rebuilt from a valid cache"))
-        assert M.load_tasks("ML1", "reach-v3", 5) == built
+        assert meta_world_tasks.load_tasks("ML1", "reach-v3", 5) == built
         files[0].write_bytes(b"garbage")                     # a corrupt cache is rebuilt, not fatal
-        M.load_tasks.cache_clear()
+        meta_world_tasks.load_tasks.cache_clear()
         monkeypatch.undo()
-        monkeypatch.setenv(M.CACHE_ENV_VAR, str(tmp_path))
-        assert M.load_tasks("ML1", "reach-v3", 5) == built
-        monkeypatch.setenv(M.CACHE_ENV_VAR, "off")
-        assert M.cache_dir() is None
+        monkeypatch.setenv(meta_world_tasks.CACHE_ENV_VAR, str(tmp_path))
+        assert meta_world_tasks.load_tasks("ML1", "reach-v3", 5) == built
+        monkeypatch.setenv(meta_world_tasks.CACHE_ENV_VAR, "off")
+        assert meta_world_tasks.cache_dir() is None
     finally:
-        M.load_tasks.cache_clear()
+        meta_world_tasks.load_tasks.cache_clear()
 
 
 def test_registration_is_lazy_and_checker_clean():
@@ -224,7 +224,7 @@ def test_registration_is_lazy_and_checker_clean():
 @pytest.mark.parametrize("task", ["pick-place-v3", "hammer-v3"])
 def test_streams_sharing_one_mujoco_model_match_independent_streams(task):
     # (checked once on all 50 tasks, with streams resetting at different times; two tasks here for speed)
-    actions = np.random.default_rng(1).uniform(-1, 1, size=(2 * M.HORIZON + 5, 3, M.ACTION_DIM))
+    actions = np.random.default_rng(1).uniform(-1, 1, size=(2 * meta_world_tasks.HORIZON + 5, 3, meta_world_tasks.ACTION_DIM))
     runs = []
     for share in (True, False):
         venv = M.ML1VectorEnv(task_ids=[11, 11, 12], task=task, share_model=share)
@@ -258,6 +258,6 @@ def test_config_meta_world_table_agrees_with_the_envs():
     from dicp_ray.config.schema import META_WORLD_ENVS
 
     for name, (num_tasks, horizon, ratio, depth) in META_WORLD_ENVS.items():
-        train, test = M.split_tasks(name, 0)
-        assert (num_tasks, horizon, depth) == (M.num_tasks(name), M.HORIZON, 1)
+        train, test = meta_world_tasks.split_tasks(name, 0)
+        assert (num_tasks, horizon, depth) == (meta_world_tasks.num_tasks(name), meta_world_tasks.HORIZON, 1)
         assert ratio == len(train) / (len(train) + len(test)) and not set(train) & set(test)
