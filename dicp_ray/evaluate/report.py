@@ -57,7 +57,7 @@ PAPER_ML1_SUCCESS = {
     "peg-insert-side-v3": {"AD": 73, "IDT": 76, "DICP-AD": 83, "DICP-IDT": 87},
 }
 EARLY_EPISODES = 10  # the paired difference is also reported over episodes 1-10, where the paper says planning helps most
-SUCCESS_METRICS = (("success", "per-episode success"), ("success_once_so_far", "succeeded at least once so far"))
+SUCCESS_METRICS = (("success_once_so_far", "succeeded at least once so far"), ("success", "per-episode success"))
 
 
 def per_split(method: dict, seeds: list[int], metric: str = "return") -> np.ndarray:
@@ -128,11 +128,13 @@ def markdown_table(report: dict) -> str:
     interval = (f"± half-width of the 95% t-interval over split seeds {seeds}" if len(report["split_seeds"]) > 1
                 else f"one split seed ({seeds}): no interval")
     name = f"{report['env']} {report['task']}" if report.get("task") else report["env"]
-    text = [f"{name}: mean return over the test tasks in episode n, {interval}.", "", *lines]
+    returns = [f"{name}: mean return over the test tasks in episode n, {interval}.", "", *lines]
+    if report.get("with_success"):  # Meta-World: the paper's metric first, then per-episode success, then return
+        text = [f"{name}:", *_success_tables(report, episodes, interval), "", *returns]
+    else:
+        text = returns
     if report.get("notes"):
         text = [*report["notes"], "", *text]
-    if report.get("with_success"):
-        text += _success_tables(report, episodes, interval)
     unit = ", success (percentage points)" if report.get("with_success") else ""
     scale = 100.0 if report.get("with_success") else 1.0
     for c in report["compare"]:

@@ -97,7 +97,10 @@ def test_meta_world_success_tables_with_the_papers_table_1(tmp_path):
     assert ("DICP-AD − AD (paired by split seed), success (percentage points): mean over episodes 1-5 +20.00"
             in table and "mean over episodes 1-5 +20.00" in table)
     header = (out / "table.csv").read_text().splitlines()[0]
-    assert header.endswith("success_once_so_far_mean,success_once_so_far_ci_low,success_once_so_far_ci_high")
+    assert header.endswith("success_once_so_far_ci_high,success_mean,success_ci_low,success_ci_high")
+    # the paper's metric leads, then per-episode success, then return (issue #24)
+    assert table.index("succeeded at least once so far (%") < table.index("per-episode success (%") < table.index(
+        "mean return over the test tasks")
     assert (out / "curves.png").stat().st_size > 1000
 
 
