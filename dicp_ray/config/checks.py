@@ -15,6 +15,7 @@ from dicp_ray.config.schema import (
     EnvConfig,
     ExperimentConfig,
     ModelConfig,
+    PlanConfig,
     TrainConfig,
     _unknown_key_error,
 )
@@ -214,6 +215,9 @@ def validate(config: ExperimentConfig) -> None:
     if config.model.action_embedding == "table" and config.env.is_meta_world:
         raise ConfigError(f"model.action_embedding = 'table' needs discrete actions; {config.env.name} actions are "
                           "continuous: use auto or linear")
+    if config.env.is_meta_world and config.plan.beam_width != PlanConfig.beam_width:
+        raise ConfigError(f"plan.beam_width = {config.plan.beam_width} does nothing on {config.env.name}: its planner is "
+                          "a sampled search, sized by plan.num_samples (e.g. --set plan.num_samples=10)")
     _check_choice("collect.source_obs", config.collect.source_obs, ["full", "model"])
     if config.model.next_obs_loss is False and not config.env.is_meta_world:
         raise ConfigError(f"model.next_obs_loss = false: {config.env.name}'s beam search needs the next-cell "

@@ -242,11 +242,12 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PlanConfig:
     beam_width: int = 10
-    """K: beams kept per depth level (paper: 10)."""
+    """K: beams kept per depth level of the grid worlds' beam search (paper: 10). Meta-World plans by sampled search
+    (plan.num_samples), so it refuses another value here."""
     depth: int | None = None
     """H: planning depth; None = the paper's per-env default (8 Darkroom, 16 Key-to-Door / Permuted)."""
     num_samples: int = 10
-    """L: candidates for continuous sampled search (mean + L-1 samples)."""
+    """L: candidates of Meta-World's sampled search (policy mean + L-1 samples; paper: 10). Grid worlds: unused."""
     use_cache: bool = True
     """Reuse a key-value cache of the real context (False = the release's full re-encoding; same actions)."""
     second_half_only: bool = False
@@ -259,7 +260,8 @@ class EvalConfig:
     num_episodes: int = 50
     """In-context episodes per test task, starting from an empty context."""
     modes: tuple[str, ...] = ("policy", "plan")
-    """policy = sample the distilled policy (AD); plan = DICP beam search (needs model.world_model)."""
+    """policy = sample the distilled policy; plan = DICP planning with the world model (grid worlds: beam search,
+    plan.beam_width x plan.depth; Meta-World: sampled search, plan.num_samples; needs model.world_model)."""
     seed: int = 0
     device: str = "auto"
     """auto | cpu | cuda."""

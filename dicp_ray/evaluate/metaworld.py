@@ -222,7 +222,7 @@ def score_checkpoint(checkpoint_path: str, *, mode: str = "policy", split_seed: 
                      "terminate_on_success_in_evaluation": True, "eval_reward": agent.eval_reward,
                      "final_obs": "world-model prediction" if agent.has_next_obs_head else "repeated obs",
                      "context_len": model.spec.context_len, "device": device, "seed": seed,
-                     "torch_threads": num_threads, "planner": vars(settings) if mode == "plan" else None},
+                     "torch_threads": num_threads, "planner": _continuous_planner(settings) if mode == "plan" else None},
         "notes": notes,
         "timing": {"wall_s": None, "evaluation_s": loop_s, "decisions": agent.num_decisions,
                    "planned_decisions": agent.num_planned,
@@ -235,6 +235,11 @@ def score_checkpoint(checkpoint_path: str, *, mode: str = "policy", split_seed: 
             raise RuntimeError(f"metalearning_evaluation returned {key} = {result[key]}")
     result["timing"]["wall_s"] = time.perf_counter() - wall_start
     return result
+
+
+def _continuous_planner(settings) -> dict:
+    """The planner settings Meta-World's sampled search uses (beam_width is the grid worlds' beam search only)."""
+    return {k: v for k, v in vars(settings).items() if k != "beam_width"}
 
 
 def format_table(result: dict) -> str:

@@ -209,3 +209,14 @@ def test_pipeline_sweep_with_a_misspelt_task_is_refused_before_ray(tmp_path):
                     "  grid:\n    env.task: [reach-v3, pick-plce-v3]\n")
     with pytest.raises(ConfigError, match="sweep trial .*did you mean 'pick-place-v3'"):
         load_config(path)
+
+
+def test_beam_width_is_refused_on_meta_world_where_it_does_nothing():
+    """Meta-World plans by sampled search (plan.num_samples); a beam width there would be silently ignored."""
+    from dicp_ray.config.load import config_from_dict
+
+    base = {"env": {"name": "ML1", "task": "reach-v3"}}
+    config_from_dict({**base, "plan": {"num_samples": 4}})
+    with pytest.raises(ConfigError, match="plan.beam_width = 5 does nothing on ML1.*plan.num_samples"):
+        config_from_dict({**base, "plan": {"beam_width": 5}})
+    config_from_dict({"env": {"name": "Darkroom"}, "plan": {"beam_width": 5}})
