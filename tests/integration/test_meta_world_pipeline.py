@@ -54,7 +54,8 @@ def test_evaluation_reports_success_per_episode_and_at_least_once(pipeline_run):
 
 def test_sampled_search_sweep_over_candidates(pipeline_run, tmp_path):
     """Tune sweeps plan.num_samples (L) on the Meta-World checkpoint and ranks trials by success."""
-    from dicp_ray.tune import PLAN_METRIC_META_WORLD, run_sweep
+    from dicp_ray.evaluate.sweep_report import PLAN_METRIC_META_WORLD
+    from dicp_ray.tune import run_sweep
 
     config, out, _ = pipeline_run
     if config.env.name != "ML1":

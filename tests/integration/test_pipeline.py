@@ -88,7 +88,8 @@ def test_plan_sweep_2x2_through_tune(smoke_run, tmp_path):
 
 
 def test_train_sweep_with_asha_reports_best_checkpoint(smoke_run, tmp_path, capsys):
-    from dicp_ray.tune import TRAIN_METRIC, run_sweep
+    from dicp_ray.evaluate.sweep_report import TRAIN_METRIC
+    from dicp_ray.tune import run_sweep
 
     out, _ = smoke_run
     (tmp_path / "dataset").symlink_to(out / "dataset")  # the sweep shares the run's dataset

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dicp_ray"
 # Layers, bottom first: a module may import from its own layer's package and from lower layers only.
 LAYERS = [{"console"}, {"config", "envs", "data"}, {"runtime"}, {"models"}, {"agents", "collect", "train"},
           {"evaluate"}, {"pipeline"}, {"tune"}, {"cli"}]
-MAX_LINES = 440  # "no module over ~400 lines"
+MAX_LINES = 440  # "no module over ~400 lines": the largest today, rllib_learner.py, is 430
 
 
 def _modules() -> dict[str, Path]:
