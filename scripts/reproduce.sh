@@ -52,11 +52,16 @@ else
 fi
 
 label() { case $1 in ad) echo AD;; dpt) echo DPT;; idt) echo IDT;; esac; }
+# Rows: X (no world model), DICP-X (planning), and the DICP checkpoint acting by its policy ("X + world model, no
+# planning"), which separates what the world-model loss does from what planning does.
 args=()
 for variant in ${REPRODUCE_VARIANTS:-ad dpt idt}; do
   name=$(label $variant)
   args+=(--method "$name=$out/${variant}_base/eval/summary.json:policy"
          --method "DICP-$name=$out/${variant}_dicp/eval/summary.json:plan"
-         --compare "DICP-$name" "$name")
+         --method "$name + world model, no planning=$out/${variant}_dicp/eval/summary.json:policy"
+         --compare "DICP-$name" "$name" --compare "DICP-$name" "$name + world model, no planning")
 done
-"$py" -m dicp_ray.evaluate.report --out "$report" "${args[@]}"
+notes=(--note "Command: scripts/reproduce.sh $env_name (config: tune_configs/$env_name.yaml, whose header gives the scale)."
+       --note "This invocation's wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s on $(nproc) CPU cores.")
+"$py" -m dicp_ray.evaluate.report --out "$report" "${args[@]}" "${notes[@]}" ${REPORT_NOTE:+--note "$REPORT_NOTE"}
