@@ -6,8 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door \
-	reproduce-darkroom-2core report-darkroom clean
+.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door clean
 
 $(STAMP): setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,23 +47,6 @@ reproduce-darkroom-permuted: $(STAMP)
 
 reproduce-dark-key-to-door: $(STAMP)
 	scripts/reproduce.sh dark_key_to_door $(ARGS)
-
-# docs/results.md (before issue #14), Darkroom at 1/5 scale: DICP-AD and AD over split seeds 0-2, the planning
-# ablation, the table.
-reproduce-darkroom-2core: $(STAMP)
-	$(VENV)/bin/dicp-ray pipeline --config tune_configs/darkroom_2core.yaml --output runs/darkroom_2core
-	mkdir -p runs/darkroom_2core_ad && ln -sfn ../darkroom_2core/dataset runs/darkroom_2core_ad/dataset
-	$(VENV)/bin/dicp-ray pipeline --config tune_configs/darkroom_2core_ad.yaml --output runs/darkroom_2core_ad
-	$(VENV)/bin/dicp-ray sweep --config tune_configs/sweeps/plan_darkroom_2core.yaml \
-		--checkpoint runs/darkroom_2core/train/split_0/model.pt --output runs/plan_darkroom_2core
-	$(MAKE) report-darkroom
-
-report-darkroom: $(STAMP)
-	$(PY) -m dicp_ray.evaluate.report --out docs/results/darkroom_2core --compare DICP-AD AD \
-		--compare DICP-AD "AD + world model (no planning)" \
-		--method "AD=runs/darkroom_2core_ad/eval/summary.json:policy" \
-		--method "AD + world model (no planning)=runs/darkroom_2core/eval/summary.json:policy" \
-		--method "DICP-AD=runs/darkroom_2core/eval/summary.json:plan"
 
 clean:
 	rm -rf runs .pytest_cache
