@@ -17,10 +17,12 @@ What it is
     * ``HierarchicalAgent`` (IDT): drives ``dicp_ray.models.idt_continuous.IDTAgent`` (Meta-World) or
       ``dicp_ray.agents.idt_grid.GridIDTAgent`` (grid worlds, the release's IDT) -- one over the whole batch in
       lockstep, or one per task (``lockstep=False``, Meta-World's evaluation episodes end at different steps per
-      env). Mode "plan": on Meta-World ``IDTAgent.plan_action`` (depth-1 sampled search) once the context holds
-      E-1 finished episodes, whose context is whole episodes (``whole_episodes``); on the grid worlds DICP-IDT's
-      beam search inside Decisions-to-Go (``GridIDTAgent.plan_action``) once k steps were taken, over a sliding
-      time-ordered context. Episodes must end after exactly `horizon` steps.
+      env); both keep the release's sliding, time-ordered block context. Mode "plan": on Meta-World
+      ``IDTAgent.plan_action`` (depth-1 sampled search) on the blocks that start once k steps were taken and (with
+      plan.second_half_only) after step horizon // 2 (``IDTAgent.plan_ready``); on the grid worlds DICP-IDT's beam
+      search inside Decisions-to-Go (``GridIDTAgent.plan_action``) once k steps were taken. Meta-World's adapter
+      drops an unfinished episode from a frozen context (``whole_episodes``). Episodes must end after exactly
+      `horizon` steps.
 
     The agent counts steps per task and knows where episodes end from ``observe(..., episode_end)``;
     ``planned`` says which rows' last action was planned, ``num_decisions`` / ``num_planned`` count them.
@@ -233,7 +235,8 @@ class TransformerAgent(InContextAgent):
 
 
 class HierarchicalAgent(InContextAgent):
-    """IDT: ``dicp_ray.models.idt_continuous.IDTAgent`` over the whole batch (lockstep) or one per task."""
+    """IDT: ``dicp_ray.agents.idt_continuous.IDTAgent`` (Meta-World) or ``GridIDTAgent`` over the whole batch
+    (lockstep) or one per task."""
 
     whole_episodes = True
 
@@ -251,8 +254,10 @@ class HierarchicalAgent(InContextAgent):
         self.lockstep = lockstep
         cls = GridIDTAgent if self.discrete else IDTAgent
         self.whole_episodes = not self.discrete   # the grid IDT's context slides in time, across episodes
-        self.agents = ([cls(model, self.horizon, target, self.generator)] if lockstep else
-                       [cls(model, self.horizon, target[i:i + 1], self.generator) for i in range(self.num_tasks)])
+        extra = {} if self.discrete else {"second_half_only": self.settings.second_half_only}
+        self.agents = ([cls(model, self.horizon, target, self.generator, **extra)] if lockstep else
+                       [cls(model, self.horizon, target[i:i + 1], self.generator, **extra)
+                        for i in range(self.num_tasks)])
         self.in_episode = np.zeros(len(self.agents), bool)
 
     def _positions(self, rows: np.ndarray) -> list[tuple[int, slice]]:
@@ -268,7 +273,7 @@ class HierarchicalAgent(InContextAgent):
     def act(self, obs) -> Tensor:
         obs, planned, actions = self._tensor(obs, torch.float32), np.zeros(self.num_tasks, bool), []
         for j, at in self._positions(np.arange(self.num_tasks)):
-            agent, row = self.agents[j], 0 if self.lockstep else j
+            agent = self.agents[j]
             if not self.in_episode[j]:
                 agent.start_episode()
                 self.in_episode[j] = True
@@ -276,9 +281,8 @@ class HierarchicalAgent(InContextAgent):
                 planned[at] = plan = self.mode == "plan" and agent.plan_ready
                 action = (agent.plan_action(obs[at], self.settings.beam_width, self.settings.use_cache) if plan
                           else agent.act(obs[at]))
-            else:
-                planned[at] = plan = self.mode == "plan" and should_plan(
-                    self.settings, agent.context_episodes, agent.num_finished, int(self.t[row]), self.horizon)
+            else:               # DICP-IDT on Meta-World: blocks after step horizon // 2, once k steps were taken
+                planned[at] = plan = self.mode == "plan" and agent.plan_ready
                 action = agent.plan_action(obs[at], self.settings.num_samples) if plan else agent.act(obs[at])
             actions.append(action)
         self._count(planned)
@@ -320,26 +324,12 @@ class HierarchicalAgent(InContextAgent):
         self.t[rows] = 0
 
     def context(self, row: int, snapshot: list | None = None) -> dict[str, np.ndarray]:
-        """Task `row`'s finished episodes in time order, then (without `snapshot`) the current episode's observed
-        steps: obs, action, reward, next_obs, return_to_go as numpy arrays."""
+        """Task `row`'s Making-Decisions context, oldest block first (as of the last finished episode with
+        `snapshot`): return_to_go (m,), obs (m,) cells or (m, D), z_dists (m', 2Z) as numpy arrays."""
         j, b = (0, row) if self.lockstep else (row, 0)
         agent = self.agents[j]
-        if self.discrete:  # grid IDT: Making-Decisions' block context (return_to_go, obs cells, z_dists)
-            window = snapshot[j] if snapshot is not None else agent.context_window()
-            return {name: window[name][b].cpu().numpy() for name in ("return_to_go", "obs", "z_dists")}
-        finished = snapshot[j] if snapshot is not None else agent.finished_episodes()
-        spec = self.model.spec
-        shapes = {"obs": (spec.obs_dim,), "action": () if self.discrete else (spec.num_actions,), "reward": (),
-                  "next_obs": (spec.obs_dim,), "return_to_go": ()}
-        out = {}
-        for name, shape in shapes.items():
-            parts = [np.zeros((0, *shape), np.float32)]
-            if finished is not None:
-                parts.append(finished[name][b].reshape(-1, *shape).cpu().numpy())
-            if snapshot is None and self.in_episode[j] and agent.current is not None:
-                parts.append(agent.current[name][b, :int(self.t[row])].cpu().numpy())
-            out[name] = np.concatenate(parts).astype(np.float32)
-        return out
+        window = snapshot[j] if snapshot is not None else agent.context_window()
+        return {name: window[name][b].cpu().numpy() for name in ("return_to_go", "obs", "z_dists")}
 
 
 __all__ = ["make_agent", "check_agent_options", "InContextAgent", "TransformerAgent", "HierarchicalAgent", "MODES"]

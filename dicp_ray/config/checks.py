@@ -104,10 +104,10 @@ def _validate_model(m: ModelConfig) -> None:
     _check_choice("model.backbone", m.backbone, ["auto", "release", "gpt2"])
     _check_choice("model.action_embedding", m.action_embedding, ["auto", "table", "linear"])
     if m.variant == "idt":
-        _require(m.obs_embedding in ("auto", "linear") and m.backbone in ("auto", "gpt2")
-                 and m.action_embedding in ("auto", "linear"), "model.obs_embedding", m.obs_embedding,
-                 f"(and model.backbone = {m.backbone!r}, model.action_embedding = {m.action_embedding!r}) must be "
-                 "auto for variant idt, which embeds observations and actions itself", "auto")
+        _require(m.obs_embedding in ("auto", "linear") and m.action_embedding in ("auto", "linear"),
+                 "model.obs_embedding", m.obs_embedding,
+                 f"(and model.action_embedding = {m.action_embedding!r}) must be auto for variant idt, which "
+                 "embeds observations and actions itself", "auto")
     _require(m.reward_loss_weight > 0, "model.reward_loss_weight", m.reward_loss_weight, "must be > 0", "1.0")
     for key in ("context_episodes", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1", "4")

@@ -161,7 +161,8 @@ class ModelConfig:
     """In-context algorithm: ad | dpt | idt. idt is hierarchical: on the grid worlds the release's IDT
     (dicp_ray/models/idt_grid.py; plan mode = DICP-IDT beam search to the end of each 10-step block, plan.depth unused;
     release lr/batch: Darkroom 1e-2/1024, Key-to-Door 1e-3/2048, Permuted 1e-3/512, see
-    tune_configs/darkroom_idt.yaml), on Meta-World dicp_ray/models/idt_continuous.py (plan: depth-1 sampled search)."""
+    tune_configs/darkroom_idt.yaml), on Meta-World the release's Meta-World IDT, dicp_ray/models/idt_continuous.py
+    (return-to-go from 10 x horizon; plan: depth-1 sampled search on the blocks after step horizon // 2)."""
     world_model: bool = True
     """True = DICP (reward and next-observation heads + planning); False = the model-free baseline."""
     context_episodes: int = 4
@@ -185,7 +186,8 @@ class ModelConfig:
     """Transformer details (AD, DPT): auto | release | gpt2. release = the authors' TinyLlama blocks (no final norm,
     dropout on each sublayer's input, attention bias, PyTorch default init, raw grid coordinates); gpt2 = our
     earlier choice (final RMSNorm, dropout on embeddings and residual branches, normal(0.02) init, coordinates
-    scaled to [0, 1]). auto = release on the grid worlds, gpt2 on Meta-World (not yet measured there). IDT: gpt2."""
+    scaled to [0, 1]). auto = release for AD and DPT everywhere and for IDT on Meta-World (the release uses the same
+    TinyLlama there, release:metaworld/model/tiny_llama); the grid-world IDT keeps gpt2 under auto."""
     reward_loss_weight: float = 1.0
     """Meta-World: weight of the reward-regression MSE inside the world-model loss. Rewards lie in [0, 10], so
     their MSE is up to ~100x the action NLL early in training; 0.01 is the MSE of reward / 10 (see

@@ -4,6 +4,5 @@ Bottom layer: imports nothing else of dicp_ray.
     shards       the format: COLUMNS, shard_schema, write_shard, read_sidecar, shard_is_valid, write_manifest,
                  read_manifest, dataset_is_complete, SCHEMA_VERSION
     history      HistoryDataset (memory-mapped, checked), WindowSampler, WindowBatches
-    idt_windows  the IDTs' windows: HistoryWindowSampler, sort_history (grid), EpisodeWindowSampler,
-                 relabel_windows, best_episode_return (Meta-World)
+    idt_windows  both IDTs' windows (the release's): HistoryWindowSampler, sort_history
 """

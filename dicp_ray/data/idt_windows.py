@@ -1,5 +1,15 @@
-"""Training windows of the two IDTs: return-sorted whole histories (grid worlds, the release's layout) and whole
-episodes with relabelled returns-to-go (Meta-World), both ``WindowSampler`` subclasses over a ``HistoryDataset``.
+"""Training windows of both IDTs (grid worlds and Meta-World), as the release's ``IDTDataset`` builds them
+(``release:gridworld/dataset.py:207-267``, ``release:metaworld/dataset.py:64-157``, the same code): every history
+sorted by episode return with its return-to-go relabelled to the history's best return, and windows of k rows that
+start anywhere (``HistoryWindowSampler``, a ``WindowSampler`` over a ``HistoryDataset``; ``sort_history``).
+Per history (one stream of one task, whole episodes of `horizon` steps from step 0):
+  1. return-to-go of step t = the rewards of its episode from t to the episode end;
+  2. the episodes are reordered by ascending return (stable: ties keep time order; the release's ``np.argsort``
+     is not stable, so equal-return episodes may come in another order there);
+  3. every step's return-to-go is raised by (the highest return-to-go of the whole history - its episode's
+     return), so every episode starts at the history's best return and the best one ends at its last reward.
+A window is k consecutive rows of the sorted history starting at ANY row, so its blocks of c steps straddle
+episode ends, exactly as the release's ``__getitem__`` slices.
 
 Used by ``dicp_ray.train.batches.make_window_sampler``; the models themselves live in ``dicp_ray.models``.
 """
@@ -8,85 +18,6 @@ from __future__ import annotations
 import numpy as np
 
 from dicp_ray.data.history import WindowSampler
-
-
-class EpisodeWindowSampler(WindowSampler):
-    """Uniformly random windows of `num_episodes` consecutive whole episodes of one history.
-
-    ``data.WindowSampler`` with windows aligned to episode starts: ``sample(B)`` returns its columns plus
-    ``step (B, k)``, and every (history, first episode) pair is equally likely. Needs histories that start at an
-    episode start and hold episodes of exactly `horizon` steps, as the grid worlds' and Meta-World's do (checked on
-    every batch).
-    """
-
-    def __init__(self, dataset, num_episodes: int, horizon: int, seed):
-        if num_episodes < 1 or horizon < 1:
-            raise ValueError(f"num_episodes and horizon must be >= 1, got {num_episodes}, {horizon}")
-        self.horizon = horizon
-        try:
-            super().__init__(dataset, num_episodes * horizon, seed, align=horizon, extra_columns=("step",))
-        except ValueError as err:
-            raise ValueError(f"{err} ({num_episodes} episodes of {horizon} steps); use fewer context episodes "
-                             "or collect more steps") from None
-
-    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
-        out, k = super().sample(batch_size), self.window_len
-        if not np.array_equal(out["step"], np.broadcast_to(np.arange(k) % self.horizon, (batch_size, k))):
-            raise ValueError(f"{self.dataset.path}: IDT windows need histories of whole {self.horizon}-step "
-                             "episodes starting at step 0; a sampled window does not line up with episodes")
-        return out
-
-
-def relabel_windows(windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Sort each window's episodes by ascending return and relabel its return-to-go (vectorised, numpy).
-
-    `windows` holds whole episodes of equal length H (``EpisodeWindowSampler.sample``): per-step arrays of shape
-    (B, k, ...) with k = E * H, among them ``step`` (B, k) = position in the episode and ``reward``. Returns a
-    new dict: every per-step array with its episodes reordered by ascending return (ties keep their order),
-    ``return_to_go (B, k) float32`` = the window's best episode return minus the rewards collected earlier in
-    the same episode (so every episode starts at the best return and the best one ends at its last reward), and
-    ``episode_return (B, E)`` in the new order. Other entries (``task_id``) are passed through.
-    """
-    step = np.asarray(windows["step"])
-    B, k = step.shape
-    H = int(step.max()) + 1 if step.size else 0
-    if H == 0 or k % H or not np.array_equal(step, np.broadcast_to(np.arange(k) % H, (B, k))):
-        raise ValueError("relabel_windows needs windows of whole episodes of equal length starting at step 0")
-    E = k // H
-    reward = np.asarray(windows["reward"], np.float32)
-    returns = reward.reshape(B, E, H).sum(axis=2, dtype=np.float64)              # (B, E)
-    order = np.argsort(returns, axis=1, kind="stable")                            # ascending, ties in time order
-    rows = (order[:, :, None] * H + np.arange(H)).reshape(B, k)                   # new step -> old step
-    out = {}
-    for name, values in windows.items():
-        values = np.asarray(values)
-        if values.shape[:2] == (B, k):
-            index = rows.reshape(B, k, *([1] * (values.ndim - 2)))
-            out[name] = np.take_along_axis(values, index, axis=1)
-        else:
-            out[name] = values
-    sorted_returns = np.take_along_axis(returns, order, axis=1)
-    episode_reward = out["reward"].astype(np.float64).reshape(B, E, H)
-    earlier = np.cumsum(episode_reward, axis=2) - episode_reward                 # collected before step t
-    out["return_to_go"] = (sorted_returns[:, -1, None, None] - earlier).reshape(B, k).astype(np.float32)
-    out["episode_return"] = sorted_returns.astype(np.float32)
-    return out
-
-
-def best_episode_return(dataset) -> float:
-    """The highest episode return in a ``data.HistoryDataset`` (float64 sums of its float32 rewards over the rows
-    of each (stream, episode)): continuous IDT's return target, computed on the train tasks' histories."""
-    best = -np.inf
-    for position in range(len(dataset.task_ids)):
-        columns = dataset.shard_columns(position)
-        stream, episode = np.asarray(columns["stream"]), np.asarray(columns["episode"])
-        if stream.size == 0:
-            continue
-        starts = np.flatnonzero(np.r_[True, (np.diff(stream) != 0) | (np.diff(episode) != 0)])
-        best = max(best, float(np.add.reduceat(np.asarray(columns["reward"], np.float64), starts).max()))
-    if not np.isfinite(best):
-        raise ValueError(f"{dataset.path}: no episodes to take a return target from")
-    return best
 
 
 def sort_history(reward: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:

@@ -127,14 +127,16 @@ class Block(nn.Module):
 
 
 class CausalStack(nn.Module):
-    """Dropout, ``spec.num_layers`` causal pre-norm Blocks (RoPE positions 0..L-1), final RMSNorm."""
+    """``spec.num_layers`` causal pre-norm Blocks (RoPE positions 0..L-1). "gpt2": dropout on the input tokens and a
+    final RMSNorm; "release" (the release's TinyLlama ``Transformer``): neither, dropout sits inside the blocks."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.head_dim = spec.head_dim
-        self.drop = nn.Dropout(spec.dropout)
+        gpt2 = spec.backbone == "gpt2"
+        self.drop = nn.Dropout(spec.dropout) if gpt2 else nn.Identity()
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
-        self.norm = nn.RMSNorm(spec.embed_dim)
+        self.norm = nn.RMSNorm(spec.embed_dim) if gpt2 else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, L, E) -> (N, L, E); token i attends to tokens 0..i."""

@@ -34,4 +34,5 @@ class IDTBase(nn.Module):
         self.spec = spec
 
     def _init_parameters(self) -> None:
-        init_gpt2_(self, self.spec.num_layers)  # as DICPTransformer's gpt2 backbone
+        if self.spec.backbone == "gpt2":  # as DICPTransformer: "release" keeps PyTorch's default init
+            init_gpt2_(self, self.spec.num_layers)

@@ -89,9 +89,9 @@ class ModelSpec:
                                              or math.isqrt(self.num_obs_classes) ** 2 != self.num_obs_classes):
             raise ValueError("obs_embedding 'cell' needs grid cells: obs_dim 2 and a square num_obs_classes "
                              f"(got obs_dim={self.obs_dim}, num_obs_classes={self.num_obs_classes})")
-        if self.layout == "idt" and (self.obs_embedding != "linear" or self.backbone != "gpt2"):
-            raise ValueError("layout 'idt' embeds observations itself: it needs obs_embedding 'linear' and "
-                             "backbone 'gpt2'")
+        if self.layout == "idt" and (self.obs_embedding != "linear" or self.action_embedding != "linear"):
+            raise ValueError("layout 'idt' embeds observations and actions itself: it needs obs_embedding and "
+                             "action_embedding 'linear'")
         if self.layout == "idt":
             if not self.discrete_actions and (self.reward_classes or self.num_obs_classes):
                 raise ValueError("layout 'idt' with continuous actions needs regression heads: "

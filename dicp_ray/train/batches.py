@@ -5,7 +5,7 @@
     train_model(config, "runs/smoke/dataset", "runs/smoke/train/split_0", split_seed=0)  # -> .../model.pt
 
 Each run samples windows of k = context_episodes * horizon transitions from the TRAIN tasks of the split
-(never a test task: asserted on the first batch; IDT: windows of whole episodes, `make_window_sampler`) and turns
+(never a test task: asserted on the first batch; IDT: return-sorted histories, `make_window_sampler`) and turns
 them into the AD, DPT or IDT layout (`windows_to_batch`); `train.step` takes the AdamW steps (cosine decay to 0,
 no warm-up, grad clipping; bf16 autocast on CUDA when train.mixed_precision).
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dicp_ray.config.schema import ConfigError, ExperimentConfig
-from dicp_ray.data.idt_windows import EpisodeWindowSampler, HistoryWindowSampler, best_episode_return, relabel_windows
+from dicp_ray.data.idt_windows import HistoryWindowSampler
 from dicp_ray.envs import GRID_SIZE, GRID_SPECS, cell_index
 from dicp_ray.models.spec import ModelSpec
 
@@ -38,16 +38,18 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- model inputs
 def token_choices(config: ExperimentConfig) -> dict[str, str]:
     """model.obs_embedding / model.action_embedding / model.backbone resolved ("auto" = the release's choice for the
-    env and layout); IDT keeps ModelSpec's defaults (it embeds observations and actions itself)."""
+    env and layout: its TinyLlama backbone for AD and DPT everywhere and for IDT on Meta-World, whose release uses
+    the same blocks; the grid IDT keeps gpt2). IDT embeds observations and actions itself (no embedding choice)."""
     m = config.model
-    if m.variant == "idt":
-        return {}
     mw = config.env.is_meta_world
+    if m.variant == "idt":
+        auto = "release" if mw else "gpt2"
+        return {"backbone": auto if m.backbone == "auto" else m.backbone}
     auto_obs = "linear" if mw else ("cell" if m.variant == "ad" else "transition")
     auto_action = "linear" if mw else "table"
     return {"obs_embedding": auto_obs if m.obs_embedding == "auto" else m.obs_embedding,
             "action_embedding": auto_action if m.action_embedding == "auto" else m.action_embedding,
-            "backbone": ("gpt2" if mw else "release") if m.backbone == "auto" else m.backbone}
+            "backbone": "release" if m.backbone == "auto" else m.backbone}
 
 
 def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
@@ -58,10 +60,10 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
             raise ConfigError(f"model.variant = {m.variant!r}: continuous-action (Meta-World) training is "
                               "implemented for AD and IDT only (--set model.variant=ad)")
         reward_max = 10.0  # Meta-World's v2 reward functions pay at most 10 per step
-        # IDT: returns-to-go / (max reward per step x horizon) lie in [0, 1] (the grid worlds' 1 / horizon), and
-        # every test episode starts at the best episode return of the (train-task) data (dicp_ray/models/idt_continuous.py).
-        idt = ({"return_scale": 1.0 / (reward_max * config.env.horizon),
-                "return_target": best_episode_return(dataset)} if m.variant == "idt" else {})
+        # IDT as the release (release:metaworld/model/idt.py:90): raw returns-to-go are embedded, and every test
+        # episode starts at return-to-go 10 x horizon (= max reward per step x horizon = 1000).
+        idt = ({"return_scale": 1.0, "return_target": reward_max * config.env.horizon}
+               if m.variant == "idt" else {})
         return ModelSpec(layout=m.variant, world_model=m.world_model, obs_dim=int(dataset.obs_dim),
                          discrete_actions=False, num_actions=int(dataset.action_dim), num_obs_classes=None,
                          reward_classes=None, reward_max=reward_max, context_len=config.context_len,
@@ -83,13 +85,10 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
 
 
 def make_window_sampler(config: ExperimentConfig, dataset: Any, seed):
-    """Training windows for config.model.variant: k consecutive transitions starting anywhere (AD, DPT; grid IDT
-    in its history sorted by episode return, with relabelled return-to-go: `idt_grid.HistoryWindowSampler`), or
-    context_episodes whole episodes (continuous IDT, whose episodes are then sorted in `windows_to_batch`)."""
+    """Training windows for config.model.variant: k consecutive transitions starting anywhere (AD, DPT; IDT in
+    its history sorted by episode return, with relabelled return-to-go: `idt_windows.HistoryWindowSampler`)."""
     from dicp_ray.data.history import WindowSampler
 
-    if config.model.variant == "idt" and getattr(dataset, "is_continuous", False):
-        return EpisodeWindowSampler(dataset, config.model.context_episodes, config.env.horizon, seed=seed)
     if config.model.variant == "idt":
         return HistoryWindowSampler(dataset, config.context_len, config.env.horizon, seed=seed)
     return WindowSampler(dataset, config.context_len, seed=seed)
@@ -105,21 +104,19 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
     as well; we use the window's last observation (so AD and DPT see the same tokens and the query state is
     one the source visited in this task) and its target is the oracle action a* of that state after each of
     the T context transitions (positions 1..T; the query alone, position 0, is not supervised, as in the
-    release). Grid IDT windows (`idt_grid.HistoryWindowSampler`: already sorted, with a
-    ``return_to_go`` column) become cells, actions, reward classes and returns-to-go, every step a target.
-    Continuous IDT windows (whole episodes with a ``step`` column) are sorted by episode return and their
-    return-to-go relabelled (`dicp_ray.models.idt_continuous.relabel_windows`); float actions, rewards and next observations of
-    every step are the targets, as in `_continuous_batch`.
+    release). IDT windows (`idt_windows.HistoryWindowSampler`: already sorted, with a ``return_to_go``
+    column) become cells, actions, reward classes and returns-to-go (grid worlds) or the float columns
+    (Meta-World), every step a target.
     """
     def tensor(x, dtype):
         return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
     if layout == "idt":
-        if windows["action"].ndim == 3:  # continuous actions (B, k, A): Meta-World, regression targets
-            return _continuous_idt_batch(relabel_windows(windows), world_model, tensor)
         if "return_to_go" not in windows:
-            raise ValueError("grid IDT windows need a return_to_go column: sample them with "
-                             "dicp_ray.models.idt_grid.HistoryWindowSampler (train.make_window_sampler)")
+            raise ValueError("IDT windows need a return_to_go column: sample them with "
+                             "dicp_ray.data.idt_windows.HistoryWindowSampler (train.make_window_sampler)")
+        if windows["action"].ndim == 3:  # continuous actions (B, k, A): Meta-World, regression targets
+            return _continuous_idt_batch(windows, world_model, tensor)
         cells, next_cells = cell_index(windows["obs"]), cell_index(windows["next_obs"])       # (B, k)
         batch = {"ctx_obs": tensor(cells, torch.long), "ctx_action": tensor(windows["action"], torch.long),
                  "ctx_reward": tensor(np.rint(windows["reward"]), torch.long),
@@ -171,7 +168,7 @@ def _continuous_batch(windows: dict[str, np.ndarray], layout: str, world_model: 
 
 
 def _continuous_idt_batch(w: dict[str, np.ndarray], world_model: bool, tensor):
-    """Relabelled IDT windows with float actions: every step's action, reward (clipped to [0, 10] by the loss) and
+    """Sorted, relabelled IDT windows with float actions: every step's action, reward (clipped to [0, 10] by the loss) and
     next observation are the targets."""
     batch = {"ctx_obs": tensor(w["obs"], torch.float32), "ctx_action": tensor(w["action"], torch.float32),
              "ctx_reward": tensor(w["reward"], torch.float32), "ctx_next_obs": tensor(w["next_obs"], torch.float32),

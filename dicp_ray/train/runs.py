@@ -42,6 +42,11 @@ def run_identity(config_dict: dict[str, Any], split_seed: int, dataset_id: str) 
         picked["model"].update(next_obs_loss=bool(next_obs_loss), action_nll="mean")
     if picked["model"].get("variant") == "idt" and picked["env"].get("name") in GRID_SPECS:
         picked["idt_format"] = "release-history-windows-v1"  # idt_grid.py: other windows and model than before
+    if config_dict["env"]["name"] in META_WORLD_ENVS:
+        if picked["model"].get("backbone", "auto") == "auto":  # auto meant gpt2 there before issue #24
+            picked["model"]["backbone"] = "auto=release"
+        if picked["model"].get("variant") == "idt":  # idt_continuous.py: the release's layout since issue #24
+            picked["idt_format"] = "release-metaworld-v1"
     return json.loads(json.dumps({**picked, "split_seed": split_seed, "dataset_id": dataset_id}))
 
 
