@@ -1,5 +1,7 @@
-"""Unit tests of IDT with continuous actions (Meta-World): Gaussian action head, reward / next-observation
-regression, float-reward relabelling, windows -> batch, acting, DICP-IDT sampled search, checkpoints, config."""
+"""Unit tests of the Meta-World IDT in the release's layout (dicp_ray/models/idt_continuous.py): shapes, Gaussian
+action head, reward / next-observation regression, causality, the release's windows on a hand-worked history,
+windows -> batch, acting like a direct forward pass, DICP-IDT sampled search and when it runs, checkpoints
+(earlier layout refused by name), config."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +14,7 @@ from dicp_ray.agents.idt_continuous import IDTAgent
 from dicp_ray.config.load import config_from_dict, load_config
 from dicp_ray.config.schema import ConfigError
 from dicp_ray.data import history, shards
-from dicp_ray.data.idt_windows import EpisodeWindowSampler, best_episode_return, relabel_windows
+from dicp_ray.data.idt_windows import HistoryWindowSampler
 from dicp_ray.models.checkpoints import build_model, load_checkpoint, save_checkpoint
 from dicp_ray.models.idt_continuous import IDTTransformer
 from dicp_ray.models.spec import LOG_STD_MAX, LOG_STD_MIN, ModelSpec
@@ -22,7 +24,7 @@ D, A, H = 5, 3, 20                      # obs dim, action dim, episode length of
 SMALL = dict(layout="idt", discrete_actions=False, num_actions=A, obs_dim=D, num_obs_classes=None,
              reward_classes=None, reward_max=10.0, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32,
              context_len=40, block_len=10, z_dim=4, return_scale=1e-3, return_target=150.0, dropout=0.0,
-             attn_dropout=0.0)
+             attn_dropout=0.0, backbone="release")
 REPO = Path(__file__).resolve().parents[2]
 LOSS_KEYS = {"loss", "loss_action", "loss_reward", "loss_next_obs"}   # AD continuous reports the same
 
@@ -60,7 +62,7 @@ def test_forward_shapes_losses_and_gradients(world_model):
     preds, losses = model(batch, targets, world_model_weight=0.5)
     assert preds["action_mean"].shape == preds["action_log_std"].shape == (3, 40, A)
     assert preds["action_log_std"].min() >= LOG_STD_MIN and preds["action_log_std"].max() <= LOG_STD_MAX
-    assert preds["z_mean"].shape == (3, 4, 4) and "action_logits" not in preds
+    assert preds["z_mean"].shape == preds["z_log_var"].shape == (3, 4, 4) and "action_logits" not in preds
     if world_model:
         assert preds["reward"].shape == (3, 40) and preds["next_obs"].shape == (3, 40, D)
         assert preds["reward"].min() >= 0 and preds["reward"].max() <= 10       # clipped regression
@@ -159,59 +161,35 @@ def test_checkpoint_round_trip_keeps_the_return_target(tmp_path):
             torch.testing.assert_close(loaded(batch)[0][key], model(batch)[0][key], rtol=0, atol=0)
 
 
+def test_checkpoints_of_the_earlier_continuous_idt_are_refused_by_name(tmp_path):
+    model = make_model(seed=4).eval()
+    state = {**model.state_dict(), "embed_decision.weight": torch.zeros(16, 1 + D + 4 + 1)}
+    with pytest.raises(RuntimeError, match="earlier continuous IDT"):
+        model.load_state_dict(state)
+    path = tmp_path / "old.pt"
+    save_checkpoint(str(path), model, extra={"variant": "idt"})
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = {"embed_transition.weight": torch.zeros(16, 2 * D + A + 1),
+                             "embed_decision.weight": torch.zeros(16, 1 + D + 4 + 1)}
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="earlier continuous IDT.*retrain"):
+        load_checkpoint(str(path))
+
+
 # ------------------------------------------------------------------------------------------ data
-def _float_windows():
-    """2 windows x 3 episodes of 2 steps, float rewards; returns: window 0 -> [1.5, 0.25, 7.0], 1 -> [2, 2, 0.5]."""
-    reward = np.array([[0.5, 1.0, 0.25, 0.0, 3.5, 3.5],
-                       [1.0, 1.0, 1.5, 0.5, 0.25, 0.25]], np.float32)
-    marker = np.arange(6)[None].repeat(2, 0) + np.array([[0], [100]])
-    action = np.stack([marker, -marker, 2 * marker], -1).astype(np.float32) / 1000      # (2, 6, 3)
-    return {"obs": np.stack([marker] * D, -1).astype(np.float32), "action": action, "reward": reward,
-            "next_obs": np.stack([marker + 0.5] * D, -1).astype(np.float32),
-            "success": (reward > 3).astype(np.float32), "step": np.tile(np.arange(2), (2, 3)),
-            "task_id": np.array([7, 8])}
-
-
-def test_relabel_with_float_rewards_and_vector_actions():
-    w = _float_windows()
-    out = relabel_windows(w)
-    order = np.array([[2, 3, 0, 1, 4, 5], [4, 5, 0, 1, 2, 3]])          # ascending return, ties in time order
-    marker = order + np.array([[0], [100]])
-    np.testing.assert_array_equal(out["action"], np.take_along_axis(w["action"], order[..., None], 1))
-    np.testing.assert_allclose(out["action"], np.stack([marker, -marker, 2 * marker], -1) / 1000, rtol=1e-6)
-    np.testing.assert_array_equal(out["obs"][..., 0], marker)
-    np.testing.assert_array_equal(out["success"], np.take_along_axis(w["success"], order, 1))
-    np.testing.assert_allclose(out["episode_return"], [[0.25, 1.5, 7.0], [0.5, 2.0, 2.0]])
-    np.testing.assert_allclose(out["return_to_go"][0], [7.0, 6.75, 7.0, 6.5, 7.0, 3.5])
-    np.testing.assert_allclose(out["return_to_go"][1], [2.0, 1.75, 2.0, 1.0, 2.0, 0.5])
-    assert out["return_to_go"].dtype == np.float32
-
-
-def test_windows_to_batch_for_continuous_idt():
-    w = _float_windows()
-    batch, targets = windows_to_batch(w, "idt", world_model=True)
-    out = relabel_windows(w)
-    assert batch["ctx_action"].shape == (2, 6, A) and batch["ctx_action"].dtype == torch.float32
-    np.testing.assert_array_equal(batch["ctx_return_to_go"].numpy(), out["return_to_go"])
-    np.testing.assert_array_equal(targets["target_action"].numpy(), out["action"])
-    np.testing.assert_array_equal(targets["target_reward"].numpy(), out["reward"])     # floats, not classes
-    np.testing.assert_array_equal(targets["target_next_obs"].numpy(), out["next_obs"])
-    assert all(t.dtype == torch.float32 for t in (*batch.values(), *targets.values()))
-    _, targets = windows_to_batch(w, "idt", world_model=False)
-    assert set(targets) == {"target_action"}
-
-
-def write_continuous_dataset(path: str, task_ids, num_streams=2, num_episodes=4, horizon=H, seed=0) -> list:
-    """A tiny complete Meta-World-like dataset (random floats, whole episodes); returns the episode returns."""
+def write_continuous_dataset(path: str, task_ids, num_streams=2, num_episodes=4, horizon=H, seed=0,
+                             rewards=None) -> list:
+    """A tiny complete Meta-World-like dataset (random floats, whole episodes; `rewards` (n,) per task overrides
+    the random rewards); returns the episode returns."""
     rng = np.random.default_rng(seed)
     sidecars, returns = [], []
     for task_id in task_ids:
         n = num_streams * num_episodes * horizon
-        reward = rng.uniform(0, 10, n).astype(np.float32)
+        reward = (rng.uniform(0, 10, n) if rewards is None else np.asarray(rewards)).astype(np.float32)
         cols = {"stream": np.repeat(np.arange(num_streams), n // num_streams).astype(np.int32),
                 "episode": np.tile(np.repeat(np.arange(num_episodes), horizon), num_streams).astype(np.int32),
                 "step": np.tile(np.arange(horizon), n // horizon).astype(np.int32),
-                "obs": rng.normal(size=(n, D)).astype(np.float32),
+                "obs": (np.arange(n)[:, None] + np.zeros((1, D))).astype(np.float32),     # obs = row number
                 "action": rng.uniform(-1, 1, (n, A)).astype(np.float32), "reward": reward,
                 "next_obs": rng.normal(size=(n, D)).astype(np.float32), "terminated": np.zeros(n, bool),
                 "truncated": np.tile(np.arange(horizon) == horizon - 1, n // horizon),
@@ -224,71 +202,119 @@ def write_continuous_dataset(path: str, task_ids, num_streams=2, num_episodes=4,
     return returns
 
 
-def test_episode_windows_best_return_and_model_spec_on_continuous_data(tmp_path):
+def test_windows_match_the_releases_dataset_on_a_hand_worked_history(tmp_path):
+    """release:metaworld/dataset.py IDTDataset, restated: per history, return-to-go = reverse cumsum inside each
+    episode; episodes sorted by ascending return (argsort of the return-to-go at step 0); every episode's
+    return-to-go raised by (max return-to-go of the history - its return); windows of k rows start at any row.
+
+    One history, horizon 2, rewards ep0 [1, 2] (return 3), ep1 [0, 0.5] (0.5), ep2 [4, 1] (5):
+    sorted episodes ep1, ep0, ep2 -> rows [2, 3, 0, 1, 4, 5]; return-to-go ep1 [0.5, 0.5] + 4.5, ep0 [3, 2] + 2,
+    ep2 [5, 1] + 0 -> [5, 5, 5, 4, 5, 1]. Windows of k = 4 start at sorted rows 0, 1, 2."""
     path = str(tmp_path / "ds")
-    returns = write_continuous_dataset(path, [0, 1, 50])
-    train = history.HistoryDataset.open(path, task_ids=[0, 1])
-    assert train.is_continuous and train.action_dim == A
-    w = EpisodeWindowSampler(train, num_episodes=2, horizon=H, seed=0).sample(8)
-    assert w["action"].shape == (8, 2 * H, A) and w["reward"].dtype == np.float32
-    np.testing.assert_array_equal(w["step"], np.tile(np.arange(H), (8, 2)))
+    write_continuous_dataset(path, [0], num_streams=1, num_episodes=3, horizon=2, rewards=[1, 2, 0, 0.5, 4, 1])
+    data = history.HistoryDataset.open(path)
+    sampler = HistoryWindowSampler(data, window_len=4, horizon=2, seed=0)
+    rows, rtg = np.array([2, 3, 0, 1, 4, 5]), np.array([5, 5, 5, 4, 5, 1], np.float32)
+    expected = {tuple(rows[s:s + 4]): rtg[s:s + 4] for s in range(3)}
+    w = sampler.sample(64)
+    assert w["action"].shape == (64, 4, A) and w["action"].dtype == np.float32
+    seen = set()
+    for i in range(64):
+        key = tuple(w["obs"][i, :, 0].astype(int))                       # obs = original row number
+        assert key in expected, key
+        np.testing.assert_array_equal(w["return_to_go"][i], expected[key])
+        np.testing.assert_array_equal(w["reward"][i], np.array([1, 2, 0, 0.5, 4, 1], np.float32)[list(key)])
+        seen.add(key)
+    assert len(seen) == 3                                                # every start is drawn
     batch, targets = windows_to_batch(w, "idt", world_model=True)
-    model = make_model(context_len=2 * H)
-    assert torch.isfinite(model(batch, targets)[1]["loss"])
-    best_train = max(returns[: 2 * 2 * 4])                                 # the first two tasks' episodes
-    assert best_episode_return(train) == pytest.approx(best_train, rel=1e-12)
-    assert best_episode_return(history.HistoryDataset.open(path)) == pytest.approx(max(returns), rel=1e-12)
+    assert batch["ctx_action"].shape == (64, 4, A) and batch["ctx_action"].dtype == torch.float32
+    np.testing.assert_array_equal(batch["ctx_return_to_go"].numpy(), w["return_to_go"])
+    np.testing.assert_array_equal(targets["target_reward"].numpy(), w["reward"])      # floats, not classes
+    np.testing.assert_array_equal(targets["target_next_obs"].numpy(), w["next_obs"])
+    assert set(windows_to_batch(w, "idt", world_model=False)[1]) == {"target_action"}
+    with pytest.raises(ValueError, match="return_to_go column"):
+        windows_to_batch({k: v for k, v in w.items() if k != "return_to_go"}, "idt", world_model=True)
+
+
+def test_model_spec_on_continuous_data_is_the_releases(tmp_path):
+    path = str(tmp_path / "ds")
+    write_continuous_dataset(path, [0, 1, 50])
+    train = history.HistoryDataset.open(path, task_ids=[0, 1])
     config = config_from_dict({"env": {"name": "ML1", "task": "reach-v3"},
                                "model": {"variant": "idt", "context_episodes": 2, "num_heads": 4, "embed_dim": 32,
                                          "mlp_dim": 128}, "train": {"lr": 1e-3}, "eval": {"modes": ["policy"]}})
     spec = model_spec_from_config(config, train)
     assert (spec.layout, spec.discrete_actions, spec.num_actions, spec.obs_dim) == ("idt", False, A, D)
     assert spec.reward_classes is None and spec.num_obs_classes is None and spec.reward_max == 10.0
-    assert spec.return_scale == pytest.approx(1 / 1000) and spec.return_target == pytest.approx(best_train)
-    assert spec.context_len == 200
+    assert spec.return_scale == 1.0 and spec.return_target == 1000.0      # release: raw RTG from 10 x horizon
+    assert spec.context_len == 200 and spec.backbone == "release"
+    w = HistoryWindowSampler(train, 40, H, seed=0).sample(4)             # the data's horizon is 20, not 100
+    assert torch.isfinite(make_model()(*windows_to_batch(w, "idt", world_model=True))[1]["loss"])
     ad = model_spec_from_config(config_from_dict({**config.to_dict(), "model": {"variant": "ad"}}), train)
-    assert ad.layout == "ad" and ad.return_target is None and ad.return_scale == 1.0   # AD unchanged
+    assert ad.layout == "ad" and ad.return_target is None and ad.backbone == "release"
+    gpt2 = config_from_dict({**config.to_dict(), "model": {"variant": "idt", "backbone": "gpt2"}})
+    assert model_spec_from_config(gpt2, train).backbone == "gpt2"
+
+
+def test_run_identity_marks_the_meta_world_idt_and_the_resolved_backbone():
+    from dicp_ray.train.runs import run_identity
+
+    meta = {"env": {"name": "ML1", "task": "reach-v3"}, "model": {"variant": "idt"}, "train": {"lr": 1e-3}}
+    ident = run_identity(config_from_dict(meta).to_dict(), 0, "d")
+    assert ident["idt_format"] == "release-metaworld-v1" and ident["model"]["backbone"] == "auto=release"
+    ad = run_identity(config_from_dict({**meta, "model": {"variant": "ad", "backbone": "gpt2"}}).to_dict(), 0, "d")
+    assert "idt_format" not in ad and ad["model"]["backbone"] == "gpt2"
 
 
 # ------------------------------------------------------------------------------------------ acting
-def _drive(agent, model, episodes, N, seed, record_last=True):
-    """Feed a fixed random history; returns per-step policy outputs of the last episode and its last state."""
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(episodes):
-        agent.start_episode()
-        window = agent.context_window()
-        means, log_stds, rewards = [], [], []
-        for _ in range(H):
-            obs = torch.randn(N, D, generator=g)
-            tokens = agent._step_tokens(obs)
-            mean, log_std = model.action_head(model.decisions_to_go(tokens)[:, -1])
-            action = torch.rand(N, A, generator=g) * 2 - 1
-            means.append(mean), log_stds.append(log_std)
-            rewards.append(agent.predicted_rewards(tokens, action[:, None])[:, 0])
-            current = {name: x.clone() for name, x in agent.current.items()}
-            current["action"][:, agent.t] = action
-            agent.observe(action, torch.rand(N, generator=g) * 10, torch.randn(N, D, generator=g))
-    return window, current, [torch.stack(x, 1) for x in (means, log_stds, rewards)]
-
-
 @torch.no_grad()
-def test_agent_policy_and_predicted_rewards_match_the_training_forward():
-    model = make_model(seed=5, context_len=80).eval()                 # E = 4 episodes of H = 20
-    N = 3
-    agent = IDTAgent(model, H, return_target=torch.tensor([150.0, 90.0, 200.0]), sample_decisions=False)
-    window, last, (means, log_stds, rewards) = _drive(agent, model, 6, N, seed=11)
-    assert window["obs"].shape == (N, 3, H, D) and window["action"].shape == (N, 3, H, A)
-    assert agent.num_finished == 3
-    returns = window["reward"].sum(-1)
-    assert torch.all(returns[:, 1:] >= returns[:, :-1])
-    batch = {f"ctx_{name}": torch.cat([window[name].flatten(1, 2), last[name]], dim=1)
-             for name in ("obs", "action", "reward", "next_obs", "return_to_go")}
+def test_agent_first_actions_equal_a_direct_forward_pass():
+    """Mean decisions: over its first context_len steps (2 episodes) the agent's action Gaussians and the reward
+    predicted for the taken action equal the eval-mode forward on the same 40 steps, whose returns-to-go start
+    every episode at the target and drop by each finished block's rewards."""
+    model = make_model(seed=5).eval()
+    N, k, c = 3, 40, 10
+    target = torch.tensor([150.0, 90.0, 200.0])
+    agent = IDTAgent(model, H, return_target=target, sample_decisions=False)
+    g = torch.Generator().manual_seed(11)
+    obs, action = torch.randn(N, k, D, generator=g), torch.rand(N, k, A, generator=g) * 2 - 1
+    reward, next_obs = torch.rand(N, k, generator=g) * 10, torch.randn(N, k, D, generator=g)
+    means, log_stds, rewards = [], [], []
+    for t in range(k):
+        if t % H == 0:
+            agent.start_episode()
+        mean, log_std = agent.policy(obs[:, t])
+        rewards.append(agent.world_preds(action[:, t])["reward"])
+        means.append(mean), log_stds.append(log_std)
+        agent.observe(action[:, t], reward[:, t], next_obs[:, t])
+    rtg = torch.zeros(N, k)
+    for t in range(0, k, c):
+        rtg[:, t] = target if t % H == 0 else rtg[:, t - c] - reward[:, t - c:t].sum(1)
+    batch = {"ctx_obs": obs, "ctx_action": action, "ctx_reward": reward, "ctx_next_obs": next_obs,
+             "ctx_return_to_go": rtg}
     preds = model(batch)[0]
-    torch.testing.assert_close(means, preds["action_mean"][:, -H:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(log_stds, preds["action_log_std"][:, -H:], rtol=1e-5, atol=1e-5)
-    # the reward scored for a candidate = the forward's world prediction with that action at step t
-    torch.testing.assert_close(rewards, preds["reward"][:, -H:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last["return_to_go"][:, 0], torch.tensor([150.0, 90.0, 200.0]))
+    torch.testing.assert_close(torch.stack(means, 1), preds["action_mean"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(log_stds, 1), preds["action_log_std"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(rewards, 1), preds["reward"], rtol=1e-5, atol=1e-5)
+    window = agent.context_window()
+    assert window["obs"].shape == (N, 4, D) and window["z_dists"].shape == (N, 4, 8)
+    torch.testing.assert_close(window["return_to_go"], rtg[:, ::c])
+
+
+def test_the_context_slides_in_time_order_over_the_newest_blocks():
+    model = make_model(seed=2).eval()
+    agent = IDTAgent(model, H, torch.full((2,), 100.0), generator=torch.Generator().manual_seed(0))
+    obs = torch.zeros(2, D)
+    for step in range(5 * H):
+        if step % H == 0:
+            agent.start_episode()
+        obs[:] = step
+        agent.observe(agent.act(obs).clamp(-1, 1), torch.ones(2), obs)
+        if step % 10 == 9:
+            starts = agent.context_window()["obs"][0, :, 0]
+            expected = torch.arange(max(0, step - 39), step + 1, 10, dtype=torch.float32) // 10 * 10
+            torch.testing.assert_close(starts, expected)
+    assert agent.num_finished == 5 and agent.steps_taken == 5 * H
 
 
 def test_act_samples_the_gaussian_like_ad_and_is_deterministic():
@@ -300,7 +326,7 @@ def test_act_samples_the_gaussian_like_ad_and_is_deterministic():
     sampler = IDTAgent(model, H, torch.full((4,), 100.0), generator=torch.Generator().manual_seed(7))
     sampler.start_episode()
     action = sampler.act(obs)
-    # both agents drew the same decision z; act then draws float64 normals from the generator, like AD
+    # both agents drew the same decisions z; act then draws float64 normals from the generator, like AD
     expected_noise = torch.randn(4, A, generator=policy.generator, dtype=torch.float64).float()
     torch.testing.assert_close(action, mean + log_std.exp() * expected_noise)
     assert action.shape == (4, A) and action.dtype == torch.float32
@@ -314,9 +340,10 @@ def test_act_samples_the_gaussian_like_ad_and_is_deterministic():
                 a = agent.act(obs)
                 actions.append(a)
                 agent.observe(a.clamp(-1, 1), torch.ones(4), obs)
-        assert agent.finished["action"].shape == (4, 1, H, A)
         runs.append(torch.stack(actions))
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    z = policy.z
+    assert z.shape == (4, 10, 4) and not torch.allclose(z[:, 0], z[:, 1])   # one z sample per step
 
 
 @torch.no_grad()
@@ -346,6 +373,31 @@ def test_plan_action_picks_the_candidate_with_the_best_predicted_reward():
         torch.testing.assert_close(only_mean, mean.clamp(-1, 1))
     with pytest.raises(ValueError, match="world model"):
         IDTAgent(make_model(world_model=False).eval(), H, torch.zeros(5)).plan_action(obs, 4)
+
+
+@pytest.mark.parametrize("second_half_only", [True, False])
+def test_plan_mode_plans_only_on_blocks_after_step_50_once_k_steps_were_taken(second_half_only):
+    """release:metaworld/model/idt.py:103: a block is planned iff at its start step >= n_transit (k) and
+    step % horizon > 50; at horizon 100, c = 10, k = 2 episodes: blocks 60-90 of episodes 3 and 4."""
+    from dicp_ray.agents.agent import make_agent
+    from dicp_ray.agents.plan import PlannerSettings
+
+    model = make_model(seed=7, context_len=200).eval()
+    settings = PlannerSettings(num_samples=3, depth=1, second_half_only=second_half_only)
+    agent = make_agent(model, 2, mode="plan", horizon=100, settings=settings,
+                       generator=torch.Generator().manual_seed(0))
+    planned = []
+    obs = torch.zeros(2, D)
+    for episode in range(4):
+        for t in range(100):
+            action = agent.act(obs)
+            assert agent.planned.all() == agent.planned.any()              # lockstep: both tasks or neither
+            planned.append(bool(agent.planned[0]))
+            agent.observe(action.clamp(-1, 1), torch.ones(2), obs, episode_end=t == 99)
+    planned = np.array(planned).reshape(4, 100)
+    assert not planned[:2].any()
+    expected = np.arange(100) >= (60 if second_half_only else 0)
+    np.testing.assert_array_equal(planned[2:], np.broadcast_to(expected, (2, 100)))
 
 
 # ------------------------------------------------------------------------------------------ config / evaluate
