@@ -388,7 +388,7 @@ def test_plan_mode_plans_only_on_blocks_after_step_50_once_k_steps_were_taken(se
                        generator=torch.Generator().manual_seed(0))
     planned = []
     obs = torch.zeros(2, D)
-    for episode in range(4):
+    for _ in range(4):
         for t in range(100):
             action = agent.act(obs)
             assert agent.planned.all() == agent.planned.any()              # lockstep: both tasks or neither
