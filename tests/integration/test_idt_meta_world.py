@@ -1,4 +1,4 @@
-"""Continuous IDT end to end on real MuJoCo at a tiny scale: ML1 reach-v3 histories -> training -> evaluation.
+"""Continuous (Meta-World, the release's layout) IDT end to end on real MuJoCo at a tiny scale: ML1 reach-v3 histories -> training -> evaluation.
 
 The dataset holds train goals 0 and 1 of split seed 0 x 2 streams x 3 episodes of 100 steps, acted by a random
 Gaussian source (not a learner: the point is the data path, recorded like dicp_ray.collect records PPO, with the
@@ -20,7 +20,6 @@ import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
 from dicp_ray.config.load import config_from_dict
 from dicp_ray.config.schema import ExperimentConfig
 from dicp_ray.data import history, shards
-from dicp_ray.data.idt_windows import best_episode_return
 from dicp_ray.envs import split_tasks
 from dicp_ray.evaluate.episodes import evaluate_in_context
 from dicp_ray.models.checkpoints import load_checkpoint
@@ -87,17 +86,16 @@ def trained(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-def test_checkpoint_is_a_continuous_idt_with_the_best_training_return_as_target(trained):
+def test_checkpoint_is_the_release_layout_continuous_idt_with_return_target_1000(trained):
     _, dataset_dir, path = trained
     model, payload = load_checkpoint(path)
     spec = model.spec
     assert isinstance(model, IDTTransformer) and payload["variant"] == "idt" and payload["step"] == 6
     assert not spec.discrete_actions and (spec.num_actions, spec.obs_dim, spec.context_len) == (4, 11, 200)
     assert spec.reward_classes is None and spec.num_obs_classes is None and spec.world_model
-    assert spec.return_scale == pytest.approx(1e-3)
-    train_data = history.HistoryDataset.open(dataset_dir, task_ids=payload["train_task_ids"])
-    assert payload["train_task_ids"] == TRAIN_IDS[:2]
-    assert spec.return_target == best_episode_return(train_data) > 0
+    assert spec.return_scale == 1.0 and spec.return_target == 10 * HORIZON == 1000.0  # release:.../idt.py:90
+    assert spec.backbone == "release" and hasattr(model, "md_return") and not hasattr(model, "embed_decision")
+    assert history.HistoryDataset.open(dataset_dir).task_ids == payload["train_task_ids"] == TRAIN_IDS[:2]
 
 
 @pytest.mark.parametrize("mode", ["policy", "plan"])
@@ -113,8 +111,9 @@ def test_evaluation_records_returns_and_success_like_continuous_ad(trained, mode
                                np.maximum.accumulate(successes, axis=1).mean(axis=0))
     assert result["task_ids"] == TEST_IDS[:2] and result["oracle_max_returns"] is None
     assert result["settings"]["idt_return_target"] == load_checkpoint(path)[0].spec.return_target
-    # plan: from episode 2 (the context holds E-1 = 1 finished episode), second half only: 2 x 50 steps x 2 goals
-    assert result["timing"]["planned_decisions"] == (200 if mode == "plan" else 0)
+    # plan (release:metaworld/model/idt.py:103): blocks starting once k = 200 steps were taken (episode 3) and
+    # after step 50 (blocks 60, 70, 80, 90): 40 steps x 2 goals
+    assert result["timing"]["planned_decisions"] == (80 if mode == "plan" else 0)
     assert result["label"] == ("DICP-IDT (plan)" if mode == "plan" else "IDT + world model (policy)")
     written = json.loads((out / "results.json").read_text())
     assert written["returns"] == result["returns"] and "success_once_so_far_mean" in written

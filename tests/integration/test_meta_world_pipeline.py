@@ -1,5 +1,6 @@
-"""Meta-World end to end at smoke scale on real MuJoCo: RLlib PPO histories -> Ray Train (continuous AD with
-Gaussian actions and reward / next-observation regression) -> in-context evaluation with success metrics."""
+"""Meta-World end to end at smoke scale on real MuJoCo: RLlib PPO histories -> Ray Train (continuous AD on ML1,
+the release-layout IDT on ML10, Gaussian actions and reward regression) -> in-context evaluation (policy and
+DICP's sampled search) with success metrics."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,10 @@ def test_checkpoint_is_a_continuous_world_model_of_the_train_tasks(pipeline_run)
     spec = model.spec
     assert not spec.discrete_actions and spec.num_actions == 4 and spec.obs_dim == 11
     assert spec.reward_classes is None and spec.num_obs_classes is None  # regression heads
+    assert spec.layout == config.model.variant == ("idt" if config.env.name == "ML10" else "ad")
+    assert spec.backbone == "release"                                     # model.backbone auto on Meta-World
+    if spec.layout == "idt":                                              # the release's Meta-World IDT
+        assert spec.return_target == 1000.0 and hasattr(model, "md_return")
     train_ids, test_ids = split_tasks(config.env.name, 0)
     assert set(payload["train_task_ids"]) <= set(train_ids)
     assert set(payload["train_task_ids"]).isdisjoint(test_ids)
