@@ -245,8 +245,8 @@ class HierarchicalAgent(InContextAgent):
         self.obs_table = None if kwargs.get("obs_table") is None else self._tensor(kwargs["obs_table"])
         if return_target is None:
             if model.spec.return_target is None:
-                raise ValueError("this continuous IDT checkpoint has no model_spec.return_target (the best training "
-                                 "return): retrain it with this version of dicp_ray")
+                raise ValueError("this continuous IDT checkpoint has no model_spec.return_target (the initial "
+                                 "return-to-go): retrain it with this version of dicp_ray")
             return_target = torch.full((self.num_tasks,), float(model.spec.return_target))
         target = torch.as_tensor(return_target).to(self.device).reshape(-1)
         if len(target) != self.num_tasks:

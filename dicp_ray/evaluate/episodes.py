@@ -342,7 +342,7 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
 
 
 def _idt_return_target(spec) -> str | float:
-    """What IDT's episodes start at: the task's max return (grid worlds) or the stored best training return."""
+    """What IDT's episodes start at: the task's max return (grid worlds) or the stored model_spec.return_target (Meta-World: 10 x horizon)."""
     return "task max return" if spec.discrete_actions else float(spec.return_target)
 
 

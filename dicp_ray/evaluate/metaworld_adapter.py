@@ -228,15 +228,15 @@ class MetaWorldIDTAgent(MetaWorldAgent):
     (reward token and return-to-go decrement) is the world model's predicted reward at the executed action, clipped
     to [0, 10] (``eval_reward="predicted"``), or 0 ("zero"). ``horizon`` (the envs' episode length) must be a
     multiple of the model's block length and divide its context length; adaptation episodes must last exactly
-    ``horizon`` steps. Mode "plan": ``IDTAgent.plan_action`` (depth 1) once the context holds E-1 finished episodes.
+    ``horizon`` steps. Mode "plan": ``IDTAgent.plan_action`` (depth 1) on the blocks after step 50 once k steps were taken (IDTAgent.plan_ready).
     """
 
     LAYOUT = "idt"
 
     def __init__(self, model, **kwargs):
         if model.spec.layout == "idt" and model.spec.return_target is None:
-            raise ValueError("this continuous IDT checkpoint has no model_spec.return_target (the best training "
-                             "return): retrain it with this version of dicp_ray")
+            raise ValueError("this continuous IDT checkpoint has no model_spec.return_target (the initial "
+                             "return-to-go): retrain it with this version of dicp_ray")
         super().__init__(model, **kwargs)
 
 

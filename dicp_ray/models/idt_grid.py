@@ -3,7 +3,7 @@
 What it is
     The discrete-action In-context Decision Transformer (Huang et al., 2024) restated from the release
     (``release:gridworld/model/idt.py``, ``release:gridworld/dataset.py:207-267``). Three causal stacks
-    (``dicp_ray.models.idt_continuous.CausalStack``: model.py's pre-norm RoPE blocks), each with its own embedding tables; cells
+    (``dicp_ray.models.blocks.CausalStack``: model.py's pre-norm RoPE blocks), each with its own embedding tables; cells
     (``x * 9 + y``), actions and reward classes are looked up in ``nn.Embedding`` tables, as in the release:
 
     * Reviewing-Decisions (RD) reads a block of c = ``spec.block_len`` steps, one token per step =
