@@ -279,14 +279,17 @@ def test_agent_acts_exactly_like_evaluate_run_episodes(mode, second_half, tiny_m
 # ----------------------------------------------------------------------------- IDT
 class FinalObsRecorder:
     """Our vector env for a rollout loop, keeping the executed actions; `final_obs` replaces the next observation
-    of the given global steps (what the adapter stored there: Meta-World never shows it the true one)."""
+    of the given global steps (what the adapter stored there: Meta-World never shows it the true one; None: the
+    observation acted on, repeated, which the adapter stores for a model without next-observation head)."""
 
     def __init__(self, env, final_obs=None):
         self.env, self.num_envs, self.horizon, self.actions = env, env.num_envs, env.horizon, []
         self.final_obs, self.true_final_obs = final_obs or {}, {}
 
     def reset(self):
-        return self.env.reset()
+        out = self.env.reset()
+        self.last_obs = out[0][0].copy()
+        return out
 
     def step(self, action):
         next_obs, *rest = self.env.step(action)
@@ -295,47 +298,52 @@ class FinalObsRecorder:
         if step in self.final_obs:
             self.true_final_obs[step] = next_obs[0].copy()
             next_obs = next_obs.copy()
-            next_obs[0] = self.final_obs[step]
+            stored = self.final_obs[step]
+            next_obs[0] = self.last_obs if stored is None else stored
+        self.last_obs = next_obs[0].copy()
         return (next_obs, *rest)
 
 
 @pytest.mark.parametrize("mode,second_half", [("policy", False), ("plan", False), ("plan", True)])
 def test_idt_agent_acts_exactly_like_evaluate_run_episodes(mode, second_half, tiny_meta_world_idt_checkpoints,
                                                             one_thread):
-    """1.7 episodes of 100 steps on the same goal with the same seed: Meta-World's env driven through the IDT
-    adapter and our env driven by evaluate.run_episodes execute identical actions, given that the
-    reference's first episode ends at the next observation the adapter stored (the world model's prediction)."""
+    """2.7 episodes of 100 steps on the same goal with the same seed: Meta-World's env driven through the IDT
+    adapter and our env driven by evaluate.run_episodes execute identical actions, given that the reference's
+    episodes end at the next observation the adapter stored (its own observation: no next-observation head), and
+    plan where the release's IDT plans (release:metaworld/model/idt.py:103: blocks starting at step >= k and, in
+    the second half, at a position > 50)."""
     import gymnasium
 
     from dicp_ray.envs import meta_world
     from dicp_ray.evaluate.episodes import run_episodes
 
-    model, horizon, steps = load(tiny_meta_world_idt_checkpoints["world_model"]), 100, 170
+    model, horizon, steps = load(tiny_meta_world_idt_checkpoints["world_model"]), 100, 270
+    k, c = model.spec.context_len, model.spec.block_len
+    assert (k, c) == (200, 10) and not model.spec.has_next_obs_head
     settings = PlannerSettings(depth=1, num_samples=4, second_half_only=second_half)
     agent = MWA.MetaWorldIDTAgent(model, mode=mode, settings=settings, horizon=horizon, seed=7)
     task_id, mw_actions, planned = adapt_on_reach(agent, steps, horizon=horizon)
-    # IDT plans once the context holds E-1 = 1 finished episode (and with second_half_only from step 50 of it)
-    first_plan = horizon + (horizon // 2 if second_half else 0)
-    assert planned == [mode == "plan" and t >= first_plan for t in range(steps)]
+    block_start = [t - t % c for t in range(steps)]
+    assert planned == [mode == "plan" and b >= k and (not second_half or b % horizon > 50) for b in block_start]
+    assert sum(planned) == {"policy": 0, "plan": 10 if second_half else 70}[mode]      # steps 260.. / 200..
     idt = agent.learner.agents[0]
-    assert idt.num_finished == 1 and idt.t == steps - horizon - 1   # last step pending
-    stored = agent.context(0)
-    assert stored["obs"].shape == (steps - 1, 11)
+    assert idt.num_finished == 2 and idt.t == steps - 2 * horizon - 1   # last step pending
+    stored = agent.context(0)                                           # the newest k / c = 20 blocks
+    assert stored["obs"].shape == (20, 11) and stored["z_dists"].shape == (19, 2 * model.spec.z_dim)
+    assert stored["return_to_go"][-7] == model.spec.return_target == 1000.0       # episode 3's first block
 
     ours = FinalObsRecorder(gymnasium.make_vec(meta_world.env_id("ML1"), num_envs=1,
                                                vectorization_mode="vector_entry_point", task_ids=[task_id],
                                                task="reach-v3", horizon=horizon),
-                            final_obs={horizon - 1: stored["next_obs"][horizon - 1]})
+                            final_obs={horizon - 1: None, 2 * horizon - 1: None})
     learner = make_in_context_agent(model, 1, mode=mode, horizon=horizon, settings=settings,
                                     generator=torch.Generator().manual_seed(7))
-    run_episodes(learner, ours, 2)
+    run_episodes(learner, ours, 3)
     num_planned = learner.num_planned
     ours.env.close()
-    assert num_planned == (2 * horizon - first_plan if mode == "plan" else 0)
+    assert num_planned == {"policy": 0, "plan": 40 if second_half else 100}[mode]
     assert agent.num_planned == sum(planned)
     np.testing.assert_array_equal(np.stack(ours.actions[:steps]), np.stack(mw_actions))
-    # the only difference the protocol forces: the episode's true final observation was never shown to the agent
-    assert not np.array_equal(ours.true_final_obs[horizon - 1], stored["next_obs"][horizon - 1])
 
 
 @pytest.mark.parametrize("key,eval_reward", [("world_model", "predicted"), ("world_model", "zero"),
@@ -359,54 +367,46 @@ def test_idt_eval_phase_frozen_context_reward_tokens_and_reset(key, eval_reward,
         obs = fake_obs(rng, n)
     agent.adapt()                                          # the unfinished third episode is dropped
     frozen = [agent.context(i, frozen=True) for i in range(n)]
-    assert all(len(c["reward"]) == 2 * horizon for c in frozen)
-    np.testing.assert_allclose(frozen[1]["reward"], 1 + 0.1 * np.arange(2 * horizon), rtol=1e-6)
-    np.testing.assert_array_equal(frozen[0]["obs"], np.stack(adapt_obs[:2 * horizon])[:, 0])
-    np.testing.assert_array_equal(frozen[0]["next_obs"][:horizon - 1], np.stack(adapt_obs[1:horizon])[:, 0])
-    if key == "no_world_model":                            # episode end: its own observation repeated
-        np.testing.assert_array_equal(frozen[0]["next_obs"][horizon - 1], frozen[0]["obs"][horizon - 1])
-    else:                                                  # episode end: the world model's prediction
-        assert not np.array_equal(frozen[0]["next_obs"][horizon - 1], adapt_obs[horizon][0])
-    np.testing.assert_allclose(frozen[0]["return_to_go"][:horizon],
-                               target - np.concatenate([[0], np.cumsum(frozen[0]["reward"][:horizon - 1])]),
-                               rtol=1e-5)
+    assert all(len(f["return_to_go"]) == 4 and len(f["z_dists"]) == 4 for f in frozen)   # 2 episodes x 2 blocks
+    np.testing.assert_array_equal(frozen[0]["obs"], np.stack(adapt_obs[:2 * horizon:10])[:, 0])
+    reward = 1 + 0.1 * np.arange(2 * horizon)                                             # env 1's rewards
+    np.testing.assert_allclose(frozen[1]["return_to_go"], [target, target - reward[:10].sum(), target,
+                                                           target - reward[20:30].sum()], rtol=1e-6)
 
     agent.reset(np.ones(n, bool))
     start_obs, start_state = obs, agent.generator.get_state()
     first, rewards_seen = agent.eval_action(start_obs), []
-    for t in range(3):                                     # an evaluation episode
+    for t in range(11):                                    # an evaluation episode: a block and one step
         if t:
             agent.eval_action(obs)
         rewards_seen.append(agent._p_reward.copy())
         obs = fake_obs(rng, n)
         agent.reset(np.zeros(n, bool))                     # no episode ended: a no-op
-    ctx = agent.context(0)
-    assert len(ctx["reward"]) == 2 * horizon + 2           # the 3rd step waits for its next obs
-    own = ctx["reward"][2 * horizon:]
-    np.testing.assert_array_equal(own, [r[0] for r in rewards_seen[:2]])
+    own = np.array([r[0] for r in rewards_seen[:10]])
+    block = agent.learner.agents[0]._block
+    np.testing.assert_array_equal(block["reward"][0].numpy(), own)   # the block holds the rewards IDT was given
     if eval_reward == "zero":
         assert np.all(own == 0)
     else:
         assert np.all((own >= 0) & (own <= 10)) and own.max() > 0
-        # the same reward by IDTAgent's own planning path: a fresh agent on the frozen episodes, same draws
+        # the same reward by IDTAgent's own world model: a fresh agent on the frozen context, same draws
         ref_gen = torch.Generator()
         ref_gen.set_state(start_state)
         ref = IDTAgent(model, horizon, torch.full((1,), target), ref_gen)
-        ref.finished = {name: x.clone() for name, x in agent.frozen[0].items()}
+        ref.restore_finished(agent.frozen[0])
         ref.start_episode()
         action = ref.act(torch.as_tensor(MWA.model_observation(start_obs, 11)[:1])).clamp(-1, 1)
         np.testing.assert_array_equal(action[0].numpy(), first[0])
-        tokens = model.low_level_tokens(ref.z, ref.current["obs"][:, :1], ref.current["action"][:, :0],
-                                        ref.current["reward"][:, :0])
-        predicted = ref.predicted_rewards(tokens, action[:, None])[0, 0].clamp(0, 10)
+        predicted = ref.world_preds(action)["reward"][0].clamp(0, 10)
         assert own[0] == pytest.approx(float(predicted), abs=1e-6)
-    # the return-to-go falls by the reward IDT was given
-    np.testing.assert_allclose(ctx["return_to_go"][2 * horizon:], [target, target - own[0]], rtol=1e-6)
+    ctx = agent.context(0)                                 # the return-to-go falls by the rewards IDT was given
+    assert len(ctx["return_to_go"]) == 6
+    np.testing.assert_allclose(ctx["return_to_go"][4:], [target, target - own.sum()], rtol=1e-5)
 
     agent.reset(np.array([True, False]))                   # env 0's episode ended: back to the frozen context
     for name in frozen[0]:
         np.testing.assert_array_equal(agent.context(0)[name], frozen[0][name])
-    assert agent.learner.agents[0].current is None and len(agent.context(1)["reward"]) == 2 * horizon + 2
+    assert agent.learner.agents[0].t is None and len(agent.context(1)["return_to_go"]) == 6
     agent.reset(np.ones(n, bool))                          # a new episode acts like the first one did
     agent.generator.set_state(start_state)
     np.testing.assert_array_equal(agent.eval_action(start_obs), first)
