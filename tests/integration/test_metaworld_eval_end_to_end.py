@@ -63,7 +63,8 @@ def test_mw_eval_scores_a_continuous_idt_checkpoint(mode, tmp_path, capsys, tiny
     assert len(rounds) == 2 and all(len(ids) == 1 and 50 <= ids[0] < 100 for ids in rounds)
     timing = result["timing"]
     assert timing["decisions"] >= 2 * 2 * 100 + 2 * 2               # adaptation + at least 1 step per evaluation
-    # E-1 = 1 finished episode: IDT plans through the 2nd adaptation episode and every evaluation step
-    assert timing["planned_decisions"] == (timing["decisions"] - 2 * 100 if mode == "plan" else 0)
+    # the release's rule: blocks that start once k = 200 steps were taken: none of a round's 2 adaptation episodes,
+    # every evaluation step (the checkpoint's plan.second_half_only is false)
+    assert timing["planned_decisions"] == (timing["decisions"] - 2 * 200 if mode == "plan" else 0)
     print(f"IDT {mode}: success {result['success_mean']:.3f} return {result['return_mean']:.2f} "
           f"decisions {timing['decisions']} planned {timing['planned_decisions']} wall {timing['wall_s']:.1f} s")
