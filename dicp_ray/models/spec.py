@@ -11,7 +11,7 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clamp of Gaussian action log-stds (every
 class ModelSpec:
     """Everything needed to rebuild a model; stored verbatim in checkpoints."""
 
-    layout: str = "ad"                  # "ad" | "dpt" | "idt" (dicp_ray.idt.IDTTransformer)
+    layout: str = "ad"                  # "ad" | "dpt" | "idt" (models.idt_grid.GridIDT, models.idt_continuous.IDTTransformer)
     world_model: bool = True            # add query-action token + reward / next-obs heads
     obs_dim: int = 2
     discrete_actions: bool = True
@@ -31,7 +31,7 @@ class ModelSpec:
     block_len: int = 10                 # c: steps per high-level decision
     z_dim: int = 8                      # size of a high-level decision z
     return_scale: float = 1.0           # returns-to-go are multiplied by this before embedding
-    return_target: float | None = None  # continuous IDT: every test episode's initial return-to-go (set at training)
+    return_target: float | None = None  # continuous IDT: every test episode's initial return-to-go (10 x horizon)
     reward_loss_weight: float = 1.0     # regression reward: weight of its MSE inside the world-model loss
     # "ad" / "dpt" token and backbone details (docs/fidelity.md, row 7). The defaults are the behaviour of
     # checkpoints written before these fields existed, so those load and act as before; new grid-world
