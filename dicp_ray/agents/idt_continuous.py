@@ -96,18 +96,16 @@ class IDTAgent(GridIDTAgent):
         """(N, D) observations -> the action Gaussian's (mean, log_std), each (N, A), at o_t (once per step)."""
         return self.model.action_head(self.model.decisions_to_go(self._step_tokens(obs))[:, -1])
 
-    action_logits = policy
-
     def act(self, obs) -> Tensor:
         """(N, D) observations -> (N, A) samples mean + std * N(0, 1), unclipped, like plan.sample_policy_action."""
         mean, log_std = self.policy(obs)
         return mean + log_std.exp() * _normal(mean.shape, self.generator, mean)
 
     @torch.no_grad()
-    def plan_action(self, obs, num_samples: int = 10, use_cache: bool = True) -> Tensor:
+    def plan_action(self, obs, num_samples: int = 10) -> Tensor:
         """DICP-IDT, depth 1: (N, D) observations -> (N, A) the best of L = `num_samples` candidates (the policy
         mean, then L-1 samples of its Gaussian, clipped to [-1, 1]) by the reward predicted at the candidate's
-        action token after o_t; ties go to the mean. `use_cache` is accepted for GridIDTAgent's signature."""
+        action token after o_t; ties go to the mean (the release sorts unstably)."""
         spec = self.model.spec
         if not spec.world_model:
             raise ValueError("IDTAgent.plan_action needs an IDT trained with the world model (model.world_model=true)")
