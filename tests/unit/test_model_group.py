@@ -150,7 +150,7 @@ def test_stacking_refuses_unknown_parameter_holders():
         stack_models([Odd(), Odd()])
 
 
-@pytest.mark.parametrize("layout", ["dpt", "idt"])
+@pytest.mark.parametrize("layout", ["dpt", "idt", "idt_continuous"])
 def test_stacked_forward_equals_each_members_own_forward(layout):
     """Eval mode (deterministic: IDT uses its decisions' means): the stacked module on the concatenated batch gives
     every member exactly its own model's predictions, for the plain and the hierarchical (IDT) Transformer."""
@@ -166,6 +166,15 @@ def test_stacked_forward_equals_each_members_own_forward(layout):
                    "ctx_reward": torch.randint(0, 2, (3, 40), generator=g).float(),
                    "ctx_next_obs": torch.randint(0, 81, (3, 40), generator=g),
                    "ctx_return_to_go": torch.rand(3, 40, generator=g) * 20}, {}) for _ in range(3)]
+    elif layout == "idt_continuous":  # the release's Meta-World IDT on its TinyLlama backbone
+        spec = ModelSpec(layout="idt", discrete_actions=False, num_actions=4, obs_dim=11, num_obs_classes=None,
+                         reward_classes=None, reward_max=10.0, context_len=40, num_layers=1, num_heads=2, embed_dim=16,
+                         mlp_dim=32, return_target=1000.0, backbone="release", next_obs_loss=False, dropout=0.0,
+                         attn_dropout=0.0)
+        g = torch.Generator().manual_seed(0)
+        pairs = [({"ctx_obs": torch.randn(3, 40, 11, generator=g), "ctx_action": torch.rand(3, 40, 4, generator=g),
+                   "ctx_reward": torch.rand(3, 40, generator=g), "ctx_next_obs": torch.randn(3, 40, 11, generator=g),
+                   "ctx_return_to_go": torch.rand(3, 40, generator=g) * 1000}, {}) for _ in range(3)]
     else:
         spec = _spec(layout, world_model=True)
         pairs = [p[0] for p in (_pairs(s, 1, layout, True) for s in range(3))]
