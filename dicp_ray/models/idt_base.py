@@ -1,6 +1,7 @@
-"""What the two IDTs share: heads and losses of the DICP Transformer, the spec check, and GPT-2's init.
+"""What the two IDTs share: heads and losses of the DICP Transformer, the spec check, and the init (GPT-2's for
+``spec.backbone`` "gpt2", PyTorch's default for "release", as ``DICPTransformer``).
 
-Both IDTs (``idt_grid.GridIDT``, the release's grid-world layout, and ``idt_continuous.IDTTransformer``, Meta-World)
+Both IDTs (``idt_grid.GridIDT`` and ``idt_continuous.IDTTransformer``, the release's grid-world and Meta-World layouts)
 are three ``blocks.CausalStack`` modules (Reviewing-Decisions, Making-Decisions, Decisions-to-Go) with their own
 token embeddings; their action / reward / next-observation heads and losses are the DICP Transformer's, read from
 ``self.spec`` and the ``head_*`` layers each defines under the same names.
