@@ -10,7 +10,7 @@ What it does
 
 How to use it
     from dicp_ray.evaluate.results import format_results_table, mean_ci95
-    print(format_results_table(summary))          # summary = dicp_ray.evaluate.run_evaluations(...)
+    print(format_results_table(summary))          # summary = dicp_ray.evaluate.launch.run_evaluations(...)
 
 What to expect
     Pure numpy / matplotlib (Agg canvas, headless) / TensorBoard writers; every file is written atomically.
