@@ -323,6 +323,8 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         "timing": {"wall_s": None, "rollout_s": loop_s, "decisions": num_decisions,
                    "planned_decisions": num_planned, "decisions_per_s": num_decisions / max(loop_s, 1e-9)},
         "checkpoint": os.path.abspath(path), "checkpoint_step": payload.get("step"),
+        "checkpoint_num_steps": ((payload.get("config") or {}).get("train") or {}).get("num_steps"),
+        "checkpoint_stopped_at_deadline": bool(payload.get("stopped_at_deadline", False)),
         "fingerprint": _fingerprint(config, file_sha256(path), mode, split_seed),
         "config": config.to_dict(), "provenance": provenance(),
     }
