@@ -44,6 +44,7 @@ def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
     picked["env"].pop("split_seeds", None)
     picked["collect"].pop("backend", None)          # where learners run, not what they write
     picked["train"].pop("deadline_unix_s", None)    # a re-run may continue a deadline-stopped run
+    picked["train"].pop("sample_on_device", None)   # the same windows either way
     return json.loads(json.dumps(picked, default=str))
 
 

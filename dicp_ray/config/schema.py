@@ -242,6 +242,10 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the training forward/backward (CUDA: mode reduce-overhead, i.e. CUDA graphs). Off by default:
     on CPU it measured 0.96x."""
+    sample_on_device: bool | None = None
+    """Keep the dataset on the training device and gather windows there with torch ops (AD, DPT;
+    dicp_ray/data/device_windows.py): the same windows as the host sampler for the same seed. None = on CUDA only;
+    true also on CPU (tests); false = numpy on the host, copied over every step."""
     deadline_unix_s: float | None = None
     """Wall-clock deadline as an absolute Unix time in seconds (e.g. --set train.deadline_unix_s=$(( $(date +%s)
     + 300 )) for five minutes from now); None = no deadline. When the clock passes it, the loop stops after the

@@ -67,7 +67,8 @@ class _Run:
         self.batch_per_rank = self.train.batch_size // world
         self.group = ModelGroup(models, self.train, backend.device, world, compile=self.train.compile,
                                 models_per_pass=models_per_pass(self.spec, self.batch_per_rank, backend.device))
-        self.members = [Member(lc, make_window_sampler(lc["config"], ds, seed=[self.train.seed, rank]), [], None)
+        self.members = [Member(lc, make_window_sampler(lc["config"], ds, seed=[self.train.seed, rank],
+                                                       device=backend.device), [], None)
                         for lc, ds in zip(loop_configs, datasets)]
         self.start_step, self.resumed = self._restore()
         crash = loop_configs[0].get("crash_at_step")
@@ -183,7 +184,10 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
             if step == r.start_step:
                 leaked = set(member.loop_config["test_task_ids"]).intersection(windows["task_id"].tolist())
                 assert not leaked, f"sampled windows of test tasks {sorted(leaked)}"
-            pairs.append(_to_device(windows_to_batch(windows, spec.layout, spec.world_model), backend.device))
+            if isinstance(windows["obs"], torch.Tensor):  # gathered on the device (data.device_windows)
+                pairs.append(windows_to_batch(windows, spec.layout, spec.world_model, backend.device))
+            else:
+                pairs.append(_to_device(windows_to_batch(windows, spec.layout, spec.world_model), backend.device))
         if step == r.crash_at_step:
             backend.crash_marker(loop_configs[0], step).parent.mkdir(parents=True, exist_ok=True)
             backend.crash_marker(loop_configs[0], step).touch()

@@ -316,3 +316,14 @@ def test_deadline_stops_cleanly_evaluates_and_a_rerun_continues(dataset_dir, tmp
     lone = train_models(_local(), dataset_dir, [(str(tmp_path / "lone"), 0)])[0]
     for key, value in _weights(lone).items():
         torch.testing.assert_close(_weights(finished[0])[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_windows_gathered_on_the_device_train_the_same_model(dataset_dir, tmp_path, one_thread):
+    """train.sample_on_device (the CUDA default) on CPU tensors: the same windows, so the same weights as the host
+    sampler."""
+    from dicp_ray.train.launch import train_models
+
+    host = train_models(_local(), dataset_dir, [(str(tmp_path / "host"), 0)])[0]
+    device = train_models(_local(sample_on_device=True), dataset_dir, [(str(tmp_path / "device"), 0)])[0]
+    for key, value in _weights(host).items():
+        torch.testing.assert_close(_weights(device)[key], value, rtol=0, atol=0)
