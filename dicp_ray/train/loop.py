@@ -184,10 +184,7 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
             if step == r.start_step:
                 leaked = set(member.loop_config["test_task_ids"]).intersection(windows["task_id"].tolist())
                 assert not leaked, f"sampled windows of test tasks {sorted(leaked)}"
-            if isinstance(windows["obs"], torch.Tensor):  # gathered on the device (data.device_windows)
-                pairs.append(windows_to_batch(windows, spec.layout, spec.world_model, backend.device))
-            else:
-                pairs.append(_to_device(windows_to_batch(windows, spec.layout, spec.world_model), backend.device))
+            pairs.append(member_batch(windows, spec, backend.device))
         if step == r.crash_at_step:
             backend.crash_marker(loop_configs[0], step).parent.mkdir(parents=True, exist_ok=True)
             backend.crash_marker(loop_configs[0], step).touch()
@@ -210,6 +207,14 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
     for member in r.members:
         if member.writer is not None:
             member.writer.close()
+
+
+def member_batch(windows: dict, spec, device: torch.device) -> tuple[dict, dict]:
+    """One member's (batch, targets) on `device`: windows gathered there already (data.device_windows) become the
+    batch in place; host windows are converted on the host and copied over (`_to_device`)."""
+    if isinstance(windows["obs"], torch.Tensor):
+        return windows_to_batch(windows, spec.layout, spec.world_model, device)
+    return _to_device(windows_to_batch(windows, spec.layout, spec.world_model), device)
 
 
 def _to_device(pair: tuple[dict, dict], device: torch.device) -> tuple[dict, dict]:
@@ -244,4 +249,4 @@ def format_eta(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-__all__ = ["run_loop", "train_loop_per_worker", "format_eta"]
+__all__ = ["run_loop", "train_loop_per_worker", "format_eta", "member_batch"]
