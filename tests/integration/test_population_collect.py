@@ -127,6 +127,11 @@ def test_local_process_pool_writes_the_same_dataset_as_ray(ray_local, tmp_path):
             for key in ("wall_s", "cpu_s", "update_cpu_s"):
                 shard.pop(key, None)
     assert manifests[0] == manifests[1]
+    timing = ("wall_s", "cpu_s", "update_cpu_s")
+    for task_id in manifests[0]["task_ids"]:
+        sidecars = [data_shards.read_sidecar(p, task_id) for p in (local, via_ray)]
+        assert [{k: v for k, v in s.items() if k not in timing} for s in sidecars] == [
+            {k: v for k, v in sidecars[1].items() if k not in timing}] * 2
     first = data_shards.shard_name(manifests[0]["task_ids"][0]) + ".arrow"
     (Path(local) / data_shards.SHARD_DIR / first).write_bytes(b"damaged")     # as if killed mid-collection
     (Path(local) / "manifest.json").unlink()
