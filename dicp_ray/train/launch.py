@@ -15,6 +15,8 @@ loop (`dicp_ray.train.loop`), on the backend ``train.backend`` names:
   * local: this process, no Ray (``train.device``: auto = cuda when train.use_gpu); checkpoints in each
     run's ``<output>/checkpoints``, resumed the same way.
 
+With ``train.deadline_unix_s`` the loop may stop early: ``model.pt`` is then the newest checkpoint's (``step`` <
+num_steps, ``stopped_at_deadline``), evaluable, and not taken for finished, so the next call continues it.
 Raising ``train.num_steps`` continues a finished run (the cosine schedule then spans the new num_steps). Anything
 else that changes the checkpoints' meaning (model, data, split, optimiser: `dicp_ray.train.run_identity`) is
 refused for an existing output directory.
