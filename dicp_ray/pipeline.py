@@ -2,6 +2,9 @@
 
     dicp-ray pipeline --config tune_configs/demo.yaml --output runs/demo
     dicp-ray pipeline --config tune_configs/darkroom.yaml --address auto      # on a Ray cluster
+    dicp-ray pipeline --config tune_configs/smoke.yaml --backend local        # no Ray at all (uses_ray: False)
+
+Ray is started only when a stage's backend (collect.backend, train.backend, eval.backend) is ray.
 
 Each stage is skipped when its valid output already exists (complete dataset manifest, model.pt for the
 config, evaluation summary for the checkpoints), so re-running after a crash continues where it stopped.
