@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door clean
+.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door gpu-wheels device-smoke clean
 
 $(STAMP): setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,23 @@ reproduce-darkroom-permuted: $(STAMP)
 
 reproduce-dark-key-to-door: $(STAMP)
 	scripts/reproduce.sh dark_key_to_door $(ARGS)
+
+# A bare GPU box (issue #25: PyTorch, numpy, pyarrow, pyyaml, tqdm, tensorboard, matplotlib; no Ray, no package index)
+# lacks gymnasium: download it and its small pure-Python dependencies (numpy is there) for Python 3.12 into
+# .gpu_wheels/ (git-ignored), carry that folder, and scripts/device_run.sh unpacks them onto PYTHONPATH when
+# gymnasium is missing (or: pip install --no-index --find-links .gpu_wheels gymnasium). README: "Running on a GPU box
+# without Ray".
+GPU_WHEELS ?= .gpu_wheels
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--platform manylinux2014_x86_64 --implementation cp --no-deps -d $(GPU_WHEELS) \
+		gymnasium==1.2.2 cloudpickle==3.1.3 farama-notifications==0.0.6 typing-extensions==4.16.0
+	ls -l $(GPU_WHEELS)
+
+# The device run at tiny sizes on this machine's CPU (also part of make test: tests/integration/test_device_run.py).
+device-smoke: $(STAMP)
+	PYTHON=$(PY) OUT=runs/device_smoke WORK=runs/device_smoke_work scripts/device_run.sh --smoke
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,11 +1,15 @@
 """`dicp-ray <stage>`: the command line for every stage, with one shape for all of them.
 
     dicp-ray validate --config tune_configs/demo.yaml [--set plan.depth=4]
-    dicp-ray collect  --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
+    dicp-ray collect  --config FILE [--set k=v ...] [--output DIR] [--address ADDR] [--backend ray|local]
     dicp-ray train    --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
                       [--backend ray|local] [--models-per-process N] [--device auto|cpu|cuda]
-    dicp-ray evaluate --checkpoint PATH [--config FILE] [--set k=v ...] [--output DIR]
-    dicp-ray pipeline --config FILE [--set k=v ...] [--output DIR] [--address ADDR]
+    dicp-ray evaluate --checkpoint PATH [--config FILE] [--set k=v ...] [--output DIR] [--backend ray|local]
+    dicp-ray pipeline --config FILE [--set k=v ...] [--output DIR] [--address ADDR] [--backend ray|local]
+                      [--models-per-process N] [--device auto|cpu|cuda]
+
+--backend sets the backend of the stage(s) the command runs: collect.backend, train.backend, eval.backend (the
+pipeline: all three, so `--backend local` runs without Ray).
     dicp-ray sweep    --config tune_configs/sweeps/plan_darkroom.yaml [--checkpoint PATH] [--output DIR]
     dicp-ray envs     (a few episodes of each grid world with a random and an oracle policy)
     dicp-ray mw-eval  --checkpoint PATH [--mode policy|plan] [--split-seed S] [--num-evals N]
@@ -31,6 +35,11 @@ logger = logging.getLogger("dicp_ray")
 STAGES = ("validate", "collect", "train", "evaluate", "pipeline", "sweep", "envs")
 
 
+# The config sections whose `backend` the --backend flag of a command sets.
+_BACKEND_KEYS = {"collect": ("collect",), "train": ("train",), "evaluate": ("eval",),
+                 "pipeline": ("collect", "train", "eval")}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicp-ray", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
         if stage in ("evaluate", "sweep"):
             p.add_argument("--checkpoint", default=None, help="trained model.pt (evaluate: required)")
-        if stage in ("train", "pipeline"):  # shorthands for --set train.backend=... (dicp_ray/train/launch.py)
+        if stage in _BACKEND_KEYS:  # shorthand for --set <stage>.backend=... of every stage the command runs
             p.add_argument("--backend", choices=["ray", "local"], default=None,
-                           help="ray: Ray Train workers (default); local: this process, no Ray")
+                           help="ray (default): Ray tasks / Ray Train workers; local: this machine without Ray "
+                                f"(sets {', '.join(k + '.backend' for k in _BACKEND_KEYS[stage])})")
+        if stage in ("train", "pipeline"):  # shorthands for --set train.<key>=... (dicp_ray/train/launch.py)
             p.add_argument("--models-per-process", type=int, default=None, metavar="N",
                            help="train up to N split seeds together with stacked weights (default 1)")
             p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="local backend's device")
@@ -118,7 +129,9 @@ def _run_mw_eval(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
     overrides = list(args.overrides)
-    for flag, key in (("backend", "backend"), ("models_per_process", "models_per_process"), ("device", "device")):
+    if getattr(args, "backend", None) is not None:
+        overrides += [f"{section}.backend={args.backend}" for section in _BACKEND_KEYS[args.stage]]
+    for flag, key in (("models_per_process", "models_per_process"), ("device", "device")):
         if getattr(args, flag, None) is not None:
             overrides.append(f"train.{key}={getattr(args, flag)}")
     if args.address:
@@ -186,7 +199,7 @@ def _dispatch(args: argparse.Namespace, config: ExperimentConfig, out: Path) -> 
         for path in train_models(config, str(out / "dataset"), runs):
             print(path)
     elif args.stage == "evaluate":
-        from dicp_ray.evaluate.episodes import run_evaluations
+        from dicp_ray.evaluate.launch import run_evaluations
         from dicp_ray.evaluate.results import format_results_table
         from dicp_ray.models.checkpoints import load_checkpoint
 

@@ -2,6 +2,9 @@
 
     dicp-ray pipeline --config tune_configs/demo.yaml --output runs/demo
     dicp-ray pipeline --config tune_configs/darkroom.yaml --address auto      # on a Ray cluster
+    dicp-ray pipeline --config tune_configs/smoke.yaml --backend local        # no Ray at all (uses_ray: False)
+
+Ray is started only when a stage's backend (collect.backend, train.backend, eval.backend) is ray.
 
 Each stage is skipped when its valid output already exists (complete dataset manifest, model.pt for the
 config, evaluation summary for the checkpoints), so re-running after a crash continues where it stopped.
@@ -42,6 +45,9 @@ def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
     defaults = ExperimentConfig().to_dict()
     picked = {k: {**defaults[k], **config_dict[k]} for k in _ARTIFACT_SECTIONS}
     picked["env"].pop("split_seeds", None)
+    picked["collect"].pop("backend", None)          # where learners run, not what they write
+    picked["train"].pop("deadline_unix_s", None)    # a re-run may continue a deadline-stopped run
+    picked["train"].pop("sample_on_device", None)   # the same windows either way
     return json.loads(json.dumps(picked, default=str))
 
 
@@ -123,14 +129,22 @@ def run_pipeline(config: ExperimentConfig, output_dir: str | Path) -> dict[str, 
         return _run_pipeline(config, output_dir)
 
 
+def uses_ray(config: ExperimentConfig) -> bool:
+    """Whether any stage runs on Ray (collect.backend, train.backend, eval.backend); all local = Ray is never
+    imported (a PyTorch-only box)."""
+    return "ray" in (config.collect.backend, config.train.backend, config.eval.backend)
+
+
 def _run_pipeline(config: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     from dicp_ray.console import banner
-    from dicp_ray.evaluate.episodes import run_evaluations
+    from dicp_ray.evaluate.launch import run_evaluations
     from dicp_ray.evaluate.results import format_results_table
-    from dicp_ray.runtime import init_ray
 
     record_run(config, output_dir)
-    init_ray(config.resources)
+    if uses_ray(config):
+        from dicp_ray.runtime import init_ray
+
+        init_ray(config.resources)
     timings: dict[str, float] = {}
 
     banner(1, 3, "collect", stage_summary(config, "collect", output_dir))

@@ -102,3 +102,22 @@ def tiny_meta_world_idt_checkpoints(tmp_path_factory, tiny_meta_world_dataset):
     (1 layer per module, block length 10, context of 2 episodes = 200 steps; return target = the best episode
     return of the dataset)."""
     return _train_tiny_meta_world(tiny_meta_world_dataset, tmp_path_factory.mktemp("tiny_meta_world_idt"), "idt")
+
+
+UNAVAILABLE_ON_A_BARE_GPU_BOX = ("ray", "metaworld", "mujoco")
+"""Packages the bare GPU box (issue #25) does not have: PyTorch, numpy, pyarrow, pyyaml, tqdm, tensorboard and
+matplotlib are there, gymnasium is carried as wheels (make gpu-wheels)."""
+
+
+def without_packages(root: Path, names=UNAVAILABLE_ON_A_BARE_GPU_BOX) -> dict[str, str]:
+    """The environment of a subprocess in which `names` cannot be imported: a shadow package per name, whose
+    ``__init__`` raises ImportError, first on PYTHONPATH (before the venv's site-packages)."""
+    for name in names:
+        package = root / name
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text(
+            f"raise ImportError('{name} is not installed here (a shadow package of the test: this code path "
+            f"must run without {name})')\n")
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([str(root), repo, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": path}

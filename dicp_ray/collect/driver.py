@@ -1,4 +1,4 @@
-"""Stage 1: learning histories. PPO (or SAC) learners as Ray tasks, each writing its tasks' shards.
+"""Stage 1: learning histories. PPO (or SAC) learners as Ray tasks (or local processes), each writing its tasks' shards.
 
 ``collect.learner`` picks the learner: on the grid worlds (default ``auto``) a *population* of task
 learners per Ray task (`dicp_ray.collect.population_learner`: one stacked network per core, equal to SB3's PPO per
@@ -10,7 +10,8 @@ Run it with ``dicp-ray collect --config tune_configs/<env>.yaml --output DIR`` o
     collect_histories(load_config("tune_configs/smoke.yaml"), "runs/smoke/dataset")
 
 This module is the driver: which tasks, the dataset fingerprint, resume, a bounded fan-out of learners over Ray
-with one progress bar, ``collect/*`` scalars in ``DIR/tb``, ``DIR/source_returns.png`` and the manifest, written
+(``collect.backend: ray``) or over a local process pool without Ray (``local``: one process per core,
+population learners only) with one progress bar, ``collect/*`` scalars in ``DIR/tb``, ``DIR/source_returns.png`` and the manifest, written
 last. Re-running the same command resumes: shards whose sidecar and sha256 check out are kept, anything else is
 deleted and re-collected; a task's shard does not depend on which learner process ran it.
 """
@@ -22,14 +23,13 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
-import ray
 
 from dicp_ray import envs
 from dicp_ray.collect.fingerprint import _collect_settings, _env_settings, data_fingerprint, resolved_learner
 from dicp_ray.config.schema import ExperimentConfig
 from dicp_ray.data import shards
 from dicp_ray.envs import meta_world_tasks
-from dicp_ray.runtime import init_ray, provenance
+from dicp_ray.runtime import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -82,32 +82,43 @@ def _write_manifest(config: ExperimentConfig, dataset_dir: str, task_ids: list[i
 
 def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], writer: Any,
                   progress: bool, done_before: int, total: int) -> list[dict]:
-    """Submit learners (or populations of learners) with at most ~2x cluster CPUs in flight.
+    """Run the learners of `todo` on collect.backend -> the sidecars of the shards they wrote.
 
-    Each Ray task returns the sidecars of the shards it wrote: one (RLlib) or one per population member.
+    Population learners (grid worlds): the tasks are split into populations, one per CPU, each a Ray task with
+    at most ~2x cluster CPUs in flight (ray) or a job of a process pool of one process per core (local). RLlib
+    learners (Ray only): one Ray task per task.
     """
-    from tqdm.auto import tqdm
-
-    from dicp_ray.collect.population_learner import _learn_population_remote, population_sizes
+    from dicp_ray.collect.population_learner import population_sizes
 
     c = config.collect
-    cpus = ray.cluster_resources().get("CPU", 1)
-    max_in_flight = max(1, int(2 * cpus / c.num_cpus_per_learner))
-    options = {"num_cpus": c.num_cpus_per_learner, "max_retries": c.max_retries, "retry_exceptions": False}
+    if c.backend == "local":
+        cpus = config.resources.num_cpus or os.cpu_count() or 1
+    else:
+        import ray
+
+        from dicp_ray.runtime import init_ray
+
+        init_ray(config.resources)
+        cpus = ray.cluster_resources().get("CPU", 1)
     if resolved_learner(config) == "population":
-        remote = _learn_population_remote.options(**options)
         sizes = population_sizes(len(todo), cpus / c.num_cpus_per_learner, c.tasks_per_population)
         bounds = np.cumsum([0, *sizes])
         queue = [todo[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        if c.backend == "local":
+            results = _in_pool(queue, config, dataset_dir, max(1, int(cpus)))
+        else:
+            results = _in_flight(_population_remote(c), queue, config, dataset_dir, _max_in_flight(cpus, c))
         # one bar over env steps, fed by every population as it learns
-        return _run_populations(remote, queue, config, dataset_dir, writer, progress, max_in_flight)
+        return _run_populations(results, queue, config, dataset_dir, writer, progress)
+    from tqdm.auto import tqdm
+
     from dicp_ray.collect.rllib_learner import _learn_task_remote
 
-    remote, queue = _learn_task_remote.options(**options), list(todo)
+    remote = _learn_task_remote.options(**_ray_options(c))
     sidecars, start, env_steps = [], time.perf_counter(), 0
     with tqdm(total=total, initial=done_before, desc="collect learners", unit="learner",
               disable=not progress) as bar:
-        for sidecar in _in_flight(remote, queue, config, dataset_dir, max_in_flight):
+        for sidecar in _in_flight(remote, list(todo), config, dataset_dir, _max_in_flight(cpus, c)):
             sidecars.append(sidecar)
             env_steps += sidecar["env_steps"]
             bar.set_postfix(env_steps_per_s=f"{_log_rate(writer, env_steps, start):,.0f}")
@@ -115,10 +126,29 @@ def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], w
     return sidecars
 
 
+def _ray_options(c) -> dict:
+    return {"num_cpus": c.num_cpus_per_learner, "max_retries": c.max_retries, "retry_exceptions": False}
+
+
+def _max_in_flight(cpus: float, c) -> int:
+    return max(1, int(2 * cpus / c.num_cpus_per_learner))
+
+
+def _population_remote(c):
+    """`learn_population` as a Ray task (made here, so importing the learner module never imports Ray)."""
+    import ray
+
+    from dicp_ray.collect.population_learner import learn_population
+
+    return ray.remote(learn_population).options(**_ray_options(c))
+
+
 def _in_flight(remote, queue: list, config: ExperimentConfig, dataset_dir: str, max_in_flight: int) -> Iterator[dict]:
     """Run every item of `queue` (a task id, or a population's task ids) as a Ray task, at most `max_in_flight` at
     once; yields the sidecar of every shard written, as its task finishes."""
-    pending: dict = {}
+    import ray
+
+    queue, pending = list(queue), {}
     while queue or pending:
         while queue and len(pending) < max_in_flight:
             item = queue.pop(0)
@@ -130,6 +160,29 @@ def _in_flight(remote, queue: list, config: ExperimentConfig, dataset_dir: str, 
             yield from (result if isinstance(result, list) else [result])
 
 
+def _in_pool(queue: list[list[int]], config: ExperimentConfig, dataset_dir: str, workers: int) -> Iterator[dict]:
+    """Run every population of `queue` in a local process pool of `workers` processes (no Ray); yields the
+    sidecar of every shard written, as its population finishes. Processes are spawned (fresh interpreters: no
+    fork of a threaded parent); a population that raises stops the collection with its error, and a re-run
+    resumes from the shards already written."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from dicp_ray.collect.population_learner import learn_population
+
+    workers = max(1, min(workers, len(queue)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(learn_population, config, ids, dataset_dir) for ids in queue}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield from future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def _log_rate(writer: Any, env_steps: int, start: float) -> float:
     """Env steps per second since `start`, also logged to TensorBoard as collect/env_steps_per_s."""
     rate = env_steps / (time.perf_counter() - start)
@@ -138,9 +191,10 @@ def _log_rate(writer: Any, env_steps: int, start: float) -> float:
     return rate
 
 
-def _run_populations(remote, queue: list[list[int]], config: ExperimentConfig, dataset_dir: str, writer: Any,
-                     progress: bool, max_in_flight: int) -> list[dict]:
-    """Run the populations of `queue` (task-id lists) as Ray tasks; one progress bar over all their env steps."""
+def _run_populations(results: Iterator[dict], queue: list[list[int]], config: ExperimentConfig, dataset_dir: str,
+                     writer: Any, progress: bool) -> list[dict]:
+    """Drain `results` (the sidecars of the populations of `queue`, as they finish); one progress bar over all
+    their env steps, fed by the populations' progress files."""
     from dicp_ray.collect.population_learner import progress_path
     from dicp_ray.console import watch_progress
 
@@ -150,7 +204,7 @@ def _run_populations(remote, queue: list[list[int]], config: ExperimentConfig, d
     total = sum(len(ids) for ids in queue) * config.collect.env_steps_per_task
     sidecars, start, env_steps = [], time.perf_counter(), 0
     with watch_progress(files if progress else [], total, "collect", "env step", unit_scale=True):
-        for sidecar in _in_flight(remote, queue, config, dataset_dir, max_in_flight):
+        for sidecar in results:
             sidecars.append(sidecar)
             env_steps += sidecar["env_steps"]
             _log_rate(writer, env_steps, start)
@@ -204,8 +258,8 @@ def collect_histories(config: ExperimentConfig, dataset_dir: str, progress: bool
     for task_id in todo:
         shards.remove_shard(dataset_dir, task_id)  # partial, corrupt or stale leftovers of an earlier run
     _write_manifest(config, dataset_dir, task_ids, list(kept.values()), complete=False)
-    logger.info("collecting %d of %d tasks (%d already valid) into %s", len(todo), len(task_ids), len(kept),
-                dataset_dir)
+    logger.info("collecting %d of %d tasks (%d already valid) into %s (%s)", len(todo), len(task_ids), len(kept),
+                dataset_dir, "local process pool" if config.collect.backend == "local" else "Ray")
     writer = None
     if local:
         from torch.utils.tensorboard import SummaryWriter
@@ -216,7 +270,6 @@ def collect_histories(config: ExperimentConfig, dataset_dir: str, progress: bool
         writer = SummaryWriter(tb_dir)
     try:
         if todo:
-            init_ray(config.resources)
             for sidecar in _run_learners(config, dataset_dir, todo, writer, progress, len(kept),
                                          len(task_ids)):
                 kept[sidecar["task_id"]] = sidecar

@@ -19,6 +19,8 @@ from dicp_ray.data.shards import SCHEMA_VERSION
 
 # Collect settings that change which tasks run or how, but never the content of a task's shard.
 _NOT_IN_FINGERPRINT = ("include_test_tasks", "num_cpus_per_learner", "max_retries", "tasks_per_population")
+# Settings of where learners run, not of what they write: left out of the manifest too (same bytes either way).
+_RUNTIME_ONLY = ("backend",)
 
 
 def oracle_labels(env_name: str, task_id: int, columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -47,7 +49,7 @@ def _collect_settings(config: ExperimentConfig) -> dict[str, Any]:
     learner resolved (so ``auto`` and its explicit value give the same dataset identity)."""
     sac, meta_world = config.collect.algorithm == "sac", config.env.is_meta_world
     settings = {k: v for k, v in dataclasses.asdict(config.collect).items()
-                if (sac or not k.startswith("sac_")) and (meta_world or k != "source_obs")}
+                if (sac or not k.startswith("sac_")) and (meta_world or k != "source_obs") and k not in _RUNTIME_ONLY}
     return {**settings, "learner": resolved_learner(config)}
 
 

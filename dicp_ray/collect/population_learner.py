@@ -1,4 +1,7 @@
-"""Grid-world collection with population PPO learners (`dicp_ray.collect.population_ppo`): one Ray task, many tasks.
+"""Grid-world collection with population PPO learners (`dicp_ray.collect.population_ppo`): one process, many tasks.
+
+The driver runs ``learn_population`` as a Ray task (collect.backend ray) or as a job of a local process pool
+(local); this module never imports Ray.
 
 ``learn_population(config, task_ids, dataset_dir)`` trains one PPO learner per task id, all in one process
 as a single stacked network, and writes each task's shard + sidecar exactly as the RLlib path does
@@ -26,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 
 from dicp_ray import envs
@@ -193,7 +195,3 @@ def learn_population(config: ExperimentConfig, task_ids: list[int], dataset_dir:
         sidecars.append(shards.write_shard(dataset_dir, int(task_id), columns, extra))
     return sidecars
 
-
-@ray.remote
-def _learn_population_remote(config: ExperimentConfig, task_ids: list[int], dataset_dir: str) -> list[dict]:
-    return learn_population(config, task_ids, dataset_dir)

@@ -87,6 +87,7 @@ def _validate_collect(c: CollectConfig) -> None:
     _require(c.seed >= 0, "collect.seed", c.seed, "must be >= 0", "0")
     _require(c.max_retries >= 0, "collect.max_retries", c.max_retries, "must be >= 0", "3")
     _check_choice("collect.learner", c.learner, ["auto", "population", "rllib"])
+    _check_choice("collect.backend", c.backend, ["ray", "local"])
     _require(c.tasks_per_population >= 0, "collect.tasks_per_population", c.tasks_per_population,
              "must be >= 0 (0 = spread over the CPUs)", "0")
     if c.algorithm != "ppo":
@@ -135,6 +136,9 @@ def _validate_train(t: TrainConfig) -> None:
     _check_choice("train.backend", t.backend, ["ray", "local"])
     _check_choice("train.device", t.device, ["auto", "cpu", "cuda"])
     _require(t.models_per_process >= 1, "train.models_per_process", t.models_per_process, "must be >= 1", "5")
+    if t.deadline_unix_s is not None:
+        _require(t.deadline_unix_s > 0, "train.deadline_unix_s", t.deadline_unix_s,
+                 "must be a Unix time in seconds (or null for no deadline)", "$(( $(date +%s) + 300 ))")
     if t.backend == "local":
         _require(t.num_workers == 1, "train.num_workers", t.num_workers,
                  "must be 1 with train.backend = local (one process; use train.backend=ray for DDP)", "1")
@@ -160,6 +164,7 @@ def _validate_plan_eval(config: ExperimentConfig) -> None:
         raise ConfigError("eval.modes contains 'plan' but model.world_model = false: planning needs the world "
                           "model (--set model.world_model=true, or --set eval.modes=[policy])")
     _check_choice("eval.device", e.device, ["auto", "cpu", "cuda"])
+    _check_choice("eval.backend", e.backend, ["ray", "local"])
     _require(e.seed >= 0, "eval.seed", e.seed, "must be >= 0", "0")
 
 
@@ -235,6 +240,10 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError(f"collect.learner = 'population' runs PPO on the grid worlds only, not "
                           f"{config.collect.algorithm.upper()} on {config.env.name}: use --set "
                           "collect.learner=auto (or rllib)")
+    if config.collect.backend == "local" and not (population_ok and config.collect.learner != "rllib"):
+        raise ConfigError(f"collect.backend = 'local' runs population PPO learners (grid worlds) only; "
+                          f"{config.env.name} with collect.learner = {config.collect.learner!r} and "
+                          f"{config.collect.algorithm.upper()} needs RLlib: use --set collect.backend=ray")
     if config.model.variant == "dpt" and config.env.is_meta_world:
         raise ConfigError(f"model.variant = 'dpt' needs optimal-action labels, which only the grid worlds "
                           f"have; {config.env.name} is Meta-World: use --set model.variant=ad (continuous "

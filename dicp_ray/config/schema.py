@@ -141,6 +141,11 @@ class CollectConfig:
     tasks_per_population: int = 0
     """population learner: task learners per population (one Ray task on one core); 0 = spread the tasks
     evenly over the cluster's CPUs, at most 81 per population. Shards do not depend on it."""
+    backend: str = "ray"
+    """Where the learners run: ray = Ray tasks (a laptop or a cluster, retried when a worker dies) | local = a
+    process pool on this machine, one process per core (resources.num_cpus, default all cores), without Ray
+    (a bare GPU box). local runs population learners only (grid worlds, PPO). Same shards, sidecars, manifest,
+    fingerprint and resume either way; not part of the dataset fingerprint."""
     sac_learning_starts: int = 100
     """SAC: env steps (all streams) of the untrained policy before the first update (paper: 100)."""
     sac_batch_size: int = 128
@@ -239,6 +244,17 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the training forward/backward (CUDA: mode reduce-overhead, i.e. CUDA graphs). Off by default:
     on CPU it measured 0.96x."""
+    sample_on_device: bool | None = None
+    """Keep the dataset on the training device and gather windows there with torch ops (AD, DPT;
+    dicp_ray/data/device_windows.py): the same windows as the host sampler for the same seed. None = on CUDA only;
+    true also on CPU (tests); false = numpy on the host, copied over every step."""
+    deadline_unix_s: float | None = None
+    """Wall-clock deadline as an absolute Unix time in seconds (e.g. --set train.deadline_unix_s=$(( $(date +%s)
+    + 300 )) for five minutes from now); None = no deadline. When the clock passes it, the loop stops after the
+    current step (always at least one step per call), writes a checkpoint at that step and the run's model.pt
+    with ``step`` < num_steps and ``stopped_at_deadline`` true. Such a model evaluates like any other (results
+    record its step and the fraction of num_steps); a re-run with a later (or no) deadline continues it. Absolute,
+    so one deadline covers every group of a train call and every stage of a scripted run."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +283,9 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     """auto | cpu | cuda."""
+    backend: str = "ray"
+    """Where the (split seed x mode) runs go: ray = one Ray task each (in parallel, GPUs shared by 2) | local =
+    one after another in this process, without Ray (a bare GPU box). Same results files either way."""
 
 
 @dataclass(frozen=True)
@@ -288,7 +307,7 @@ class ResourcesConfig:
     address: str | None = None
     """Ray cluster address; None = start an embedded local Ray (RAY_ADDRESS is honoured too)."""
     num_cpus: int | None = None
-    """CPUs for the embedded local Ray (None = all of this machine's)."""
+    """CPUs for the embedded local Ray, and processes of collect.backend = local (None = all of this machine's)."""
     num_gpus: int | None = None
 
 

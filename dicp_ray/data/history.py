@@ -184,13 +184,22 @@ class WindowSampler:
         self._columns = [c for c in (*WINDOW_COLUMNS, *extra_columns) if c in dataset.column_names]
         self._rng = np.random.default_rng(seed)
 
-    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
-        index, k = self.dataset.index, self.window_len
+    def draw(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The random part of `sample`: (history, first row of its window within its shard), each (B,)."""
         window = self._rng.integers(0, int(self._cumulative[-1]), size=batch_size)
         slot = np.searchsorted(self._cumulative, window, side="right")
         history = self._history[slot]
         offset = window - (self._cumulative[slot] - self._num_windows[slot])
-        first_row = index["start"][history] + offset * self.align        # (B,)
+        return history, self.dataset.index["start"][history] + offset * self.align
+
+    def window_dtype(self, name: str) -> np.dtype:
+        """The dtype column `name` has in a window (integer columns int64, float columns float32)."""
+        fixed = {**WINDOW_COLUMNS, **_OPTIONAL_WINDOW_COLUMNS}.get(name)
+        return np.dtype(fixed or (np.int64 if self.dataset.shard_columns(0)[name].dtype.kind in "iu" else np.float32))
+
+    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+        index, k = self.dataset.index, self.window_len
+        history, first_row = self.draw(batch_size)                        # (B,), (B,)
         shard = index["shard"][history]
         out = self._empty(batch_size)
         order = np.argsort(shard, kind="stable")
@@ -206,12 +215,8 @@ class WindowSampler:
 
     def _empty(self, batch_size: int) -> dict[str, np.ndarray]:
         first = self.dataset.shard_columns(0)
-        out = {}
-        for name in self._columns:
-            dtype = {**WINDOW_COLUMNS, **_OPTIONAL_WINDOW_COLUMNS}.get(name) or (
-                np.int64 if first[name].dtype.kind in "iu" else np.float32)
-            out[name] = np.empty((batch_size, self.window_len, *first[name].shape[1:]), dtype)
-        return out
+        return {name: np.empty((batch_size, self.window_len, *first[name].shape[1:]), self.window_dtype(name))
+                for name in self._columns}
 
 
 class WindowBatches(torch.utils.data.IterableDataset):

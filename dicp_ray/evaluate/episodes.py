@@ -9,14 +9,15 @@ What it does
     (before that it samples) for AD, DPT and grid IDT checkpoints (IDT: inside Decisions-to-Go,
     ``dicp_ray.agents.idt_grid``), and on Meta-World the depth-1 sampled search for AD and IDT checkpoints. The
     model acts through ``dicp_ray.agents.agent`` (one in-context agent for every layout); this module runs the
-    episodes, checks the checkpoint against the config and fans out over Ray: ``run_evaluations`` runs (split
-    seed x mode) as Ray tasks and aggregates over split seeds (``dicp_ray.evaluate.results``: files, summary, plots,
-    tables).
+    episodes and checks the checkpoint against the config; ``dicp_ray.evaluate.launch.run_evaluations`` runs
+    every (split seed x mode) on Ray or in this process and aggregates over split seeds
+    (``dicp_ray.evaluate.results``: files, summary, plots, tables).
 
 How to run it
     dicp-ray evaluate --checkpoint runs/demo/train/split_0/model.pt --set eval.num_episodes=50
 
-    from dicp_ray.evaluate.episodes import evaluate_in_context, run_evaluations
+    from dicp_ray.evaluate.episodes import evaluate_in_context
+    from dicp_ray.evaluate.launch import run_evaluations
     from dicp_ray.evaluate.results import format_results_table
     result = evaluate_in_context("model.pt", output_dir="eval/split_0/plan", mode="plan")
     print(format_results_table(run_evaluations(config, {0: "model.pt"}, "eval")))
@@ -24,7 +25,7 @@ How to run it
 What to expect
     ``<dir>/results.json`` (written last, atomically: its presence marks a finished run), ``returns.csv``
     (episode, mean, ci_low, ci_high, oracle) and TensorBoard scalars ``eval/<mode>/return_mean`` per episode
-    index. ``run_evaluations`` adds ``summary.json``, ``summary.csv`` and ``learning_curves.png`` and skips a
+    index. ``launch.run_evaluations`` adds ``summary.json``, ``summary.csv`` and ``learning_curves.png`` and skips a
     (split seed, mode) whose results.json matches the checkpoint and settings. Runs are deterministic for
     ``eval.seed``. On Darkroom the paper's AD reaches about 13.3 (policy) and DICP-AD about 15.3 (plan) after
     50 episodes; the oracle maximum over the 8 test goals is 16-17 for split seeds 0-4.
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -47,20 +47,16 @@ from dicp_ray.agents.agent import MODES, InContextAgent, make_agent
 from dicp_ray.agents.plan import PlannerSettings
 from dicp_ray.config.load import config_from_dict
 from dicp_ray.config.schema import ExperimentConfig
-from dicp_ray.console import watch_progress
 from dicp_ray.envs import GRID_SPECS, cell_obs, split_tasks
 from dicp_ray.evaluate.results import (
-    RESULTS_FILE,
     RESULTS_SCHEMA_VERSION,
-    aggregate_results,
     mean_ci95,
     method_label,
     success_metrics,
     write_run_outputs,
-    write_summary,
 )
 from dicp_ray.models.checkpoints import load_checkpoint
-from dicp_ray.runtime import init_ray, provenance
+from dicp_ray.runtime import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -327,6 +323,8 @@ def _evaluate(path: str, config: ExperimentConfig | None, output_dir: str | None
         "timing": {"wall_s": None, "rollout_s": loop_s, "decisions": num_decisions,
                    "planned_decisions": num_planned, "decisions_per_s": num_decisions / max(loop_s, 1e-9)},
         "checkpoint": os.path.abspath(path), "checkpoint_step": payload.get("step"),
+        "checkpoint_num_steps": ((payload.get("config") or {}).get("train") or {}).get("num_steps"),
+        "checkpoint_stopped_at_deadline": bool(payload.get("stopped_at_deadline", False)),
         "fingerprint": _fingerprint(config, file_sha256(path), mode, split_seed),
         "config": config.to_dict(), "provenance": provenance(),
     }
@@ -346,79 +344,4 @@ def _idt_return_target(spec) -> str | float:
     return "task max return" if spec.discrete_actions else float(spec.return_target)
 
 
-# ----------------------------------------------------------------------------- fan-out over Ray
-def _finished_result(out: Path, fingerprint: dict) -> dict | None:
-    try:
-        result = json.loads((out / RESULTS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return result if result.get("fingerprint") == fingerprint else None
-
-
-def _precheck(config: ExperimentConfig, checkpoints: dict[int, str], modes: tuple[str, ...]) -> dict:
-    """Fail before Ray starts: missing checkpoints, env/variant mismatches, planning without world model."""
-    if not checkpoints:
-        raise ValueError("run_evaluations needs at least one {split_seed: checkpoint_path}")
-    digests = {}
-    for seed, path in checkpoints.items():
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint for split seed {seed} not found: {path}")
-        model, payload = load_checkpoint(path)
-        for mode in modes:
-            _check_compatible(payload, model.spec, config, mode, path)
-        _resolve_split_seed(payload, int(seed), config, path)
-        digests[seed] = file_sha256(path)
-    return digests
-
-
-def run_evaluations(config: ExperimentConfig, checkpoints: dict[int, str], output_dir: str,
-                    modes: tuple[str, ...] | list[str] | None = None) -> dict:
-    """Evaluate every (split seed, mode) as a Ray task, then aggregate; writes summary.{json,csv} + PNG."""
-    import ray
-
-    modes = tuple(config.eval.modes if modes is None else modes)
-    for mode in modes:
-        _check_mode(mode)
-    out = Path(output_dir).resolve()
-    digests = _precheck(config, checkpoints, modes)
-    results: dict[tuple[int, str], dict] = {}
-    pending = {}
-    for seed, path in sorted(checkpoints.items()):
-        for mode in modes:
-            run_dir = out / f"split_{seed}" / mode
-            done = _finished_result(run_dir, _fingerprint(config, digests[seed], mode, int(seed)))
-            if done is not None:
-                logger.info("evaluate: split %d %s already finished in %s, reusing it", seed, mode, run_dir)
-                results[(seed, mode)] = done
-                continue
-            pending[(seed, mode)] = (os.path.abspath(path), str(run_dir))
-    if pending:
-        init_ray(config.resources)
-        task = ray.remote(num_cpus=1)(evaluate_in_context).options(num_gpus=_gpus_per_task(config))
-        refs = {task.remote(path, config, run_dir, mode, int(seed)): (seed, mode)
-                for (seed, mode), (path, run_dir) in pending.items()}
-        remaining = list(refs)
-        files = [Path(run_dir) / "progress.json" for _, run_dir in pending.values()]
-        for f in files:
-            f.unlink(missing_ok=True)  # left by an interrupted run: its episodes are run again
-        with watch_progress(files, len(files) * config.eval.num_episodes, "evaluate", "episode"):
-            while remaining:
-                ready, remaining = ray.wait(remaining, num_returns=1)
-                results[refs[ready[0]]] = ray.get(ready[0])
-                logger.debug("evaluate: split %d %s finished (%d/%d)", *refs[ready[0]],
-                             len(refs) - len(remaining), len(refs))
-    summary = aggregate_results(config, results, modes)
-    write_summary(out, summary)
-    return summary
-
-
-def _gpus_per_task(config: ExperimentConfig) -> float:
-    import ray
-
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    if config.eval.device == "cuda" and not has_gpu:
-        raise ValueError("eval.device = 'cuda' but the Ray cluster has no GPUs: use --set eval.device=auto")
-    return 0.5 if has_gpu and config.eval.device != "cpu" else 0
-
-
-__all__ = ["evaluate_in_context", "run_evaluations", "run_episodes", "eval_task_ids", "planner_settings"]
+__all__ = ["evaluate_in_context", "run_episodes", "eval_task_ids", "planner_settings", "file_sha256"]

@@ -10,7 +10,7 @@ What it does
 
 How to use it
     from dicp_ray.evaluate.results import format_results_table, mean_ci95
-    print(format_results_table(summary))          # summary = dicp_ray.evaluate.run_evaluations(...)
+    print(format_results_table(summary))          # summary = dicp_ray.evaluate.launch.run_evaluations(...)
 
 What to expect
     Pure numpy / matplotlib (Agg canvas, headless) / TensorBoard writers; every file is written atomically.
@@ -141,6 +141,7 @@ def aggregate_results(config: ExperimentConfig, results: dict[tuple[int, str], d
             "per_split_return_mean": {str(s): run["return_mean"] for s, run in zip(seeds, runs)},
             "decisions_per_s": float(np.mean([run["timing"]["decisions_per_s"] for run in runs])),
             "num_test_tasks": {str(s): len(run["task_ids"]) for s, run in zip(seeds, runs)},
+            "training": {str(s): _training_reached(run) for s, run in zip(seeds, runs)},
         }
         for metric in ("success", "success_once_so_far"):  # Meta-World
             if f"{metric}_mean" in runs[0]:
@@ -151,6 +152,15 @@ def aggregate_results(config: ExperimentConfig, results: dict[tuple[int, str], d
             "env": config.env.name, "variant": config.model.variant, "split_seeds": seeds,
             "num_episodes": config.eval.num_episodes, "oracle_max_return_mean": oracle, "methods": methods,
             "ci": "95% t-interval", "config": config.to_dict(), "provenance": provenance()}
+
+
+def _training_reached(run: dict) -> dict:
+    """How far the evaluated checkpoint was trained: its step, the run's train.num_steps, the fraction reached and
+    whether train.deadline_unix_s stopped it (results of older checkpoints: None where unknown)."""
+    step, total = run.get("checkpoint_step"), run.get("checkpoint_num_steps")
+    fraction = None if not step or not total else round(step / total, 4)
+    return {"step": step, "num_steps": total, "fraction": fraction,
+            "stopped_at_deadline": run.get("checkpoint_stopped_at_deadline", False)}
 
 
 def _aggregate_curves(runs: list[dict], seeds: list[int], metric: str) -> dict:

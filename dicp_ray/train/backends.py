@@ -159,8 +159,9 @@ def _all_gather(obj: Any, world_size: int) -> list[Any]:
 
 
 def write_member_checkpoint(ckpt_dir: Path, model, state: dict, step: int, rng: list, resumed_at_steps: list[int],
-                            loop_config: dict) -> None:
-    """state.pt (resumable state), model.pt (self-describing, for evaluation) and meta.json of one member."""
+                            loop_config: dict, stopped_at_deadline: bool = False) -> None:
+    """state.pt (resumable state), model.pt (self-describing, for evaluation) and meta.json of one member.
+    `stopped_at_deadline`: train.deadline_unix_s ended this call of the loop before num_steps (model.pt says so)."""
     config: ExperimentConfig = loop_config["config"]
     identity = loop_config["run_identity"]
     torch.save({**state, "step": step, "rng": rng, "resumed_at_steps": resumed_at_steps,
@@ -170,9 +171,28 @@ def write_member_checkpoint(ckpt_dir: Path, model, state: dict, step: int, rng: 
              "world_model": config.model.world_model, "step": step, "resumed_at_steps": resumed_at_steps,
              "config": config.to_dict(), "train_task_ids": list(loop_config["train_task_ids"]),
              "test_task_ids": list(loop_config["test_task_ids"]), "run_identity": identity,
-             "provenance": loop_config["provenance"], "data_schema_version": _data_schema_version()}
+             "provenance": loop_config["provenance"], "data_schema_version": _data_schema_version(),
+             "num_steps": config.train.num_steps, "stopped_at_deadline": bool(stopped_at_deadline)}
     save_checkpoint(str(ckpt_dir / "model.pt"), model, extra=extra)
     (ckpt_dir / "meta.json").write_text(json.dumps({"step": step, "run_identity": identity}))
+
+
+def deadline_reached(deadline_unix_s: float | None, world_size: int, device) -> bool:
+    """Whether the wall clock passed train.deadline_unix_s; with several ranks rank 0's clock decides for all
+    (one tiny broadcast per step), so every rank stops at the same step."""
+    import time
+
+    if deadline_unix_s is None:
+        return False
+    reached = time.time() >= deadline_unix_s
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            flag = torch.tensor([float(reached)], device=device)
+            dist.broadcast(flag, src=0)
+            reached = bool(flag.item())
+    return reached
 
 
 class MetricMeans:

@@ -84,14 +84,27 @@ def model_spec_from_config(config: ExperimentConfig, dataset: Any) -> ModelSpec:
                      obs_scale=obs_scale, **idt, **tokens)
 
 
-def make_window_sampler(config: ExperimentConfig, dataset: Any, seed):
+def make_window_sampler(config: ExperimentConfig, dataset: Any, seed, device=None):
     """Training windows for config.model.variant: k consecutive transitions starting anywhere (AD, DPT; IDT in
-    its history sorted by episode return, with relabelled return-to-go: `idt_windows.HistoryWindowSampler`)."""
+    its history sorted by episode return, with relabelled return-to-go: `idt_windows.HistoryWindowSampler`).
+    With `device` (the training loop's) and train.sample_on_device resolved true there, AD / DPT windows are
+    gathered on that device (`data.device_windows.DeviceWindowSampler`: the same windows, torch tensors)."""
     from dicp_ray.data.history import WindowSampler
 
     if config.model.variant == "idt":
         return HistoryWindowSampler(dataset, config.context_len, config.env.horizon, seed=seed)
+    if device is not None and samples_on_device(config, device):
+        from dicp_ray.data.device_windows import DeviceWindowSampler
+
+        return DeviceWindowSampler(dataset, config.context_len, seed=seed, device=device)
     return WindowSampler(dataset, config.context_len, seed=seed)
+
+
+def samples_on_device(config: ExperimentConfig, device) -> bool:
+    """train.sample_on_device resolved for `device`: None = on CUDA. IDT windows are always sampled on the host."""
+    setting = config.train.sample_on_device
+    on_device = torch.device(device).type == "cuda" if setting is None else setting
+    return on_device and config.model.variant != "idt"
 
 
 def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: bool,
@@ -109,6 +122,8 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
     (Meta-World), every step a target.
     """
     def tensor(x, dtype):
+        if isinstance(x, torch.Tensor):  # windows of data.device_windows.DeviceWindowSampler: already on the device
+            return x.to(device=device, dtype=dtype)
         return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
     if layout == "idt":
@@ -138,15 +153,28 @@ def windows_to_batch(windows: dict[str, np.ndarray], layout: str, world_model: b
     if layout == "ad":
         targets = {"target_action": tensor(action[:, -1], torch.long)}                        # (B,)
     elif layout == "dpt":  # the release supervises a* after each of the T context transitions (dpt.py:63)
-        a_star = windows["optimal_action"][:, -1:]                                           # (B, 1)
-        targets = {"target_action": tensor(np.repeat(a_star, obs.shape[1] - 1, axis=1), torch.long)}  # (B, T)
+        a_star = tensor(windows["optimal_action"][:, -1:], torch.long)                       # (B, 1)
+        targets = {"target_action": a_star.expand(-1, obs.shape[1] - 1).contiguous()}        # (B, T)
     else:
         raise ValueError(f"layout must be 'ad', 'dpt' or 'idt', got {layout!r}")
     if world_model:
         batch["query_action"] = tensor(action[:, -1], torch.long)
-        targets["target_reward"] = tensor(np.rint(reward[:, -1]), torch.long)                # (B,) 0 / 1
-        targets["target_next_obs"] = tensor(cell_index(windows["next_obs"][:, -1]), torch.long)  # (B,) cell
+        targets["target_reward"] = tensor(_rint(reward[:, -1]), torch.long)                  # (B,) 0 / 1
+        targets["target_next_obs"] = tensor(_cell_index(windows["next_obs"][:, -1]), torch.long)  # (B,) cell
     return batch, targets
+
+
+def _rint(x):
+    """Round half to even, numpy or torch (the device sampler's windows)."""
+    return torch.round(x) if isinstance(x, torch.Tensor) else np.rint(x)
+
+
+def _cell_index(obs):
+    """`envs.cell_index` of grid observations (..., 2), numpy or torch."""
+    if isinstance(obs, torch.Tensor):
+        cells = torch.round(obs).long()
+        return cells[..., 0] * GRID_SIZE + cells[..., 1]
+    return cell_index(obs)
 
 
 def _continuous_batch(windows: dict[str, np.ndarray], layout: str, world_model: bool, tensor):

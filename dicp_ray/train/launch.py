@@ -15,6 +15,8 @@ loop (`dicp_ray.train.loop`), on the backend ``train.backend`` names:
   * local: this process, no Ray (``train.device``: auto = cuda when train.use_gpu); checkpoints in each
     run's ``<output>/checkpoints``, resumed the same way.
 
+With ``train.deadline_unix_s`` the loop may stop early: ``model.pt`` is then the newest checkpoint's (``step`` <
+num_steps, ``stopped_at_deadline``), evaluable, and not taken for finished, so the next call continues it.
 Raising ``train.num_steps`` continues a finished run (the cosine schedule then spans the new num_steps). Anything
 else that changes the checkpoints' meaning (model, data, split, optimiser: `dicp_ray.train.run_identity`) is
 refused for an existing output directory.
@@ -22,6 +24,7 @@ refused for an existing output directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -75,7 +78,10 @@ def train_models(config: ExperimentConfig, dataset_dir: str, runs: list[tuple[st
             dirs = _run_local(group, device) if train.backend == "local" else _run_ray(config, group)
         for lc, ckpt in zip(group, dirs):
             _copy_atomic(ckpt / "model.pt", Path(lc["output_dir"]) / "model.pt")
-            logger.info("train: wrote %s", Path(lc["output_dir"]) / "model.pt")
+            step = json.loads((ckpt / "meta.json").read_text())["step"]
+            partial = "" if step == train.num_steps else (
+                f" at step {step} of {train.num_steps} (train.deadline_unix_s passed; a re-run continues it)")
+            logger.info("train: wrote %s%s", Path(lc["output_dir"]) / "model.pt", partial)
     return [str(f) for f in finals]
 
 
@@ -112,7 +118,7 @@ def _verify_shards(loop_configs: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------- backends
 def _run_local(group: list[dict], device: str) -> list[Path]:
     """Train (or resume) `group` in this process -> each member's final checkpoint directory."""
-    from dicp_ray.train.backends import LocalBackend
+    from dicp_ray.train.backends import LocalBackend, latest_local_checkpoints
     from dicp_ray.train.loop import run_loop
 
     num_steps = group[0]["config"].train.num_steps
@@ -126,8 +132,7 @@ def _run_local(group: list[dict], device: str) -> list[Path]:
     trainer = f"dicp_ray.train.loop local on {device}, {len(group)} model(s) per process"
     group = [{**lc, "provenance": {**lc["provenance"], "trainer": trainer}} for lc in group]
     run_loop(group, LocalBackend(device))
-    return [checkpoint_steps(Path(lc["output_dir"]) / "checkpoints", lc["run_identity"], num_steps)[num_steps]
-            for lc in group]
+    return latest_local_checkpoints(group)  # num_steps, or the step train.deadline_unix_s stopped the loop at
 
 
 def _ray_run_location(group: list[dict]) -> tuple[Path, str]:

@@ -8,7 +8,9 @@ the backend. Every step each member samples its own windows, the group takes one
 (`dicp_ray.train.model_group.ModelGroup`), and the per-member losses stay on the device until a log interval. Every
 ``log_every_steps`` rank 0 writes each member's TensorBoard scalars and one progress line with an ETA; every
 ``checkpoint_every_steps`` (and at the end) it measures each member's held-out metrics and checkpoints all
-members through the backend (`dicp_ray.train.backends`). A re-run continues from the last checkpoint.
+members through the backend (`dicp_ray.train.backends`). A re-run continues from the last checkpoint. Past
+``train.deadline_unix_s`` the loop stops after the current step (at least one per call) and checkpoints there,
+marked ``stopped_at_deadline``; `dicp_ray.train.launch` treats that run as unfinished (a re-run continues it).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from dicp_ray.train.backends import (
     RayBackend,
     _all_gather,
     _rng_state,
+    deadline_reached,
     heldout_batches,
     tune_allocator,
     write_member_checkpoint,
@@ -64,7 +67,8 @@ class _Run:
         self.batch_per_rank = self.train.batch_size // world
         self.group = ModelGroup(models, self.train, backend.device, world, compile=self.train.compile,
                                 models_per_pass=models_per_pass(self.spec, self.batch_per_rank, backend.device))
-        self.members = [Member(lc, make_window_sampler(lc["config"], ds, seed=[self.train.seed, rank]), [], None)
+        self.members = [Member(lc, make_window_sampler(lc["config"], ds, seed=[self.train.seed, rank],
+                                                       device=backend.device), [], None)
                         for lc, ds in zip(loop_configs, datasets)]
         self.start_step, self.resumed = self._restore()
         crash = loop_configs[0].get("crash_at_step")
@@ -139,7 +143,7 @@ class _Run:
                         rate * len(metrics), format_eta(eta))
         return metrics
 
-    def checkpoint(self, metrics: list[dict], step: int) -> None:
+    def checkpoint(self, metrics: list[dict], step: int, stopped_at_deadline: bool = False) -> None:
         """Every rank calls this at the same steps; rank 0 adds held-out metrics and writes every member."""
         rngs = _all_gather([_rng_state(m.sampler) for m in self.members], self.backend.world_size)  # collective
         weight = self.train.world_model_weight
@@ -155,7 +159,7 @@ class _Run:
         def write(i: int, ckpt_dir: Path) -> None:
             model = self.group.member_model(i)
             write_member_checkpoint(ckpt_dir, model, self.group.member_state(i), step, [r[i] for r in rngs],
-                                    self.resumed, self.loop_configs[i])
+                                    self.resumed, self.loop_configs[i], stopped_at_deadline)
 
         if len(metrics) == 1:
             report = {"step": step, **metrics[0]}
@@ -180,7 +184,7 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
             if step == r.start_step:
                 leaked = set(member.loop_config["test_task_ids"]).intersection(windows["task_id"].tolist())
                 assert not leaked, f"sampled windows of test tasks {sorted(leaked)}"
-            pairs.append(_to_device(windows_to_batch(windows, spec.layout, spec.world_model), backend.device))
+            pairs.append(member_batch(windows, spec, backend.device))
         if step == r.crash_at_step:
             backend.crash_marker(loop_configs[0], step).parent.mkdir(parents=True, exist_ok=True)
             backend.crash_marker(loop_configs[0], step).touch()
@@ -190,13 +194,27 @@ def run_loop(loop_configs: list[dict[str, Any]], backend) -> None:
         if progress is not None:
             progress.update(done)
         metrics = None
-        if done % train.log_every_steps == 0 or done == train.num_steps:
+        stop = done < train.num_steps and deadline_reached(train.deadline_unix_s, backend.world_size, backend.device)
+        if done % train.log_every_steps == 0 or done == train.num_steps or stop:
             metrics = r.log(means, done, clock)
-        if done % train.checkpoint_every_steps == 0 or done == train.num_steps:
-            r.checkpoint(metrics or [{} for _ in r.members], done)
+        if done % train.checkpoint_every_steps == 0 or done == train.num_steps or stop:
+            r.checkpoint(metrics or [{} for _ in r.members], done, stopped_at_deadline=stop)
+        if stop:
+            if backend.rank == 0:
+                logger.info("train.deadline_unix_s passed: stopped at step %d of %d (%.1f%%); a re-run continues",
+                            done, train.num_steps, 100 * done / train.num_steps)
+            break
     for member in r.members:
         if member.writer is not None:
             member.writer.close()
+
+
+def member_batch(windows: dict, spec, device: torch.device) -> tuple[dict, dict]:
+    """One member's (batch, targets) on `device`: windows gathered there already (data.device_windows) become the
+    batch in place; host windows are converted on the host and copied over (`_to_device`)."""
+    if isinstance(windows["obs"], torch.Tensor):
+        return windows_to_batch(windows, spec.layout, spec.world_model, device)
+    return _to_device(windows_to_batch(windows, spec.layout, spec.world_model), device)
 
 
 def _to_device(pair: tuple[dict, dict], device: torch.device) -> tuple[dict, dict]:
@@ -231,4 +249,4 @@ def format_eta(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-__all__ = ["run_loop", "train_loop_per_worker", "format_eta"]
+__all__ = ["run_loop", "train_loop_per_worker", "format_eta", "member_batch"]

@@ -272,7 +272,7 @@ def _running_learner_pids() -> list[int]:
                 parent = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        learner = (b"ray::_learn_task_remote", b"ray::_learn_population_remote")
+        learner = (b"ray::_learn_task_remote", b"ray::learn_population")
         if parent == raylet and title.startswith(learner):
             pids.append(int(entry))
     return pids

@@ -13,7 +13,8 @@ import torch
 
 from dicp_ray.config.load import config_from_dict, replace
 from dicp_ray.envs import make_tasks, max_returns
-from dicp_ray.evaluate.episodes import evaluate_in_context, run_evaluations
+from dicp_ray.evaluate.episodes import evaluate_in_context
+from dicp_ray.evaluate.launch import run_evaluations
 from dicp_ray.evaluate.results import format_results_table, mean_ci95, metric_tag, t_critical_95
 from dicp_ray.models.checkpoints import save_checkpoint
 from dicp_ray.models.spec import ModelSpec

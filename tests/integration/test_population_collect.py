@@ -112,3 +112,36 @@ def test_collect_histories_resplit_gives_the_same_dataset(ray_local, tmp_path):
     ds = data_history.HistoryDataset.open(two)
     assert ds.manifest["collect_config"]["learner"] == "population"
     assert np.unique(ds.index["task_id"]).tolist() == ds.task_ids
+
+
+def test_local_process_pool_writes_the_same_dataset_as_ray(ray_local, tmp_path):
+    """collect.backend local (a process pool, no Ray) and ray: byte-identical shards, the same sidecars and the
+    same manifest apart from provenance; a re-run of the local backend over an unfinished dataset resumes it."""
+    via_ray = collect_histories(tiny_config(), str(tmp_path / "ray"), progress=False)
+    local = collect_histories(tiny_config(backend="local"), str(tmp_path / "local"), progress=False)
+    assert shard_bytes(local) == shard_bytes(via_ray) and len(shard_bytes(local)) == 3
+    manifests = [data_shards.read_manifest(p) for p in (local, via_ray)]
+    for manifest in manifests:
+        manifest.pop("provenance"), manifest.pop("created_at", None)
+        for shard in manifest["shards"]:
+            for key in ("wall_s", "cpu_s", "update_cpu_s"):
+                shard.pop(key, None)
+    assert manifests[0] == manifests[1]
+    timing = ("wall_s", "cpu_s", "update_cpu_s")
+    for task_id in manifests[0]["task_ids"]:
+        sidecars = [data_shards.read_sidecar(p, task_id) for p in (local, via_ray)]
+        assert [{k: v for k, v in s.items() if k not in timing} for s in sidecars] == [
+            {k: v for k, v in sidecars[1].items() if k not in timing}] * 2
+    first = data_shards.shard_name(manifests[0]["task_ids"][0]) + ".arrow"
+    (Path(local) / data_shards.SHARD_DIR / first).write_bytes(b"damaged")     # as if killed mid-collection
+    (Path(local) / "manifest.json").unlink()
+    collect_histories(tiny_config(backend="local"), local, progress=False)
+    assert shard_bytes(local) == shard_bytes(via_ray)
+
+
+def test_local_backend_is_refused_for_rllib_learners():
+    with pytest.raises(ConfigError, match="collect.backend"):
+        tiny_config(backend="local", learner="rllib")
+    with pytest.raises(ConfigError, match="collect.backend"):
+        tiny_config(backend="lokal")
+    assert data_fingerprint(tiny_config(backend="local")) == data_fingerprint(tiny_config())

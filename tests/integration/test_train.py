@@ -289,3 +289,41 @@ def test_cli_trains_all_split_seeds_in_one_local_process(dataset_dir, tmp_path, 
         assert payload["split_seed"] == seed and payload["step"] == 20
         assert "2 model(s) per process" in payload["provenance"]["trainer"]
     assert not (out / "train" / "ray_train").exists()
+
+
+def test_deadline_stops_cleanly_evaluates_and_a_rerun_continues(dataset_dir, tmp_path, one_thread):
+    """train.deadline_unix_s in the past: the loop takes one step, checkpoints it and writes model.pt marked as
+    stopped (evaluable, its fraction of num_steps in the summary); a re-run without deadline continues it to
+    num_steps and ends where an uninterrupted run ends."""
+    from dicp_ray.evaluate.launch import run_evaluations
+    from dicp_ray.train.launch import train_models
+
+    runs = [(str(tmp_path / "a"), 0), (str(tmp_path / "b"), 0)]
+    stopped = train_models(_local(models_per_process=2, deadline_unix_s=1.0), dataset_dir, runs)
+    for path in stopped:
+        _, payload = load_checkpoint(path)
+        assert payload["step"] == 1 and payload["stopped_at_deadline"] and payload["num_steps"] == 20
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").glob("checkpoint_*")] == ["checkpoint_00000001"]
+    config = config_from_dict({**_local().to_dict(), "env": {"name": "Darkroom", "max_test_tasks": 2},
+                               "eval": {"num_episodes": 2, "modes": ["policy"], "backend": "local",
+                                        "device": "cpu"}})
+    summary = run_evaluations(config, {0: stopped[0]}, str(tmp_path / "eval"))
+    assert summary["methods"]["policy"]["training"]["0"] == {"step": 1, "num_steps": 20, "fraction": 0.05,
+                                                              "stopped_at_deadline": True}
+    finished = train_models(_local(models_per_process=2), dataset_dir, runs)       # no deadline: continues
+    _, payload = load_checkpoint(finished[0])
+    assert payload["step"] == 20 and payload["resumed_at_steps"] == [1] and not payload["stopped_at_deadline"]
+    lone = train_models(_local(), dataset_dir, [(str(tmp_path / "lone"), 0)])[0]
+    for key, value in _weights(lone).items():
+        torch.testing.assert_close(_weights(finished[0])[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_windows_gathered_on_the_device_train_the_same_model(dataset_dir, tmp_path, one_thread):
+    """train.sample_on_device (the CUDA default) on CPU tensors: the same windows, so the same weights as the host
+    sampler."""
+    from dicp_ray.train.launch import train_models
+
+    host = train_models(_local(), dataset_dir, [(str(tmp_path / "host"), 0)])[0]
+    device = train_models(_local(sample_on_device=True), dataset_dir, [(str(tmp_path / "device"), 0)])[0]
+    for key, value in _weights(host).items():
+        torch.testing.assert_close(_weights(device)[key], value, rtol=0, atol=0)

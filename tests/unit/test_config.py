@@ -93,7 +93,26 @@ BAD = {
     "reward loss weight on a grid world": ({"model": {"reward_loss_weight": 0.5}}, "applies to Meta-World"),
     "zero cpus": ({"resources": {"num_cpus": 0}}, "resources.num_cpus = 0"),
     "max test tasks zero": ({"env": {"max_test_tasks": 0}}, "env.max_test_tasks = 0"),
+    "unknown collect backend": ({"collect": {"backend": "slurm"}}, "collect.backend = 'slurm' is not known"),
+    "unknown eval backend": ({"eval": {"backend": "lokal"}}, "did you mean 'local'"),
+    "local collection of Meta-World": ({"env": {"name": "ML1", "task": "reach-v3"}, "collect": {"backend": "local"},
+                                        "model": {"context_episodes": 10}, "plan": {"depth": 1}},
+                                       "collect.backend = 'local' runs population PPO learners"),
+    "negative deadline": ({"train": {"deadline_unix_s": -5}}, "train.deadline_unix_s = -5.0 is out of range"),
 }
+
+
+def test_backend_flag_sets_the_backend_of_every_stage_a_command_runs():
+    from dicp_ray.cli import _BACKEND_KEYS, _load, _parser
+
+    root = Path(__file__).resolve().parents[2]
+    for stage, sections in _BACKEND_KEYS.items():
+        argv = [stage, "--config", str(root / "tune_configs" / "smoke.yaml"), "--backend", "local"]
+        if stage == "evaluate":
+            argv += ["--checkpoint", "unused.pt"]
+        config = _load(_parser().parse_args(argv))
+        backends = {"collect": config.collect.backend, "train": config.train.backend, "eval": config.eval.backend}
+        assert {k for k, v in backends.items() if v == "local"} == set(sections), stage
 
 
 @pytest.mark.parametrize("data,message", BAD.values(), ids=BAD.keys())
