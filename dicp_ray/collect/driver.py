@@ -88,15 +88,20 @@ def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], w
     """
     from tqdm.auto import tqdm
 
-    from dicp_ray.collect.population_learner import _learn_population_remote, population_sizes
+    from dicp_ray.collect.population_learner import MAX_TASKS_PER_POPULATION, _learn_population_remote, population_sizes
 
     c = config.collect
     cpus = ray.cluster_resources().get("CPU", 1)
     max_in_flight = max(1, int(2 * cpus / c.num_cpus_per_learner))
     options = {"num_cpus": c.num_cpus_per_learner, "max_retries": c.max_retries, "retry_exceptions": False}
     if resolved_learner(config) == "population":
-        remote = _learn_population_remote.options(**options)
-        sizes = population_sizes(len(todo), cpus / c.num_cpus_per_learner, c.tasks_per_population)
+        remote, cap = _learn_population_remote, MAX_TASKS_PER_POPULATION
+        if config.env.is_meta_world:
+            from dicp_ray.collect import population_meta_world as mw
+
+            remote, cap = mw._learn_meta_world_population_remote, mw.MAX_TASKS_PER_POPULATION
+        remote = remote.options(**options)
+        sizes = population_sizes(len(todo), cpus / c.num_cpus_per_learner, c.tasks_per_population, cap)
         bounds = np.cumsum([0, *sizes])
         queue = [todo[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         # one bar over env steps, fed by every population as it learns
