@@ -1,9 +1,10 @@
 """Stage 1: learning histories. PPO (or SAC) learners as Ray tasks, each writing its tasks' shards.
 
-``collect.learner`` picks the learner: on the grid worlds (default ``auto``) a *population* of task
-learners per Ray task (`dicp_ray.collect.population_learner`: one stacked network per core, equal to SB3's PPO per
-learner; at N = 81 14-16x SB3's and 21-33x the RLlib learner's steps per CPU-second, bench_collect.py); on
-Meta-World, and with ``learner: rllib``, one RLlib learner per task (`dicp_ray.collect.rllib_learner`, the reference).
+``collect.learner`` picks the learner: for PPO (default ``auto``) a *population* of task learners per Ray task, one
+stacked network per core, equal to SB3's PPO per learner: `dicp_ray.collect.population_learner` on the grid worlds
+(at N = 81 14-16x SB3's and 21-33x the RLlib learner's steps per CPU-second, bench_collect.py),
+`dicp_ray.collect.population_meta_world` on Meta-World (1.5-1.7x SB3 on reach, bench_meta_world_ppo.py); for SAC,
+and with ``learner: rllib``, one RLlib learner per task (`dicp_ray.collect.rllib_learner`, the reference).
 
 Run it with ``dicp-ray collect --config tune_configs/<env>.yaml --output DIR`` or from Python::
 

@@ -46,7 +46,7 @@ def population_sizes(num_tasks: int, num_cpus: float, tasks_per_population: int,
     """Sizes of the populations that ``num_tasks`` tasks are split into, in task order.
 
     ``tasks_per_population`` > 0 fixes the size; 0 spreads the tasks evenly over the CPUs (every core busy,
-    one population per core), capped at ``max_size`` (grid worlds 81, Meta-World 8).
+    one population per core), capped at ``max_size`` (grid worlds 81, Meta-World 4).
     """
     if num_tasks == 0:
         return []

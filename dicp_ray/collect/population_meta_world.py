@@ -47,9 +47,10 @@ from dicp_ray.data import shards
 from dicp_ray.envs import meta_world_tasks
 from dicp_ray.envs.meta_world import ML1VectorEnv, ML10VectorEnv
 
-MAX_TASKS_PER_POPULATION = 8
-"""Auto population size cap on Meta-World: MuJoCo dominates there, so beyond ~8 learners a population gains
-little per learner, while each task's histories (~110 MB per 1M steps) stay in memory until the end."""
+MAX_TASKS_PER_POPULATION = 4
+"""Auto population size cap on Meta-World: Meta-World's own step and reset dominate there (at N = 4 the PPO
+update is 8-16% of the CPU, benchmarks/bench_meta_world_ppo.py), so bigger populations gain nothing measurable,
+while each task's histories (~110 MB per 1M steps) stay in memory until the end and a retry redoes them all."""
 
 _VECTOR_ENVS = {"ML1": ML1VectorEnv, "ML10": ML10VectorEnv}
 
