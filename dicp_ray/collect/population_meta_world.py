@@ -82,6 +82,7 @@ class MetaWorldPopulation:
                                                                      "success")}
         self.curves = [{"env_steps": [], "return_mean": []} for _ in self.task_ids]
         self.num_updates, self.update_cpu = 0, 0.0
+        self.last_batch: dict[str, torch.Tensor] = {}
 
     def update(self) -> None:
         """One rollout of ``rollout_steps`` steps of every stream, then one PPO update of every learner."""
@@ -132,7 +133,8 @@ class MetaWorldPopulation:
             _, last_values = forward(self.params, self.layout, torch.from_numpy(self.obs))
         advantages, returns = gae(rec["gae_reward"], rec["value"], episode_starts, last_values.numpy(),
                                   self.starts, self.c.gamma, self.c.gae_lambda)
-        for key, value in (("obs", full_obs[..., :self.obs_dim]), ("action", sent), ("reward", rec["reward"]),
+        model_obs = np.ascontiguousarray(full_obs[..., :self.obs_dim])      # not a view: full_obs is freed
+        for key, value in (("obs", model_obs), ("action", sent), ("reward", rec["reward"]),
                            ("next_obs", next_obs), ("success", rec["success"])):
             self.records[key].append(value)
         size = s * steps                                                    # SB3 order: stream * T + step
@@ -143,6 +145,7 @@ class MetaWorldPopulation:
                  "log_probs": torch.from_numpy(rec["log_prob"].reshape(n, size)),
                  "advantages": torch.from_numpy(advantages.reshape(n, size)),
                  "returns": torch.from_numpy(returns.reshape(n, size))}
+        self.last_batch = batch                     # what the update saw (tests check it against SB3's buffer)
         update_start = time.process_time()
         ppo_update(self.params, self.optimizer, self.layout, self.ppo, batch, torch.from_numpy(perms))
         self.update_cpu += time.process_time() - update_start

@@ -1,5 +1,6 @@
-"""Meta-World end to end at smoke scale on real MuJoCo: RLlib PPO histories -> Ray Train (continuous AD with
-Gaussian actions and reward / next-observation regression) -> in-context evaluation with success metrics."""
+"""Meta-World end to end at smoke scale on real MuJoCo: population PPO histories (the default PPO learner) ->
+Ray Train (continuous AD with Gaussian actions and reward / next-observation regression) -> in-context evaluation
+with success metrics."""
 from __future__ import annotations
 
 import json

@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
 from dicp_ray.collect.driver import collect_histories
@@ -107,3 +108,63 @@ def test_the_driver_runs_the_meta_world_population(ray_local, pair, tmp_path):
     manifest = data_shards.read_manifest(path)
     assert manifest["complete"] and manifest["collect_config"]["learner"] == "population"
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in sidecars]
+
+
+def test_rollout_buffer_equals_sb3s_for_the_same_trajectories():
+    """The learner's PPO batch of one rollout == SB3's RolloutBuffer filled by SB3's rules with the same weights.
+
+    SB3 (``collect_rollouts``): log-probs of the UNclipped samples, values, ``r + gamma * V(terminal_observation)``
+    at the truncation (the true final 39-number observation, recovered by replaying the executed actions),
+    then ``compute_returns_and_advantage``.
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.buffers import RolloutBuffer
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from dicp_ray.collect.population_meta_world import MetaWorldPopulation
+    from dicp_ray.envs.meta_world import ML1Env
+
+    config = tiny_config()                                                        # one update: 100 steps
+    population = MetaWorldPopulation(config, [0])
+    start = population.params.detach().clone()
+    population.update()
+    batch = {k: v[0].numpy() for k, v in population.last_batch.items()}          # learner 0, (S * T, ...)
+    sent = population.records["action"][0][0]                                     # (S, T, 4) executed
+    population.close()
+    streams, steps = STREAMS, 100
+    make = [lambda: ML1Env(0, task="reach-v3", observation="full")] * streams
+    model = PPO("MlpPolicy", DummyVecEnv(make), n_steps=steps, batch_size=100, device="cpu", seed=0)
+    policy, layout = model.policy, population.layout
+    actor = [policy.mlp_extractor.policy_net[0], policy.mlp_extractor.policy_net[2], policy.action_net]
+    critic = [policy.mlp_extractor.value_net[0], policy.mlp_extractor.value_net[2], policy.value_net]
+    with torch.no_grad():
+        for linears, layers in ((actor, layout.actor), (critic, layout.critic)):
+            for linear, layer in zip(linears, layers):
+                linear.weight.copy_(layout.weight(start, layer)[0].t())
+                linear.bias.copy_(layout.bias(start, layer)[0])
+        policy.log_std.copy_(layout.log_std_of(start)[0])
+    obs = batch["obs"].reshape(streams, steps, -1)
+    actions = batch["actions"].reshape(streams, steps, -1)
+    np.testing.assert_array_equal(sent, np.clip(actions, -1, 1))                  # the env got the clipped sample
+    assert (np.abs(actions) > 1).any()
+    rewards, finals = np.zeros((streams, steps), np.float32), []
+    for j in range(streams):                                                      # replay: rewards, final obs
+        env = ML1Env(0, task="reach-v3", observation="full")
+        assert np.array_equal(env.reset()[0], obs[j, 0])
+        for t in range(steps):
+            final, rewards[j, t], *_ = env.step(sent[j, t])
+        finals.append(final)
+    buffer = RolloutBuffer(steps, model.observation_space, model.action_space, gamma=0.99, gae_lambda=0.95,
+                           n_envs=streams)
+    with torch.no_grad():
+        terminal = policy.predict_values(torch.as_tensor(np.stack(finals))).numpy()[:, 0]
+        for t in range(steps):
+            o, a = torch.as_tensor(obs[:, t]), torch.as_tensor(actions[:, t])
+            values, log_prob, _ = policy.evaluate_actions(o, a)
+            reward = rewards[:, t] + (0.99 * terminal if t == steps - 1 else 0.0)
+            buffer.add(obs[:, t], actions[:, t], reward, np.full(streams, t == 0), values, log_prob)
+        buffer.compute_returns_and_advantage(last_values=torch.zeros(streams), dones=np.ones(streams))
+    flat = lambda a: a.swapaxes(0, 1).reshape(-1)                                  # noqa: E731 (T, S) -> S * T
+    np.testing.assert_allclose(batch["log_probs"], flat(buffer.log_probs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch["advantages"], flat(buffer.advantages), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch["returns"], flat(buffer.returns), rtol=1e-5, atol=1e-5)
