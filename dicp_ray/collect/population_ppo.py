@@ -53,7 +53,8 @@ one update per learner, 2 shared cores at load average 6-17): reach-v3 SB3 1,027
 (1.31x), N = 8 839 (1.10x). Meta-World's own step and reset (~8 ms, every 100 steps) are most of the time: the
 update is 8-22% of the population's CPU, so the gain is SB3's update cost and shrinks on dearer tasks; the
 1.5x target holds on reach, not on pick-place. Populations there are capped at 4 tasks (no measurable gain
-beyond, more memory).
+beyond, more memory). Learning, 8 reach-v3 goals at 20K env steps each (10 streams; ``--learn 20000 --streams
+10``), mean return of each stream's first -> last 10% of episodes: SB3 177 -> 640, population 180 -> 633.
 """
 from __future__ import annotations
 
