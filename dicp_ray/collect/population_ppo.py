@@ -48,9 +48,10 @@ SAC) and as the reference learner (``collect.learner: rllib``).
 Meta-World PPO (issue #24, `dicp_ray.collect.population_meta_world`, the ``collect.learner: auto`` PPO learner there):
 the release's settings (100 streams, n_steps 100, minibatch 200, 20 epochs, 39-number observation), env steps
 per CPU-second of the learning loop, SB3 PPO and populations in one run (benchmarks/bench_meta_world_ppo.py,
-one update per learner, 2 shared cores at load average 6-17): reach-v3 SB3 1,027; population N = 1 1,561
-(1.52x), N = 4 1,701 (1.66x), N = 8 1,551 (1.51x); pick-place-v3 SB3 763; N = 1 849 (1.11x), N = 4 999
-(1.31x), N = 8 839 (1.10x). Meta-World's own step and reset (~8 ms, every 100 steps) are most of the time: the
+one update per learner; two runs on 2 shared cores, load average 6-17 / 13-18): reach-v3 SB3 1,027 / 970;
+population N = 1 1,561 / 1,630 (1.52x / 1.68x), N = 4 1,701 / 1,802 (1.66x / 1.86x), N = 8 1,551 / 1,685
+(1.51x / 1.74x); pick-place-v3 SB3 763 / 804; N = 1 849 / 915 (1.11x / 1.14x), N = 4 999 / 1,001 (1.31x /
+1.24x), N = 8 839 / 1,057 (1.10x / 1.31x). Meta-World's own step and reset (~8 ms, every 100 steps) are most of the time: the
 update is 8-22% of the population's CPU, so the gain is SB3's update cost and shrinks on dearer tasks; the
 1.5x target holds on reach, not on pick-place. Populations there are capped at 4 tasks (no measurable gain
 beyond, more memory). Learning, 8 reach-v3 goals at 20K env steps each (10 streams; ``--learn 20000 --streams
