@@ -51,9 +51,9 @@ per CPU-second of the learning loop, SB3 PPO and populations in one run (benchma
 one update per learner; two runs on 2 shared cores, load average 6-17 / 13-18): reach-v3 SB3 1,027 / 970;
 population N = 1 1,561 / 1,630 (1.52x / 1.68x), N = 4 1,701 / 1,802 (1.66x / 1.86x), N = 8 1,551 / 1,685
 (1.51x / 1.74x); pick-place-v3 SB3 763 / 804; N = 1 849 / 915 (1.11x / 1.14x), N = 4 999 / 1,001 (1.31x /
-1.24x), N = 8 839 / 1,057 (1.10x / 1.31x). Meta-World's own step and reset (~8 ms, every 100 steps) are most of the time: the
-update is 8-22% of the population's CPU, so the gain is SB3's update cost and shrinks on dearer tasks; the
-1.5x target holds on reach, not on pick-place. Populations there are capped at 4 tasks (no measurable gain
+1.24x), N = 8 839 / 1,057 (1.10x / 1.31x). Meta-World's own step and reset (~8 ms, every 100 steps) are most
+of the time: the update is 8-22% of the population's CPU, so the gain is SB3's update cost and shrinks on
+dearer tasks; the 1.5x target holds on reach, not on pick-place. Populations there are capped at 4 tasks (no measurable gain
 beyond, more memory). Learning, 8 reach-v3 goals at 20K env steps each (10 streams; ``--learn 20000 --streams
 10``), mean return of each stream's first -> last 10% of episodes: SB3 177 -> 640, population 180 -> 633.
 """

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*Overriding environment rllib-s
 
 STREAMS, STEPS = 2, 400
 TINY = {"env": {"name": "ML1", "task": "reach-v3", "max_train_tasks": 1, "max_test_tasks": 1},
-        "collect": {"learner": "rllib", "num_streams": STREAMS, "rollout_steps": 100, "minibatch_size": 100, "num_epochs": 2,
-                    "env_steps_per_task": STEPS, "sac_batch_size": 32, "sac_learning_starts": 100},
+        "collect": {"learner": "rllib", "num_streams": STREAMS, "rollout_steps": 100, "minibatch_size": 100,
+                    "num_epochs": 2, "env_steps_per_task": STEPS, "sac_batch_size": 32, "sac_learning_starts": 100},
         "model": {"context_episodes": 2}, "resources": {"num_cpus": 2}}
 
 
