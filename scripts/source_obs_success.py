@@ -30,7 +30,8 @@ def learn(config_path: str, source_obs: str, output: str, task_ids: list[int], o
     from dicp_ray.config.load import load_config
 
     torch.set_num_threads(1)
-    config = load_config(config_path, [f"collect.source_obs={source_obs}", *overrides])
+    # the RLlib learner (as measured in docs/fidelity.md row 4), so the shards' fingerprint says rllib
+    config = load_config(config_path, [f"collect.source_obs={source_obs}", "collect.learner=rllib", *overrides])
     for task_id in task_ids:
         start = time.time()
         sidecar = learn_task(config, task_id, output)

@@ -1,9 +1,11 @@
 """Stage 1: learning histories. PPO (or SAC) learners as Ray tasks (or local processes), each writing its tasks' shards.
 
-``collect.learner`` picks the learner: on the grid worlds (default ``auto``) a *population* of task
-learners per Ray task (`dicp_ray.collect.population_learner`: one stacked network per core, equal to SB3's PPO per
-learner; at N = 81 14-16x SB3's and 21-33x the RLlib learner's steps per CPU-second, bench_collect.py); on
-Meta-World, and with ``learner: rllib``, one RLlib learner per task (`dicp_ray.collect.rllib_learner`, the reference).
+``collect.learner`` picks the learner: for PPO (default ``auto``) a *population* of task learners per Ray task, one
+stacked network per core, equal to SB3's PPO per learner: `dicp_ray.collect.population_learner` on the grid worlds
+(at N = 81 14-16x SB3's and 21-33x the RLlib learner's steps per CPU-second, bench_collect.py),
+`dicp_ray.collect.population_meta_world` on Meta-World (1.5-1.9x SB3 on reach, 1.1-1.3x on pick-place,
+bench_meta_world_ppo.py); for SAC, and with ``learner: rllib``, one RLlib learner per task
+(`dicp_ray.collect.rllib_learner`, the reference).
 
 Run it with ``dicp-ray collect --config tune_configs/<env>.yaml --output DIR`` or from Python::
 
@@ -101,13 +103,17 @@ def _run_learners(config: ExperimentConfig, dataset_dir: str, todo: list[int], w
         init_ray(config.resources)
         cpus = ray.cluster_resources().get("CPU", 1)
     if resolved_learner(config) == "population":
-        sizes = population_sizes(len(todo), cpus / c.num_cpus_per_learner, c.tasks_per_population)
+        cap = None
+        if config.env.is_meta_world:
+            from dicp_ray.collect.population_meta_world import MAX_TASKS_PER_POPULATION as cap
+        sizes = population_sizes(len(todo), cpus / c.num_cpus_per_learner, c.tasks_per_population,
+                                 **({"max_size": cap} if cap else {}))
         bounds = np.cumsum([0, *sizes])
         queue = [todo[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         if c.backend == "local":
             results = _in_pool(queue, config, dataset_dir, max(1, int(cpus)))
         else:
-            results = _in_flight(_population_remote(c), queue, config, dataset_dir, _max_in_flight(cpus, c))
+            results = _in_flight(_population_remote(config), queue, config, dataset_dir, _max_in_flight(cpus, c))
         # one bar over env steps, fed by every population as it learns
         return _run_populations(results, queue, config, dataset_dir, writer, progress)
     from tqdm.auto import tqdm
@@ -134,13 +140,16 @@ def _max_in_flight(cpus: float, c) -> int:
     return max(1, int(2 * cpus / c.num_cpus_per_learner))
 
 
-def _population_remote(c):
-    """`learn_population` as a Ray task (made here, so importing the learner module never imports Ray)."""
+def _population_remote(config: ExperimentConfig):
+    """The env's population learner as a Ray task (made here, so importing a learner module never imports Ray):
+    `learn_population` (grid worlds) or `learn_meta_world_population`."""
     import ray
 
-    from dicp_ray.collect.population_learner import learn_population
-
-    return ray.remote(learn_population).options(**_ray_options(c))
+    if config.env.is_meta_world:
+        from dicp_ray.collect.population_meta_world import learn_meta_world_population as learn
+    else:
+        from dicp_ray.collect.population_learner import learn_population as learn
+    return ray.remote(learn).options(**_ray_options(config.collect))
 
 
 def _in_flight(remote, queue: list, config: ExperimentConfig, dataset_dir: str, max_in_flight: int) -> Iterator[dict]:

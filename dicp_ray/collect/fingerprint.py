@@ -35,11 +35,10 @@ def oracle_labels(env_name: str, task_id: int, columns: dict[str, np.ndarray]) -
 
 
 def resolved_learner(config: ExperimentConfig) -> str:
-    """``collect.learner`` with ``auto`` resolved: population for grid-world PPO, else rllib."""
+    """``collect.learner`` with ``auto`` resolved: population for PPO (grid worlds and Meta-World), rllib for SAC."""
     learner = config.collect.learner
     if learner == "auto":
-        grid_ppo = not config.env.is_meta_world and config.collect.algorithm == "ppo"
-        return "population" if grid_ppo else "rllib"
+        return "population" if config.collect.algorithm == "ppo" else "rllib"
     return learner
 
 

@@ -43,16 +43,16 @@ MAX_TASKS_PER_POPULATION = 81
 """Auto population size cap: beyond ~81 learners a population's update stops getting cheaper per learner."""
 
 
-def population_sizes(num_tasks: int, num_cpus: float, tasks_per_population: int) -> list[int]:
+def population_sizes(num_tasks: int, num_cpus: float, tasks_per_population: int,
+                     max_size: int = MAX_TASKS_PER_POPULATION) -> list[int]:
     """Sizes of the populations that ``num_tasks`` tasks are split into, in task order.
 
     ``tasks_per_population`` > 0 fixes the size; 0 spreads the tasks evenly over the CPUs (every core busy,
-    one population per core), capped at ``MAX_TASKS_PER_POPULATION``.
+    one population per core), capped at ``max_size`` (grid worlds 81, Meta-World 4).
     """
     if num_tasks == 0:
         return []
-    size = tasks_per_population or min(MAX_TASKS_PER_POPULATION,
-                                       math.ceil(num_tasks / max(1, int(num_cpus))))
+    size = tasks_per_population or min(max_size, math.ceil(num_tasks / max(1, int(num_cpus))))
     return [min(size, num_tasks - start) for start in range(0, num_tasks, size)]
 
 

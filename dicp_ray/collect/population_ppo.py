@@ -20,6 +20,14 @@ live SB3 in tests/unit/test_population.py:
   gradient is exactly its own loss's), global-norm clipping per learner (torch's ``clip_grad_norm_``
   formula), Adam eps 1e-5 (SB3's) - elementwise, so one optimizer over the stacked tensor is N Adams.
 * GAE (``gae``): SB3's ``compute_returns_and_advantage`` in float32, vectorised over learners.
+* Policy distribution, the only difference between the two action kinds (``Layout.continuous``): discrete,
+  SB3's Categorical over the logits; continuous (Meta-World), SB3's ``DiagGaussianDistribution``: the actor
+  outputs the means, a state-independent log-std (one block of the learner's row, SB3's ``log_std_init=0``,
+  so std 1) gives the std, log-prob and entropy summed over the action dims (``gaussian_log_prob``,
+  torch's ``Normal`` formulas). Rollouts (`dicp_ray.collect.population_meta_world`) sample
+  ``mean + std * noise``, send the sample clipped to [-1, 1] to the env and keep the unclipped one for the
+  update, as SB3 does; tested against live SB3 on Meta-World reach-v3 (one update to 1e-6, and bit for bit
+  alone vs in a population: tests/unit/test_population_continuous.py).
 
 Throughput (benchmarks/bench_collect.py --quick, paper Darkroom settings, one thread each, env steps per
 CPU-second, all rows in one run on 2 shared cores; two runs, at load average 35-49 / 5): SB3 PPO 1,025 /
@@ -37,9 +45,17 @@ that removes that cost would be this module's rollout inside an RLlib class, wit
 connector machinery (the point of hosting) bypassed, so it was not built. RLlib stays for Meta-World (PPO,
 SAC) and as the reference learner (``collect.learner: rllib``).
 
-Meta-World PPO: not ported. MuJoCo stepping alone runs 2,544 (reach-v3) / 1,445 (pick-place-v3) env steps/s
-per core through our wrapper (README, bench_meta_world.py) against ~1,200 for the whole RLlib learner on
-reach, so even a free learner would gain at most ~2x there, against 16-37x on the grid worlds.
+Meta-World PPO (issue #24, `dicp_ray.collect.population_meta_world`, the ``collect.learner: auto`` PPO learner there):
+the release's settings (100 streams, n_steps 100, minibatch 200, 20 epochs, 39-number observation), env steps
+per CPU-second of the learning loop, SB3 PPO and populations in one run (benchmarks/bench_meta_world_ppo.py,
+one update per learner; two runs on 2 shared cores, load average 6-17 / 13-18): reach-v3 SB3 1,027 / 970;
+population N = 1 1,561 / 1,630 (1.52x / 1.68x), N = 4 1,701 / 1,802 (1.66x / 1.86x), N = 8 1,551 / 1,685
+(1.51x / 1.74x); pick-place-v3 SB3 763 / 804; N = 1 849 / 915 (1.11x / 1.14x), N = 4 999 / 1,001 (1.31x /
+1.24x), N = 8 839 / 1,057 (1.10x / 1.31x). Meta-World's own step and reset (~8 ms, every 100 steps) are most
+of the time: the update is 8-22% of the population's CPU, so the gain is SB3's update cost and shrinks on
+dearer tasks; the 1.5x target holds on reach, not on pick-place. Populations there are capped at 4 tasks (no measurable gain
+beyond, more memory). Learning, 8 reach-v3 goals at 20K env steps each (10 streams; ``--learn 20000 --streams
+10``), mean return of each stream's first -> last 10% of episodes: SB3 177 -> 640, population 180 -> 633.
 """
 from __future__ import annotations
 
@@ -70,13 +86,14 @@ class Layer:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each layer's weight and bias sit in a learner's row of P floats.
+    """Where each layer's weight and bias (and, for continuous actions, the log-std) sit in a learner's row.
 
     Every block is padded (zero rows / columns that stay zero: they get no gradient) to a multiple of 16
     floats, the observation too. Why: CPU GEMM kernels pick code paths by the 64-byte alignment of each batch
     element; with 5 logits per row, learner i's output started at 20*M*i bytes and its results differed
     in the last bit from the same learner alone. Aligned blocks make a learner's arithmetic independent of
-    its index and of N.
+    its index and of N. ``num_actions`` is the number of logits (discrete) or the action dimension
+    (``continuous``: a diagonal Gaussian whose state-independent log-std is the block at ``log_std``).
     """
 
     obs_dim: int
@@ -84,9 +101,11 @@ class Layout:
     actor: tuple[Layer, ...]
     critic: tuple[Layer, ...]
     size: int                                       # P
+    continuous: bool = False
+    log_std: int = -1                               # offset of the log-std block (continuous only)
 
     @staticmethod
-    def build(obs_dim: int, num_actions: int, hidden: tuple[int, ...]) -> "Layout":
+    def build(obs_dim: int, num_actions: int, hidden: tuple[int, ...], continuous: bool = False) -> "Layout":
         offset, nets = 0, []
         for out_dim in (num_actions, 1):
             layers, width = [], obs_dim
@@ -96,7 +115,9 @@ class Layout:
                 offset += rows * cols + cols
                 width = size
             nets.append(tuple(layers))
-        return Layout(obs_dim, num_actions, nets[0], nets[1], _pad(offset))
+        log_std = offset if continuous else -1
+        offset += _pad(num_actions) if continuous else 0
+        return Layout(obs_dim, num_actions, nets[0], nets[1], _pad(offset), continuous, log_std)
 
     def weight(self, params: torch.Tensor, layer: Layer) -> torch.Tensor:
         """``(N, fan_in, fan_out)`` view of a layer's (unpadded) weights."""
@@ -107,13 +128,20 @@ class Layout:
         """``(N, fan_out)`` view of a layer's (unpadded) bias."""
         return params[:, layer.bias:layer.bias + layer.fan_out]
 
+    def log_std_of(self, params: torch.Tensor) -> torch.Tensor:
+        """``(N, num_actions)`` view of the Gaussian's log-std (continuous layouts only)."""
+        if not self.continuous:
+            raise ValueError("a discrete layout has no log-std: build it with continuous=True")
+        return params[:, self.log_std:self.log_std + self.num_actions]
+
 
 def init_params(layout: Layout, seeds: list[int]) -> torch.Tensor:
     """``(N, P)`` float32 parameters, learner i initialised from ``torch.Generator().manual_seed(seeds[i])``.
 
     SB3 ``MlpPolicy``'s init: orthogonal weights, gain sqrt(2) in hidden layers, 0.01 for the policy head, 1
     for the value head, zero biases. The orthogonal matrix is drawn in torch's ``(out, in)`` orientation and
-    stored transposed (actor layers first, then critic layers, from the learner's generator).
+    stored transposed (actor layers first, then critic layers, from the learner's generator). A continuous
+    layout's log-std starts at 0 (SB3's ``log_std_init=0.0``: std 1).
     """
     params = torch.zeros(len(seeds), layout.size)
     for row, seed in enumerate(seeds):
@@ -127,8 +155,9 @@ def init_params(layout: Layout, seeds: list[int]) -> torch.Tensor:
     return params
 
 
-def _split(params: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    """Padded per-layer views ``[W1, b1, W2, b2, ...]`` of the actor then the critic, shaped for ``baddbmm``.
+def _split(params: torch.Tensor, layout: Layout) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Padded per-layer views ``[W1, b1, W2, b2, ...]`` of the actor then the critic, shaped for ``baddbmm``,
+    and the ``(N, 1, A)`` log-std (None for a discrete layout).
 
     One ``split`` (its backward is one ``cat``), not one slice per layer: a slice's backward zero-fills a
     gradient of the whole ``(N, P)`` tensor, which cost 40% of an update at N = 81.
@@ -137,9 +166,15 @@ def _split(params: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     for layer in (*layout.actor, *layout.critic):
         sizes += [layer.rows * layer.cols, layer.cols]
         shapes += [(layer.rows, layer.cols), (1, layer.cols)]
+    if layout.continuous:
+        sizes.append(_pad(layout.num_actions))
+        shapes.append((1, _pad(layout.num_actions)))
     n = params.shape[0]
     chunks = torch.split(params, [*sizes, layout.size - sum(sizes)], dim=1)
-    return [chunk.view(n, *shape) for chunk, shape in zip(chunks, shapes)]
+    views = [chunk.view(n, *shape) for chunk, shape in zip(chunks, shapes)]
+    if layout.continuous:
+        return views[:-1], views[-1][..., :layout.num_actions]
+    return views, None
 
 
 def _mlp(views: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -150,11 +185,39 @@ def _mlp(views: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def forward(params: torch.Tensor, layout: Layout, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched actor and critic: ``obs (N, M, obs_dim)`` -> logits ``(N, M, A)``, values ``(N, M)``."""
-    views, actor_len = _split(params, layout), 2 * len(layout.actor)
+def _forward(params: torch.Tensor, layout: Layout,
+             obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    views, log_std = _split(params, layout)
+    actor_len = 2 * len(layout.actor)
     x = torch.nn.functional.pad(obs, (0, layout.actor[0].rows - obs.shape[-1]))
-    return _mlp(views[:actor_len], x)[..., :layout.num_actions], _mlp(views[actor_len:], x)[..., 0]
+    return (_mlp(views[:actor_len], x)[..., :layout.num_actions], _mlp(views[actor_len:], x)[..., 0],
+            log_std)
+
+
+def forward(params: torch.Tensor, layout: Layout, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched actor and critic: ``obs (N, M, obs_dim)`` -> logits (discrete) or Gaussian means (continuous)
+    ``(N, M, A)``, values ``(N, M)``."""
+    out, values, _ = _forward(params, layout, obs)
+    return out, values
+
+
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Log-density of ``actions (N, M, A)`` under the diagonal Gaussian, summed over A -> ``(N, M)``.
+
+    torch's ``Normal.log_prob`` formula term by term (SB3's ``DiagGaussianDistribution``: ``Normal(mean,
+    exp(log_std))``, whose ``log_prob`` takes the log of the exponentiated std), so it agrees with SB3 to
+    float rounding. ``log_std`` broadcasts: ``(N, 1, A)``.
+    """
+    std = log_std.exp()
+    return (-((actions - mean) ** 2) / (2 * std ** 2) - std.log() - _LOG_SQRT_2PI).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """Entropy of the diagonal Gaussian summed over A (``Normal.entropy``): ``(N, 1, A)`` -> ``(N, 1)``."""
+    return (0.5 + _LOG_SQRT_2PI + log_std.exp().log()).sum(-1)
 
 
 def gae(rewards: np.ndarray, values: np.ndarray, episode_starts: np.ndarray, last_values: np.ndarray,
@@ -206,34 +269,42 @@ def ppo_update(params: torch.Tensor, optimizer: torch.optim.Optimizer, layout: L
                batch: dict[str, torch.Tensor], perms: torch.Tensor) -> dict[str, float]:
     """``num_epochs`` passes of minibatch PPO over every learner's own rollout, all learners at once.
 
-    ``batch``: ``obs (N, B, obs_dim)`` float32, ``actions (N, B)`` int64, ``log_probs``, ``advantages``,
-    ``returns`` ``(N, B)`` float32, in SB3's flattened order. ``perms (N, num_epochs, B)`` int64: learner i's
-    minibatch order in each epoch (SB3: ``np.random.permutation`` per epoch). ``params`` must be a leaf
-    with ``requires_grad``. Returns the mean losses of the last epoch (for logging).
+    ``batch``: ``obs (N, B, obs_dim)`` float32; ``actions`` ``(N, B)`` int64 (discrete) or ``(N, B, A)``
+    float32 (continuous: the UNclipped Gaussian samples, as SB3's buffer keeps them); ``log_probs``,
+    ``advantages``, ``returns`` ``(N, B)`` float32, in SB3's flattened order. ``perms (N, num_epochs, B)``
+    int64: learner i's minibatch order in each epoch (SB3: ``np.random.permutation`` per epoch). ``params``
+    must be a leaf with ``requires_grad``. Returns the mean losses of the last epoch (for logging). The
+    discrete and continuous cases differ only in the policy's log-probability and entropy.
     """
-    n, size = batch["actions"].shape
+    n, size = batch["actions"].shape[:2]
     obs_dim = batch["obs"].shape[2]
+    act_cols = layout.num_actions if layout.continuous else 1
     rows = torch.arange(n).unsqueeze(1)
-    # One gather per minibatch: obs | action | old log-prob | advantage | return as float32 columns.
-    table = torch.cat([batch["obs"], batch["actions"].unsqueeze(-1).float(),
+    # One gather per minibatch: obs | action(s) | old log-prob | advantage | return as float32 columns.
+    actions = batch["actions"].float() if layout.continuous else batch["actions"].unsqueeze(-1).float()
+    table = torch.cat([batch["obs"], actions,
                        torch.stack([batch[k] for k in ("log_probs", "advantages", "returns")], -1)], -1)
     stats = {}
     for epoch in range(ppo.num_epochs):
         totals = torch.zeros(3)
         for start in range(0, size, ppo.minibatch_size):
             picked = table[rows, perms[:, epoch, start:start + ppo.minibatch_size]]
-            obs, actions = picked[..., :obs_dim], picked[..., obs_dim].long()
-            old_log_prob, adv, returns = picked[..., obs_dim + 1], picked[..., obs_dim + 2], picked[..., -1]
-            logits, values = forward(params, layout, obs)
-            log_all = torch.log_softmax(logits, -1)
-            log_prob = log_all.gather(2, actions.unsqueeze(-1)).squeeze(-1)
+            obs, action = picked[..., :obs_dim], picked[..., obs_dim:obs_dim + act_cols]
+            old_log_prob, adv, returns = picked[..., -3], picked[..., -2], picked[..., -1]
+            out, values, log_std = _forward(params, layout, obs)
+            if layout.continuous:
+                log_prob = gaussian_log_prob(out, log_std, action)
+                entropy = gaussian_entropy(log_std)[:, 0]
+            else:
+                log_all = torch.log_softmax(out, -1)
+                log_prob = log_all.gather(2, action.long()).squeeze(-1)
+                entropy = -(log_all.exp() * log_all).sum(-1).mean(1)
             if adv.shape[1] > 1:
                 adv = (adv - adv.mean(1, keepdim=True)) / (adv.std(1, keepdim=True) + 1e-8)
             ratio = torch.exp(log_prob - old_log_prob)
             clipped = torch.clamp(ratio, 1 - ppo.clip_param, 1 + ppo.clip_param)
             policy_loss = -torch.min(adv * ratio, adv * clipped).mean(1)
             value_loss = ((returns - values) ** 2).mean(1)
-            entropy = -(log_all.exp() * log_all).sum(-1).mean(1)
             loss = policy_loss - ppo.entropy_coeff * entropy + ppo.vf_loss_coeff * value_loss
             params.grad = None
             loss.sum().backward()

@@ -235,15 +235,15 @@ def validate(config: ExperimentConfig) -> None:
     if config.collect.algorithm == "sac" and not config.env.is_meta_world:
         raise ConfigError("collect.algorithm = 'sac' needs a continuous-action env (Meta-World); "
                           f"{config.env.name} is discrete: use --set collect.algorithm=ppo")
-    population_ok = not config.env.is_meta_world and config.collect.algorithm == "ppo"
-    if config.collect.learner == "population" and not population_ok:
-        raise ConfigError(f"collect.learner = 'population' runs PPO on the grid worlds only, not "
-                          f"{config.collect.algorithm.upper()} on {config.env.name}: use --set "
-                          "collect.learner=auto (or rllib)")
-    if config.collect.backend == "local" and not (population_ok and config.collect.learner != "rllib"):
-        raise ConfigError(f"collect.backend = 'local' runs population PPO learners (grid worlds) only; "
+    if config.collect.learner == "population" and config.collect.algorithm != "ppo":
+        raise ConfigError(f"collect.learner = 'population' runs PPO only, not "
+                          f"{config.collect.algorithm.upper()} (on {config.env.name}): use --set "
+                          "collect.learner=auto (or rllib) for SAC")
+    grid_population = not config.env.is_meta_world and config.collect.algorithm == "ppo"
+    if config.collect.backend == "local" and not (grid_population and config.collect.learner != "rllib"):
+        raise ConfigError(f"collect.backend = 'local' runs the grid worlds' population PPO learners only; "
                           f"{config.env.name} with collect.learner = {config.collect.learner!r} and "
-                          f"{config.collect.algorithm.upper()} needs RLlib: use --set collect.backend=ray")
+                          f"{config.collect.algorithm.upper()} needs Ray (and MuJoCo): use --set collect.backend=ray")
     if config.model.variant == "dpt" and config.env.is_meta_world:
         raise ConfigError(f"model.variant = 'dpt' needs optimal-action labels, which only the grid worlds "
                           f"have; {config.env.name} is Meta-World: use --set model.variant=ad (continuous "

@@ -135,12 +135,14 @@ class CollectConfig:
     max_retries: int = 3
     """Ray retries of a learner whose process died."""
     learner: str = "auto"
-    """PPO implementation: population (one process trains many task learners as one stacked network,
-    dicp_ray/collect/population_ppo.py; grid worlds only) | rllib (one RLlib learner per task) | auto = population on the
-    grid worlds, rllib on Meta-World (and for SAC)."""
+    """PPO implementation: population (one process trains many task learners as one stacked network, each equal
+    to SB3's PPO, dicp_ray/collect/population_ppo.py; grid worlds and Meta-World PPO) | rllib (one RLlib learner per
+    task, the reference; the only SAC learner) | auto = population for PPO, rllib for SAC. The resolved learner is
+    part of the dataset fingerprint: a Meta-World dataset collected with auto before issue #24 (RLlib then) resumes
+    with --set collect.learner=rllib."""
     tasks_per_population: int = 0
     """population learner: task learners per population (one Ray task on one core); 0 = spread the tasks
-    evenly over the cluster's CPUs, at most 81 per population. Shards do not depend on it."""
+    evenly over the cluster's CPUs, at most 81 per population (Meta-World: 4). Shards do not depend on it."""
     backend: str = "ray"
     """Where the learners run: ray = Ray tasks (a laptop or a cluster, retried when a worker dies) | local = a
     process pool on this machine, one process per core (resources.num_cpus, default all cores), without Ray

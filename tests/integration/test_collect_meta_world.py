@@ -1,5 +1,8 @@
 """Integration tests of Meta-World collection: real RLlib PPO and SAC learners on ML1 reach-v3 (real MuJoCo).
 
+``collect.learner: rllib`` throughout (Meta-World PPO's default is the population learner, tested in
+tests/integration/test_population_meta_world.py): the RLlib path stays covered as the reference and for SAC.
+
 Tiny scale: one train task (id 0) and one test task (id 50) x 2 streams x 400 env steps per task, for each
 algorithm. Checks the continuous shard schema, that every history replays exactly in a fresh env (executed
 clipped actions, true terminal next_obs, rewards, success), the RLlib settings of both algorithms, and that
@@ -28,8 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*Overriding environment rllib-s
 
 STREAMS, STEPS = 2, 400
 TINY = {"env": {"name": "ML1", "task": "reach-v3", "max_train_tasks": 1, "max_test_tasks": 1},
-        "collect": {"num_streams": STREAMS, "rollout_steps": 100, "minibatch_size": 100, "num_epochs": 2,
-                    "env_steps_per_task": STEPS, "sac_batch_size": 32, "sac_learning_starts": 100},
+        "collect": {"learner": "rllib", "num_streams": STREAMS, "rollout_steps": 100, "minibatch_size": 100,
+                    "num_epochs": 2, "env_steps_per_task": STEPS, "sac_batch_size": 32, "sac_learning_starts": 100},
         "model": {"context_episodes": 2}, "resources": {"num_cpus": 2}}
 
 

@@ -1,6 +1,6 @@
-"""Meta-World end to end at smoke scale on real MuJoCo: RLlib PPO histories -> Ray Train (continuous AD on ML1,
-the release-layout IDT on ML10, Gaussian actions and reward regression) -> in-context evaluation (policy and
-DICP's sampled search) with success metrics."""
+"""Meta-World end to end at smoke scale on real MuJoCo: population PPO histories (the default PPO learner) ->
+Ray Train (continuous AD on ML1, the release-layout IDT on ML10, Gaussian actions and reward regression) ->
+in-context evaluation (policy and DICP's sampled search) with success metrics."""
 from __future__ import annotations
 
 import json

@@ -86,10 +86,14 @@ def test_population_sizes_and_config_checks():
         tiny_config(learner="populaton")
     with pytest.raises(ConfigError, match="tasks_per_population"):
         tiny_config(tasks_per_population=-1)
-    with pytest.raises(ConfigError, match="grid worlds only"):
-        config_from_dict({"env": {"name": "ML1", "task": "reach-v3"}, "collect": {"learner": "population"}})
+    with pytest.raises(ConfigError, match="PPO only"):
+        config_from_dict({"env": {"name": "ML1", "task": "reach-v3"},
+                          "collect": {"learner": "population", "algorithm": "sac"}})
+    assert population_sizes(30, 2, 0, max_size=4) == [4] * 7 + [2]
     meta_world = config_from_dict({"env": {"name": "ML1", "task": "reach-v3"}})
-    assert resolved_learner(meta_world) == "rllib" and resolved_learner(tiny_config()) == "population"
+    assert resolved_learner(meta_world) == "population" and resolved_learner(tiny_config()) == "population"
+    sac = config_from_dict({"env": {"name": "ML1", "task": "reach-v3"}, "collect": {"algorithm": "sac"}})
+    assert resolved_learner(sac) == "rllib"
 
 
 def test_population_learns_at_a_reduced_budget(tmp_path):
