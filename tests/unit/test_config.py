@@ -97,7 +97,7 @@ BAD = {
     "unknown eval backend": ({"eval": {"backend": "lokal"}}, "did you mean 'local'"),
     "local collection of Meta-World": ({"env": {"name": "ML1", "task": "reach-v3"}, "collect": {"backend": "local"},
                                         "model": {"context_episodes": 10}, "plan": {"depth": 1}},
-                                       "collect.backend = 'local' runs population PPO learners"),
+                                       "collect.backend = 'local' runs the grid worlds' population PPO learners"),
     "negative deadline": ({"train": {"deadline_unix_s": -5}}, "train.deadline_unix_s = -5.0 is out of range"),
 }
 
