@@ -83,9 +83,6 @@ class IDTTransformer(IDTBase):
             self.head_next_obs = nn.Linear(E, D)
         self._init_parameters()
 
-    def _param_dtype(self):
-        return self.head_action.weight.dtype
-
     def _f(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self._param_dtype())
 
@@ -105,26 +102,6 @@ class IDTTransformer(IDTBase):
         tokens = (self.rd_obs(f(obs)) + self.rd_action(f(action)) + self.rd_reward(f(reward).unsqueeze(-1))
                   + self.rd_next_obs(f(next_obs))).reshape(-1, c, self.spec.embed_dim)
         return self.head_review(self.reviewing_decisions(tokens)[:, -1]).reshape(*lead, 2 * self.spec.z_dim)
-
-    def decision_tokens(self, return_to_go, obs, z_dists) -> torch.Tensor:
-        """Block starts (B, L) return-to-go, (B, L, D) observations, RD distributions (B, L', 2Z) with L' in
-        {L-1, L} -> MD tokens (B, 3L - (L - L'), E): [R_i, o_i, zd_i] per block, the last zd left out when L' = L-1
-        (the release pads it with zeros, ``idt.py:216``; a causal stack never lets the o token see it)."""
-        B, L = return_to_go.shape
-        Lz = z_dists.shape[1]
-        if Lz not in (L - 1, L):
-            raise ValueError(f"decision_tokens needs {L - 1} or {L} reviewed blocks for {L} blocks, got {Lz}")
-        r = self.md_return(self._f(return_to_go).unsqueeze(-1) * self.spec.return_scale)
-        o = self.md_obs(self._f(obs))
-        zd = self.md_z(self._f(z_dists))
-        if Lz < L:
-            zd = torch.cat([zd, zd.new_zeros(B, 1, zd.shape[-1])], dim=1)
-        return torch.stack([r, o, zd], dim=2).reshape(B, 3 * L, -1)[:, : 3 * L - (L - Lz)]
-
-    def decide(self, return_to_go, obs, z_dists) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> mean and log-variance (B, L, Z) of every block's decision, read at the o tokens."""
-        hidden = self.making_decisions(self.decision_tokens(return_to_go, obs, z_dists))
-        return self.head_decision(hidden[:, 1::3]).chunk(2, dim=-1)
 
     def low_level_tokens(self, z, obs, action, reward) -> torch.Tensor:
         """One block's DtG tokens: z (N, T, Z) samples, obs (N, T, D), actions (N, Ta, A), rewards (N, Tr) with

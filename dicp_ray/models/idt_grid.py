@@ -94,9 +94,6 @@ class GridIDT(IDTBase):
             self.head_next_obs = nn.Linear(E, C)
         self._init_parameters()
 
-    def _param_dtype(self):
-        return self.head_action.weight.dtype
-
     def load_state_dict(self, state_dict, *args, **kwargs):
         """Refuse, by name, weights of the grid IDT dicp_ray had before this layout (one token per block)."""
         if "embed_decision.weight" in state_dict:
@@ -111,25 +108,6 @@ class GridIDT(IDTBase):
         tokens = (self.rd_obs(obs) + self.rd_action(action) + self.rd_reward(reward.long())
                   + self.rd_next_obs(next_obs)).reshape(-1, c, self.spec.embed_dim)
         return self.head_review(self.reviewing_decisions(tokens)[:, -1]).reshape(*lead, 2 * self.spec.z_dim)
-
-    def decision_tokens(self, return_to_go, obs, z_dists) -> torch.Tensor:
-        """Block starts (B, L) return-to-go and cells, RD distributions (B, L', 2Z) with L' in {L-1, L} ->
-        MD tokens (B, 3L - (L - L'), E): [R_i, o_i, zd_i] per block, the last zd left out when L' = L - 1."""
-        B, L = return_to_go.shape
-        Lz = z_dists.shape[1]
-        if Lz not in (L - 1, L):
-            raise ValueError(f"decision_tokens needs {L - 1} or {L} reviewed blocks for {L} blocks, got {Lz}")
-        r = self.md_return(return_to_go.to(self._param_dtype()).unsqueeze(-1) * self.spec.return_scale)
-        o = self.md_obs(obs)
-        zd = self.md_z(z_dists.to(self._param_dtype()))
-        if Lz < L:
-            zd = torch.cat([zd, zd.new_zeros(B, 1, zd.shape[-1])], dim=1)
-        return torch.stack([r, o, zd], dim=2).reshape(B, 3 * L, -1)[:, : 3 * L - (L - Lz)]
-
-    def decide(self, return_to_go, obs, z_dists) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> mean and log-variance (B, L, Z) of every block's decision, read at the o tokens."""
-        hidden = self.making_decisions(self.decision_tokens(return_to_go, obs, z_dists))
-        return self.head_decision(hidden[:, 1::3]).chunk(2, dim=-1)
 
     def low_level_tokens(self, z, obs, action, reward) -> torch.Tensor:
         """One block's DtG tokens: z (N, T, Z) samples, cells (N, T), actions (N, Ta), rewards (N, Tr) with
