@@ -146,8 +146,8 @@ def _paired_line(c: dict, report: dict, unit: str, scale: float) -> str:
     """'A − B: episodes 1-10 ..., 1-50 ..., episode 50 ...' with 95% t-intervals over split seeds when there are two+."""
     n, seeds = report["num_episodes"], report["split_seeds"]
     parts = []
-    for key, what in (("mean_over_early", f"mean over episodes 1-{c['early_episodes']}"),
-                      ("mean_over_episodes", f"mean over episodes 1-{n}"), ("last_episode", f"episode {n}")):
+    keys = [("mean_over_early", f"mean over episodes 1-{c['early_episodes']}")] if c["early_episodes"] < n else []
+    for key, what in (*keys, ("mean_over_episodes", f"mean over episodes 1-{n}"), ("last_episode", f"episode {n}")):
         m, lo, hi = (scale * v for v in c[key])
         parts.append(f"{what} {m:+.2f}" + (f" [95% CI {lo:+.2f}, {hi:+.2f}]" if len(seeds) > 1 else ""))
     how = " (paired by split seed)" if len(seeds) > 1 else ""
