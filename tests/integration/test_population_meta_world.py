@@ -8,11 +8,11 @@ the format, and that the driver picks this learner for ``collect.learner: popula
 """
 from __future__ import annotations
 
-import gymnasium as gym
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from meta_world_replay import replay_mismatches
 
 import dicp_ray.envs  # noqa: F401  (registers the gymnasium ids)
 from dicp_ray.collect.driver import collect_histories
@@ -36,21 +36,6 @@ RLLIB_SIDECAR_KEYS = {"fingerprint", "env_name", "seed", "num_updates", "updates
 
 def tiny_config(**collect):
     return config_from_dict({**TINY, "collect": {**TINY["collect"], **collect}})
-
-
-def replay_mismatches(history: dict, task_id: int) -> int:
-    """Step a fresh env with the stored actions; count any obs/reward/next_obs/flag/success difference."""
-    env, bad = gym.make("dicp_ray/ML1-v0", task="reach-v3", task_id=task_id).unwrapped, 0
-    for t in range(len(history["action"])):
-        if history["step"][t] == 0:
-            obs, _ = env.reset()
-        bad += int(not np.array_equal(obs, history["obs"][t]))
-        obs, reward, terminated, truncated, info = env.step(history["action"][t])
-        bad += int(np.float32(reward) != history["reward"][t])
-        bad += int(not np.array_equal(obs, history["next_obs"][t]))
-        bad += int(info["success"] != history["success"][t]) + int(truncated != history["truncated"][t])
-        bad += int(terminated != history["terminated"][t])
-    return bad
 
 
 @pytest.fixture(scope="module")
