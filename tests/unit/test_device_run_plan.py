@@ -53,11 +53,22 @@ def test_rate_interpolates_between_measured_group_sizes(device_run):
 
 def test_seeds_are_as_many_as_reach_the_minimum_fraction(device_run):
     table = _table({1: 30_000, 6: 120_000, 10: 150_000, 30: 180_000}, bf16_factor=1.5)
-    setting = device_run.fastest_setting(table)
-    assert setting == {"mixed_precision": True}                                       # bf16 measured faster
     # 3 seeds = 6 models: 1.5 * 120K windows/s / (6 * 512) = 58.6 steps/s per model -> 200 s: 11.7K of 50K steps;
     # 4 seeds = 8 models: 1.5 * 135K / (8 * 512) = 49.4 steps/s -> 9.9K, under a fifth
-    plan = device_run.choose_seeds(table, setting, 200, 512, 50_000, 5, 0.2)
-    assert plan["projected"][3] == pytest.approx(0.234, abs=1e-3) and plan["projected"][4] < 0.2
-    assert plan["split_seeds"] == 3
-    assert device_run.choose_seeds(table, setting, 5, 512, 50_000, 5, 0.2)["split_seeds"] == 1   # at least one
+    plan = device_run.choose_seeds(table, 200, 512, 50_000, 5, 0.2)
+    assert plan["projected"][3] == {"fraction": pytest.approx(0.234, abs=1e-3), "mixed_precision": True}
+    assert plan["projected"][4]["fraction"] < 0.2
+    assert plan["split_seeds"] == 3 and plan["mixed_precision"] is True               # bf16 measured faster
+    assert device_run.choose_seeds(table, 5, 512, 50_000, 5, 0.2)["split_seeds"] == 1   # at least one
+
+
+def test_precision_is_chosen_per_group_size(device_run):
+    """The H200's table (README): fp32 is faster for one model, bf16 from six stacked models on."""
+    table = [{"workload": "darkroom", "models": m, "mixed_precision": bf16, "compile": False,
+              "sample_on_device": True, "windows_per_s": rate}
+             for (m, bf16), rate in {(1, False): 38_713, (6, False): 50_458, (10, False): 63_828,
+                                     (1, True): 26_394, (6, True): 103_768, (10, True): 129_056}.items()]
+    plan = device_run.choose_seeds(table, 85, 512, 50_000, 5, 0.1)
+    assert plan["projected"][1]["mixed_precision"] is True          # 2 models: bf16 41.9K vs fp32 41.1K windows/s
+    assert plan["projected"][3]["mixed_precision"] is True and plan["split_seeds"] == 1
+    assert device_run.choose_seeds(table[:1] + table[3:4], 85, 512, 50_000, 1, 0.1)["mixed_precision"] is False
