@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -145,14 +146,16 @@ class ProgressFile:
     """Progress of one unit of work (a training rank, an evaluation run), as a small JSON file.
 
     ``update(done)`` rewrites ``{"done", "total", "info"}`` atomically, at most every `min_interval_s`
-    seconds (and always when ``done == total``), so a driver can poll it. Writing failures are ignored:
-    progress is a convenience, never a reason to fail a run.
+    seconds (and always when ``done == total``), so a driver can poll it; the file is first written (done 0) when
+    the object is made, in the worker, which starts the driver's clock (`watch_progress`). Writing failures are
+    ignored: progress is a convenience, never a reason to fail a run.
     """
 
     def __init__(self, path: str | Path | None, total: int, min_interval_s: float = 0.5):
         self.path = None if path is None else Path(path)   # None: count nothing (e.g. remote storage)
         self.total, self.min_interval_s = int(total), min_interval_s
-        self._last = 0.0
+        self._last = -math.inf
+        self.update(0)
 
     def update(self, done: int, **info: float | str) -> None:
         if self.path is None:
@@ -178,13 +181,16 @@ def _read(path: Path) -> dict | None:
 @contextlib.contextmanager
 def watch_progress(paths: list[Path], total: int, desc: str, unit: str, initial: int = 0,
                    poll_s: float = 0.5, unit_scale: bool = False) -> Iterator[None]:
-    """Show one tqdm bar summing the ``done`` of `paths` (ProgressFiles) while the body runs.
+    """Show one tqdm bar summing the ``done`` of `paths` (ProgressFiles) while the body runs; yields the bar (None
+    when none is drawn).
 
-    Missing files count as 0 (the work has not started); the bar never goes backwards. With --verbose the
-    workers print their own progress, so no bar is drawn.
+    Missing files count as 0 (the work has not started); the bar never goes backwards. The bar's clock (elapsed,
+    rate, remaining) starts when the first file appears, i.e. when the first worker reports (workers write
+    ``update(0)`` as they begin), so Ray's start-up and the workers' imports do not make the rate read low. With
+    --verbose the workers print their own progress, so no bar is drawn.
     """
     if is_verbose() or not paths:
-        yield
+        yield None
         return
     from tqdm.auto import tqdm
 
@@ -193,9 +199,12 @@ def watch_progress(paths: list[Path], total: int, desc: str, unit: str, initial:
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
     def poll() -> None:
-        shown = initial
+        shown, started = initial, False
         while True:
             states = [s for s in (_read(p) for p in paths) if s]
+            if states and not started:  # the first worker began: count time from here
+                started = True
+                bar.last_print_t = bar.start_t = bar._time()
             done = max(shown, initial + sum(s["done"] for s in states))
             if done > shown:
                 bar.update(min(done, total) - shown)
@@ -209,7 +218,7 @@ def watch_progress(paths: list[Path], total: int, desc: str, unit: str, initial:
     thread = threading.Thread(target=poll, name="dicp-ray-progress", daemon=True)
     thread.start()
     try:
-        yield
+        yield bar
     finally:
         stop.set()
         thread.join(timeout=5)
