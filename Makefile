@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door gpu-wheels device-smoke clean
+.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door reproduce-darkroom-permuted-cpu reproduce-dark-key-to-door-cpu gpu-wheels device-smoke clean
 
 $(STAMP): setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ reproduce-darkroom-permuted: $(STAMP)
 
 reproduce-dark-key-to-door: $(STAMP)
 	scripts/reproduce.sh dark_key_to_door $(ARGS)
+
+# AD and DICP-AD on Darkroom-Permuted (split seeds 0-2) and Dark Key-to-Door (split 0, 400 train tasks) at a 2-core
+# scale (issue #23; the configs' headers give the scale). Resumable.
+reproduce-darkroom-permuted-cpu: $(STAMP)
+	REPRODUCE_JOBS=2 REPRODUCE_VARIANTS=ad scripts/reproduce.sh darkroom_permuted_cpu $(ARGS)
+
+reproduce-dark-key-to-door-cpu: $(STAMP)
+	REPRODUCE_JOBS=2 REPRODUCE_VARIANTS=ad scripts/reproduce.sh dark_key_to_door_cpu $(ARGS)
 
 # A bare GPU box (issue #25: PyTorch, numpy, pyarrow, pyyaml, tqdm, tensorboard, matplotlib; no Ray, no package index)
 # lacks gymnasium: download it and its small pure-Python dependencies (numpy is there) for Python 3.12 into
