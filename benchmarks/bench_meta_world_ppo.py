@@ -7,8 +7,9 @@ truncation bootstrap. Each row runs ``--updates`` PPO updates (rollout + update)
 and model construction amortise over a real run's 100 updates), and the ratio against SB3 in the same run, per
 task. Rows:
 
-* ``sb3``: one SB3 ``PPO("MlpPolicy")`` over a ``DummyVecEnv`` of 100 ``ML1Env(observation="full")`` streams
-  (streams sharing one MuJoCo model, like ours; ``model.learn``);
+* ``sb3``: one SB3 ``PPO("MlpPolicy")`` over a ``DummyVecEnv`` of 100 ``ML1Env(observation="full",
+  fast_contacts=False)`` streams (streams sharing one MuJoCo model, like ours; Meta-World's own grasp check, as
+  the release's SB3 learners run it; ``model.learn``);
 * ``population N``: `dicp_ray.collect.population_meta_world.MetaWorldPopulation` with N learners on ML1 goals
   0..N-1 (N x 100 envs), also splitting its CPU between rollout and update.
 
@@ -46,7 +47,8 @@ def run_sb3(task: str, streams: int, updates: int) -> dict:
 
     from dicp_ray.envs.meta_world import ML1VectorEnv
 
-    venv = ML1VectorEnv(num_envs=streams, task_id=0, task=task, observation="full")   # one shared MjModel
+    venv = ML1VectorEnv(num_envs=streams, task_id=0, task=task, observation="full",    # one shared MjModel,
+                        fast_contacts=False)                                           # Meta-World's own code
     model = PPO("MlpPolicy", DummyVecEnv([lambda env=env: env for env in venv.envs]), learning_rate=3e-4,
                 n_steps=100, batch_size=200, n_epochs=20, gamma=0.99, seed=0, device="cpu")
     start = time.process_time()
@@ -93,7 +95,7 @@ def learn(task: str, goals: list[int], streams: int, steps: int) -> None:
     population.close()
     rows = []
     for i, goal in enumerate(goals):
-        venv = ML1VectorEnv(num_envs=streams, task_id=goal, task=task, observation="full")
+        venv = ML1VectorEnv(num_envs=streams, task_id=goal, task=task, observation="full", fast_contacts=False)
         episodes: list[list[tuple[float, float]]] = [[] for _ in range(streams)]
         totals = np.zeros((streams, 2))
 

@@ -126,6 +126,29 @@ def _with_model(env_class: type, model: Any) -> type:
                                                    "__module__": env_class.__module__})
 
 
+def touching_object(self, object_geom_id: int) -> bool:
+    """``SawyerXYZEnv.touching_object`` (metaworld 3.x) read from MjData's contact arrays: the same answer (is the
+    summed constraint force of the contacts between each gripper pad and the object positive, summed in the same
+    order), without building a Python object per contact, which was ~20 % of a pick-place step
+    (tests/unit/test_meta_world_envs.py checks both agree along scripted grasps)."""
+    data = self.data
+    geom = data.contact.geom                                                   # (ncon, 2)
+    on_object = (geom == object_geom_id).any(axis=1)
+    forces = data.efc_force
+
+    def force(pad: str) -> float:
+        rows = on_object & (geom == data.geom(pad).id).any(axis=1)
+        return sum(forces[address] for address in data.contact.efc_address[rows])
+
+    return 0 < force("leftpad_geom") and 0 < force("rightpad_geom")
+
+
+def _with_fast_contacts(env_class: type) -> type:
+    """A subclass of Meta-World's `env_class` whose grasp check is `touching_object` above."""
+    return type(env_class.__name__, (env_class,), {"touching_object": touching_object,
+                                                   "__module__": env_class.__module__})
+
+
 class MetaWorldEnv(gym.Env):
     """One Meta-World task with the paper's observation and horizon (abstract: subclasses set ENV_NAME).
 
@@ -141,10 +164,13 @@ class MetaWorldEnv(gym.Env):
 
     def __init__(self, task_id: int, task: str | None = None, horizon: int = HORIZON,
                  full_info: bool = False, render_mode: str | None = None,
-                 share_model_with: MetaWorldEnv | None = None, observation: str = "model"):
+                 share_model_with: MetaWorldEnv | None = None, observation: str = "model",
+                 fast_contacts: bool = True):
         """``share_model_with``: another env of the same benchmark and task id whose MuJoCo model this one
         reuses instead of compiling its own (see the module docstring; ``MetaWorldVectorEnv`` does this).
-        ``observation``: "model" (the paper's 11 / 18 dims) or "full" (Meta-World's 39, module docstring)."""
+        ``observation``: "model" (the paper's 11 / 18 dims) or "full" (Meta-World's 39, module docstring).
+        ``fast_contacts``: Meta-World's grasp check read from MjData's arrays (`touching_object`, same rewards);
+        False runs Meta-World's own code, as the release's SB3 learners do (benchmarks)."""
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
         if render_mode is not None:
@@ -169,6 +195,8 @@ class MetaWorldEnv(gym.Env):
                                  f"{self.task}, {self.task_id}), got {same}: tasks write their placement "
                                  "into the model")
             env_class = _with_model(env_class, share_model_with.meta_world_env.model)
+        if fast_contacts:
+            env_class = _with_fast_contacts(env_class)
         self.meta_world_env = env_class()
         self.meta_world_env.set_task(mw_task)
         self.obs_dim = observation_dim(self.ENV_NAME, self.task)
@@ -230,7 +258,7 @@ class MetaWorldVectorEnv(SyncVectorEnv):
     ``SyncVectorEnv`` with NEXT_STEP autoreset; its per-step overhead is ~0-3% of the MuJoCo step
     (benchmarks/bench_meta_world.py), so a hand-batched env would not pay. Streams of the same task id
     share one MuJoCo model unless ``share_model=False`` (module docstring). Infos are batched:
-    ``success (N,)``, ``action (N, 4)``. ``observation``: "model" or "full", as for `MetaWorldEnv`.
+    ``success (N,)``, ``action (N, 4)``. ``observation`` and ``fast_contacts`` as for `MetaWorldEnv`.
     """
 
     ENV_NAME = ""
@@ -239,7 +267,7 @@ class MetaWorldVectorEnv(SyncVectorEnv):
     def __init__(self, num_envs: int | None = None, task_id: int | None = None, task_ids: Any = None,
                  task: str | None = None, horizon: int = HORIZON, full_info: bool = False,
                  share_model: bool = True, max_episode_steps: int | None = None,
-                 render_mode: str | None = None, observation: str = "model"):
+                 render_mode: str | None = None, observation: str = "model", fast_contacts: bool = True):
         if (task_ids is None) == (task_id is None):
             raise ValueError("pass exactly one of task_ids (one per env) or task_id (shared by all envs)")
         if max_episode_steps not in (None, horizon):
@@ -256,7 +284,7 @@ class MetaWorldVectorEnv(SyncVectorEnv):
 
         def make_stream(task_id: int) -> MetaWorldEnv:
             env = self.SINGLE_ENV(task_id, task=task, horizon=horizon, full_info=full_info,
-                                  render_mode=render_mode, observation=observation,
+                                  render_mode=render_mode, observation=observation, fast_contacts=fast_contacts,
                                   share_model_with=first_of_task.get(task_id) if share_model else None)
             first_of_task.setdefault(task_id, env)
             return env

@@ -261,3 +261,33 @@ def test_config_meta_world_table_agrees_with_the_envs():
         train, test = meta_world_tasks.split_tasks(name, 0)
         assert (num_tasks, horizon, depth) == (meta_world_tasks.num_tasks(name), meta_world_tasks.HORIZON, 1)
         assert ratio == len(train) / (len(train) + len(test)) and not set(train) & set(test)
+
+
+@pytest.mark.parametrize("task", ["pick-place-v3", "push-v3"])
+def test_fast_grasp_check_agrees_with_metaworlds_along_scripted_grasps(task):
+    """`touching_object` from MjData's arrays vs Meta-World's own loop, step by step along its scripted policy's
+    grasps (noisy, so some steps touch with one pad only), with the same rewards and observations."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    from dicp_ray.envs.meta_world import touching_object
+
+    policy = ENV_POLICY_MAP[task]()
+    rng = np.random.default_rng(0)
+    ours, stock = (M.ML1Env(3, task=task, observation="full", fast_contacts=fast) for fast in (True, False))
+    assert type(ours.meta_world_env).touching_object is touching_object
+    assert type(stock.meta_world_env).touching_object is not touching_object
+    touched = set()
+    for episode in range(2):
+        obs, _ = ours.reset(seed=episode)
+        np.testing.assert_array_equal(obs, stock.reset(seed=episode)[0])
+        for _ in range(meta_world_tasks.HORIZON):
+            action = np.clip(policy.get_action(obs.astype(np.float64)) + rng.normal(0, 0.3 * episode, 4), -1, 1)
+            obs, reward, _, _, _ = ours.step(action)
+            stock_obs, stock_reward, _, _, _ = stock.step(action)
+            np.testing.assert_array_equal(obs, stock_obs)
+            assert reward == stock_reward
+            geom = ours.meta_world_env._get_id_main_object()
+            fast = ours.meta_world_env.touching_object(geom)
+            assert fast == stock.meta_world_env.touching_object(geom)
+            touched.add(bool(fast))
+    assert touched == {True, False}                                   # both answers were exercised
