@@ -3,7 +3,7 @@
 ``collect.learner`` picks the learner: for PPO (default ``auto``) a *population* of task learners per Ray task, one
 stacked network per core, equal to SB3's PPO per learner: `dicp_ray.collect.population_learner` on the grid worlds
 (at N = 81 14-16x SB3's and 21-33x the RLlib learner's steps per CPU-second, bench_collect.py),
-`dicp_ray.collect.population_meta_world` on Meta-World (1.5-1.9x SB3 on reach, 1.1-1.3x on pick-place,
+`dicp_ray.collect.population_meta_world` on Meta-World (1.5-1.9x SB3 on reach and pick-place,
 bench_meta_world_ppo.py); for SAC, and with ``learner: rllib``, one RLlib learner per task
 (`dicp_ray.collect.rllib_learner`, the reference).
 
