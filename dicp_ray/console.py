@@ -184,11 +184,16 @@ def watch_progress(paths: list[Path], total: int, desc: str, unit: str, initial:
     """Show one tqdm bar summing the ``done`` of `paths` (ProgressFiles) while the body runs; yields the bar (None
     when none is drawn).
 
-    Missing files count as 0 (the work has not started); the bar never goes backwards. The bar's clock (elapsed,
+    Files left by an earlier, interrupted run are removed first, so the bar counts this run's work only (a resumed
+    worker reports its own count). Missing files count as 0 (the work has not started); the bar never goes
+    backwards. The bar's clock (elapsed,
     rate, remaining) starts when the first file appears, i.e. when the first worker reports (workers write
     ``update(0)`` as they begin), so Ray's start-up and the workers' imports do not make the rate read low. With
     --verbose the workers print their own progress, so no bar is drawn.
     """
+    for path in paths:
+        with contextlib.suppress(OSError):
+            Path(path).unlink(missing_ok=True)
     if is_verbose() or not paths:
         yield None
         return

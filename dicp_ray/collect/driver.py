@@ -216,8 +216,6 @@ def _run_populations(results: Iterator[dict], queue: list[list[int]], config: Ex
     from dicp_ray.console import watch_progress
 
     files = [progress_path(dataset_dir, ids) for ids in queue] if "://" not in dataset_dir else []
-    for f in files:
-        f.unlink(missing_ok=True)  # an interrupted run's count: those populations run again from the start
     total = sum(len(ids) for ids in queue) * config.collect.env_steps_per_task
     sidecars, start, env_steps = [], math.inf, 0
     with watch_progress(files if progress else [], total, "collect", "env step", unit_scale=True):

@@ -32,3 +32,17 @@ def test_bar_clock_starts_when_the_first_worker_reports(tmp_path):
         assert bar.start_t >= made + 0.6
         progress.update(100)
     assert bar.n == 100
+
+
+def test_a_file_left_by_an_interrupted_run_is_not_counted(tmp_path):
+    path = tmp_path / "p.json"
+    ProgressFile(path, total=100).update(100)                           # a crashed run's last count
+    with watch_progress([path], total=100, desc="train", unit="step", poll_s=0.05) as bar:
+        assert not path.exists()
+        time.sleep(0.2)
+        assert bar.n == 0
+        ProgressFile(path, total=100, min_interval_s=0).update(40)     # the resumed worker's own count
+        deadline = time.time() + 10
+        while bar.n < 40 and time.time() < deadline:
+            time.sleep(0.05)
+    assert bar.n == 40
