@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = ["setup_logging", "quiet_library_loggers", "attach_log_file", "link_ray_logs", "announce_ray_logs", "banner", "ProgressFile", "watch_progress",
            "is_verbose"]
@@ -180,16 +180,15 @@ def _read(path: Path) -> dict | None:
 
 @contextlib.contextmanager
 def watch_progress(paths: list[Path], total: int, desc: str, unit: str, initial: int = 0,
-                   poll_s: float = 0.5, unit_scale: bool = False) -> Iterator[None]:
+                   poll_s: float = 0.5, unit_scale: bool = False) -> Iterator[Any]:
     """Show one tqdm bar summing the ``done`` of `paths` (ProgressFiles) while the body runs; yields the bar (None
     when none is drawn).
 
     Files left by an earlier, interrupted run are removed first, so the bar counts this run's work only (a resumed
     worker reports its own count). Missing files count as 0 (the work has not started); the bar never goes
-    backwards. The bar's clock (elapsed,
-    rate, remaining) starts when the first file appears, i.e. when the first worker reports (workers write
-    ``update(0)`` as they begin), so Ray's start-up and the workers' imports do not make the rate read low. With
-    --verbose the workers print their own progress, so no bar is drawn.
+    backwards. The bar's clock (elapsed, rate, remaining) starts when the first file appears, i.e. when the first
+    worker reports (workers write ``update(0)`` as they begin), so Ray's start-up and the workers' imports do not
+    make the rate read low. With --verbose the workers print their own progress, so no bar is drawn.
     """
     for path in paths:
         with contextlib.suppress(OSError):
