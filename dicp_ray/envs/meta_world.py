@@ -129,7 +129,7 @@ def _with_model(env_class: type, model: Any) -> type:
 def touching_object(self, object_geom_id: int) -> bool:
     """``SawyerXYZEnv.touching_object`` (metaworld 3.x) read from MjData's contact arrays: the same answer (is the
     summed constraint force of the contacts between each gripper pad and the object positive, summed in the same
-    order), without building a Python object per contact, which was ~20 % of a pick-place step
+    order), without building a Python object per contact, which was ~25 % of a pick-place step under cProfile
     (tests/unit/test_meta_world_envs.py checks both agree along scripted grasps)."""
     data = self.data
     geom = data.contact.geom                                                   # (ncon, 2)
