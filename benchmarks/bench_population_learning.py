@@ -45,17 +45,13 @@ def run_population(tasks: list[int], steps: int, bootstrap: bool) -> tuple[dict,
 
 def _returns_from_shard(path: str, task: int) -> np.ndarray:
     """``(streams, episodes)`` episode returns of a task's shard."""
-    import pyarrow as pa
-
     from dicp_ray.data import shards
+    from dicp_ray.data.history import read_shard_columns
 
-    with pa.memory_map(os.path.join(path, shards.SHARD_DIR, shards.shard_name(task) + ".arrow")) as source:
-        table = pa.ipc.open_file(source).read_all()
-    stream = table.column("stream").to_numpy()
-    episode = table.column("episode").to_numpy()
-    reward = table.column("reward").to_numpy()
+    columns = read_shard_columns(os.path.join(path, shards.SHARD_DIR, shards.shard_name(task) + ".arrow"))
+    stream, episode = columns["stream"], columns["episode"]
     returns = np.zeros((stream.max() + 1, episode.max() + 1))
-    np.add.at(returns, (stream, episode), reward)
+    np.add.at(returns, (stream, episode), columns["reward"])
     return returns
 
 

@@ -42,6 +42,17 @@ def _numpy_views(table: pa.Table) -> dict[str, np.ndarray]:
     return views
 
 
+def read_shard_columns(path: str) -> dict[str, np.ndarray]:
+    """Every column of one shard file (``.../shards/task_XXXXX.arrow``) as numpy arrays: zero-copy views, the bool
+    columns copied. For tools that read a single shard without its dataset (no manifest, no checksum)."""
+    fs, file, is_local = _resolve(path)
+    table = _open_table(fs, file, is_local)
+    columns = _numpy_views(table)
+    for name in set(table.column_names) - set(columns):
+        columns[name] = table.column(name).to_numpy()
+    return columns
+
+
 def _pick_task_ids(manifest: dict, path: str, task_ids: Sequence[int] | None) -> list[int]:
     available = [int(t) for t in manifest["task_ids"]]
     if task_ids is None:

@@ -184,6 +184,16 @@ def test_remove_shard_deletes_leftovers(tmp_path):
     assert shards.read_sidecar(path, 3) is None and not shards.shard_is_valid(path, 3)
 
 
+def test_read_shard_columns_returns_every_column_as_written(tmp_path):
+    make_dataset(tmp_path)
+    columns = history.read_shard_columns(str(tmp_path / "dataset/shards/task_00007.arrow"))
+    expected = make_columns(7)
+    assert set(columns) == set(expected)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(columns[name], values, err_msg=name)
+    assert columns["truncated"].dtype == bool and columns["obs"].shape == expected["obs"].shape
+
+
 def test_memory_maps_hold_no_file_descriptors(tmp_path):
     """Thousands of shards (Key-to-Door: 6,561) must not exhaust the descriptor limit."""
     path = make_dataset(tmp_path, task_ids=tuple(range(20)))
