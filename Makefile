@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door reproduce-darkroom-permuted-cpu reproduce-dark-key-to-door-cpu gpu-wheels device-smoke clean
+.PHONY: install demo test test-slow bench reproduce-darkroom reproduce-darkroom-cpu reproduce-darkroom-permuted reproduce-dark-key-to-door reproduce-darkroom-permuted-cpu reproduce-dark-key-to-door-cpu reproduce-ml1-cpu gpu-wheels device-smoke clean
 
 $(STAMP): setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ reproduce-darkroom-permuted-cpu: $(STAMP)
 
 reproduce-dark-key-to-door-cpu: $(STAMP)
 	REPRODUCE_JOBS=2 REPRODUCE_VARIANTS=ad scripts/reproduce.sh dark_key_to_door_cpu $(ARGS)
+
+# IDT and DICP-IDT on the five ML1 tasks of the paper's Table 1, split 0, at a 2-core scale (issue #24;
+# tune_configs/ml1_cpu.yaml says the scale), one task after another, each into docs/results/ml1_<task>_cpu/.
+ML1_CPU_TASKS ?= reach push pick_place sweep peg_insert_side
+reproduce-ml1-cpu: $(STAMP)
+	for task in $(ML1_CPU_TASKS); do \
+	  REPRODUCE_JOBS=2 REPRODUCE_VARIANTS=idt scripts/reproduce.sh ml1_$${task}_cpu $(ARGS) || exit 1; done
 
 # A bare GPU box (issue #25: PyTorch, numpy, pyarrow, pyyaml, tqdm, tensorboard, matplotlib; no Ray, no package index)
 # lacks gymnasium: download it and its small pure-Python dependencies (numpy is there) for Python 3.12 into

@@ -3,7 +3,7 @@
 # over the config's split seeds, on one shared dataset. `make reproduce-darkroom` etc. call it.
 #
 #   scripts/reproduce.sh darkroom [--address auto] [--set key=value ...]
-#   env: darkroom | darkroom_permuted | dark_key_to_door | darkroom_cpu (tune_configs/<env>.yaml)
+#   env: darkroom | darkroom_permuted | dark_key_to_door | darkroom_cpu | ... | ml1_<task>_cpu (tune_configs/<env>.yaml)
 #   REPRODUCE_JOBS=2: two method pairs at a time; REPRODUCE_VARIANTS="ad": only those variants (default ad dpt idt)
 #
 # Layout: runs/reproduce/<env>/data/dataset (collected once), runs/reproduce/<env>/<variant>_{dicp,base}/ (one
@@ -31,7 +31,9 @@ report=${REPORT_OUT:-$root/docs/results/$env_name}
 run_method() {  # variant kind [dicp-ray args]
   local variant=$1 kind=$2 config=$base run modes wm
   shift 2
-  [ "$variant" = idt ] && config=$root/tune_configs/reproduce/${env_name}_idt.yaml
+  # IDT's own settings (the grid worlds' lr) where the env has a file for them; ml1_*_cpu.yaml are IDT configs
+  [ "$variant" = idt ] && [ -f "$root/tune_configs/reproduce/${env_name}_idt.yaml" ] \
+    && config=$root/tune_configs/reproduce/${env_name}_idt.yaml
   run=$out/${variant}_$kind
   mkdir -p "$run" && ln -sfn ../data/dataset "$run/dataset"
   if [ "$kind" = dicp ]; then modes='[policy,plan]'; wm=true; else modes='[policy]'; wm=false; fi
