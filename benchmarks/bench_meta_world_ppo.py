@@ -81,7 +81,7 @@ def learn(task: str, goals: list[int], streams: int, steps: int) -> None:
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from dicp_ray.collect.population_meta_world import MetaWorldPopulation
-    from dicp_ray.envs.meta_world import ML1VectorEnv
+    from dicp_ray.envs.meta_world import EpisodeTally, ML1VectorEnv
 
     updates = steps // (streams * 100)
     print(f"# learning: {task} goals {goals}, {streams} streams x {updates} updates ({updates * streams * 100:,} env "
@@ -96,22 +96,12 @@ def learn(task: str, goals: list[int], streams: int, steps: int) -> None:
     rows = []
     for i, goal in enumerate(goals):
         venv = ML1VectorEnv(num_envs=streams, task_id=goal, task=task, observation="full", fast_contacts=False)
-        episodes: list[list[tuple[float, float]]] = [[] for _ in range(streams)]
-        totals = np.zeros((streams, 2))
-
-        def record(locals_, _globals, totals=totals, episodes=episodes) -> bool:
-            totals[:, 0] += locals_["rewards"]
-            totals[:, 1] = np.maximum(totals[:, 1], [info["success"] for info in locals_["infos"]])
-            for j in np.flatnonzero(locals_["dones"]):
-                episodes[j].append(tuple(totals[j]))
-                totals[j] = 0.0
-            return True
-
+        tally = EpisodeTally(streams)
         model = PPO("MlpPolicy", DummyVecEnv([lambda env=env: env for env in venv.envs]), learning_rate=3e-4,
                     n_steps=100, batch_size=200, n_epochs=20, gamma=0.99, seed=goal, device="cpu")
-        model.learn(total_timesteps=updates * streams * 100, callback=record)
+        model.learn(total_timesteps=updates * streams * 100, callback=tally.sb3_callback)
         venv.close()
-        sb3 = np.array(episodes)                                         # (streams, episodes, 2)
+        sb3 = tally.array()                                              # (streams, episodes, 2)
         cols = ours[i]
         pop_return = cols["reward"].reshape(streams, -1, 100).sum(-1)
         pop_success = cols["success"].reshape(streams, -1, 100).max(-1)

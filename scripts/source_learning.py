@@ -57,7 +57,7 @@ def sb3_sac(config_path: str, output: str, task_ids: list[int], overrides: list[
     from stable_baselines3 import SAC
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from dicp_ray.envs.meta_world import ML1VectorEnv
+    from dicp_ray.envs.meta_world import EpisodeTally, ML1VectorEnv
 
     torch.set_num_threads(1)
     config = _config(config_path, overrides)
@@ -67,24 +67,14 @@ def sb3_sac(config_path: str, output: str, task_ids: list[int], overrides: list[
         start = time.time()
         venv = ML1VectorEnv(num_envs=c.num_streams, task_id=task_id, task=config.env.task, observation="full",
                             fast_contacts=False)
-        episodes: list[list[tuple[float, float]]] = [[] for _ in range(c.num_streams)]
-        totals = np.zeros((c.num_streams, 2))
-
-        def record(locals_, _globals, totals=totals, episodes=episodes) -> bool:
-            totals[:, 0] += locals_["rewards"]
-            totals[:, 1] = np.maximum(totals[:, 1], [info["success"] for info in locals_["infos"]])
-            for j in np.flatnonzero(locals_["dones"]):
-                episodes[j].append(tuple(totals[j]))
-                totals[j] = 0.0
-            return True
-
+        tally = EpisodeTally(c.num_streams)
         model = SAC("MlpPolicy", DummyVecEnv([lambda env=env: env for env in venv.envs]), learning_rate=c.lr,
                     buffer_size=c.sac_buffer_size, learning_starts=c.sac_learning_starts,
                     batch_size=c.sac_batch_size, train_freq=c.sac_train_freq, gradient_steps=c.sac_gradient_steps,
                     gamma=c.gamma, seed=c.seed + task_id, device="cpu")
-        model.learn(total_timesteps=c.env_steps_per_task, callback=record)
+        model.learn(total_timesteps=c.env_steps_per_task, callback=tally.sb3_callback)
         venv.close()
-        per_stream = np.array(episodes)                                   # (streams, episodes, 2)
+        per_stream = tally.array()                                        # (streams, episodes, 2)
         np.savez(os.path.join(output, f"sb3_task_{task_id:05d}.npz"), returns=per_stream[..., 0],
                  success=per_stream[..., 1])
         print(json.dumps({"task_id": task_id, "wall_s": round(time.time() - start, 1),

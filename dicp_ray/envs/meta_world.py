@@ -97,8 +97,8 @@ from dicp_ray.envs.meta_world_tasks import (
 )
 
 __all__ = [
-    "ML10Env", "ML10VectorEnv", "ML1Env", "ML1VectorEnv", "MetaWorldEnv", "MetaWorldVectorEnv", "env_id",
-    "register_envs",
+    "EpisodeTally", "ML10Env", "ML10VectorEnv", "ML1Env", "ML1VectorEnv", "MetaWorldEnv", "MetaWorldVectorEnv",
+    "env_id", "register_envs",
 ]
 
 
@@ -321,6 +321,30 @@ class ML10VectorEnv(MetaWorldVectorEnv):
 
     ENV_NAME = "ML10"
     SINGLE_ENV = ML10Env
+
+
+class EpisodeTally:
+    """Each stream's finished episodes of a vector env as (return, success at any step), Meta-World's episode
+    success. ``sb3_callback`` feeds it from Stable-Baselines3's ``learn(callback=...)`` loop (benchmarks and
+    scripts that run SB3 on these envs); ``array()`` is (streams, episodes, 2) once every stream has as many."""
+
+    def __init__(self, num_streams: int):
+        self.episodes: list[list[tuple[float, float]]] = [[] for _ in range(num_streams)]
+        self._running = np.zeros((num_streams, 2))
+
+    def update(self, rewards, successes, dones) -> None:
+        self._running[:, 0] += rewards
+        self._running[:, 1] = np.maximum(self._running[:, 1], successes)
+        for j in np.flatnonzero(dones):
+            self.episodes[j].append((float(self._running[j, 0]), float(self._running[j, 1])))
+            self._running[j] = 0.0
+
+    def sb3_callback(self, locals_: dict, _globals: dict) -> bool:
+        self.update(locals_["rewards"], [info["success"] for info in locals_["infos"]], locals_["dones"])
+        return True
+
+    def array(self) -> np.ndarray:
+        return np.array(self.episodes)
 
 
 def env_id(name: str) -> str:

@@ -291,3 +291,20 @@ def test_fast_grasp_check_agrees_with_metaworlds_along_scripted_grasps(task):
             assert fast == stock.meta_world_env.touching_object(geom)
             touched.add(bool(fast))
     assert touched == {True, False}                                   # both answers were exercised
+
+
+def test_episode_tally_keeps_each_streams_return_and_success_at_any_step():
+    from dicp_ray.envs.meta_world import EpisodeTally
+
+    tally = EpisodeTally(2)
+    steps = [([1.0, 2.0], [0.0, 1.0], [False, False]),     # stream 1 succeeds mid-episode ...
+             ([3.0, 4.0], [1.0, 0.0], [True, True]),       # ... and success is kept at the episode end
+             ([5.0, 6.0], [0.0, 0.0], [True, False]),
+             ([1.0, 1.0], [0.0, 0.0], [False, True])]
+    for rewards, successes, dones in steps[:2]:
+        tally.sb3_callback({"rewards": np.array(rewards), "infos": [{"success": s} for s in successes],
+                            "dones": np.array(dones)}, {})
+    for rewards, successes, dones in steps[2:]:
+        tally.update(np.array(rewards), successes, np.array(dones))
+    assert tally.episodes == [[(4.0, 1.0), (5.0, 0.0)], [(6.0, 1.0), (7.0, 0.0)]]
+    assert tally.array().shape == (2, 2, 2)
