@@ -12,8 +12,8 @@ data (docs/fidelity.md, SAC row: the paper's Table 4 vs the release's ``cfg/alg/
            ``collect.sac_*`` settings on the same envs (Meta-World's 39 numbers, its own grasp check), and
            writes OUT/sb3_task_XXXXX.npz (per stream and episode: return, success at any step).
 ``summary`` reads any such directories and prints, per goal and their mean, success in each stream's first
-           and last 10 % of episodes and return there, and the paired difference of last-10 % success
-           between the first directory and each other one.
+           and last 10 % of episodes and return there; the mean learning curve in tenths of the episodes; and the
+           paired difference of last-10 % success between the first directory and each other one.
 
     PYTHONPATH=. python scripts/source_learning.py learn --config tune_configs/ml1_reach_2core.yaml \
         --output /tmp/src_full --tasks 0 1 2 3 4 5 6 7 --set collect.source_obs=full
@@ -126,6 +126,16 @@ def summary(roots: list[str]) -> None:
                                         f"{table[n][i, 2]:.0f} -> {table[n][i, 3]:.0f}" for n in names) + " |")
     print(f"| mean of {len(tasks)} | " + " | ".join(
         "{:.3f} -> {:.3f} | {:.0f} -> {:.0f}".format(*table[n].mean(0)) for n in names) + " |")
+    print("\nmean over the goals in each tenth of every stream's episodes: return (success)")
+    print("| run | " + " | ".join(f"{i + 1}/10" for i in range(10)) + " |")
+    print("|---|" + "---|" * 10)
+    for n in names:
+        deciles = [[(r.mean(), sc.mean()) for r, sc in zip(np.array_split(runs[n][t][0], 10, axis=1),
+                                                            np.array_split(runs[n][t][1], 10, axis=1))]
+                   for t in tasks]
+        curve = np.mean(deciles, axis=0)                                  # (10, 2)
+        print(f"| {n} | " + " | ".join(f"{ret:.0f} ({suc:.2f})" for ret, suc in curve) + " |")
+    print()
     for other in names[1:]:
         diff = table[names[0]][:, 1] - table[other][:, 1]
         sd = float(diff.std(ddof=1)) if len(diff) > 1 else float("nan")
