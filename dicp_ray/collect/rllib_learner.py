@@ -13,8 +13,8 @@ a resumed dataset equals an uninterrupted one.
 
 Meta-World (``env.name`` ML1 / ML10, `dicp_ray.envs.meta_world`): the same loop with continuous actions. PPO uses a
 state-independent log-std Gaussian (SB3's ``MlpPolicy``, ``free_log_std``); ``collect.algorithm: sac`` runs RLlib
-SAC with SB3's defaults and the paper's ``collect.sac_*`` settings (one ``sample()`` of ``sac_train_freq`` steps
-per stream, then ``sac_gradient_steps`` updates of ``sac_batch_size``). Shards store the executed (float32,
+SAC with SB3's defaults and the release's ``collect.sac_*`` settings (one ``sample()`` of ``sac_train_freq`` steps
+per stream, then ``sac_gradient_steps`` updates of ``sac_batch_size``; docs/fidelity.md row 15). Shards store the executed (float32,
 clipped) action from the env's ``info["action"]`` and ``info["success"]``. The learner observes what
 ``collect.source_obs`` says: ``full`` (default, the authors' release) Meta-World's 39 numbers, whose previous frame
 gives it velocities, ``model`` the 11 / 18-dim model observation; the shards' ``obs`` / ``next_obs`` are the model
@@ -218,7 +218,7 @@ def build_learner_config(config: ExperimentConfig, task_id: int, *,
 
 def build_sac_config(config: ExperimentConfig, task_id: int, *,
                      vectorize_mode: str = "vector_entry_point") -> SACConfig:
-    """RLlib SAC as SB3's SAC with the paper's settings (Table 4) on Meta-World task ``task_id``.
+    """RLlib SAC as SB3's SAC with the release's settings (``cfg/alg/sac_ml1.yaml``) on Meta-World task ``task_id``.
 
     Each ``train()`` samples ``sac_train_freq`` steps of every stream, then runs ``sac_gradient_steps``
     updates of ``sac_batch_size`` transitions from a uniform replay buffer of ``sac_buffer_size`` once

@@ -31,9 +31,12 @@ from dicp_ray.data import shards as data_shards
 pytestmark = pytest.mark.filterwarnings("ignore:.*Overriding environment rllib-single-agent-env-v0")
 
 STREAMS, STEPS = 2, 400
+# SAC updates every 10 steps per stream, once (the paper's Table 4): 20 gradient steps here, where the release's
+# 1 / 10 (the default) would make 2,000 at 2 streams; the settings themselves are checked below.
 TINY = {"env": {"name": "ML1", "task": "reach-v3", "max_train_tasks": 1, "max_test_tasks": 1},
         "collect": {"learner": "rllib", "num_streams": STREAMS, "rollout_steps": 100, "minibatch_size": 100,
-                    "num_epochs": 2, "env_steps_per_task": STEPS, "sac_batch_size": 32, "sac_learning_starts": 100},
+                    "num_epochs": 2, "env_steps_per_task": STEPS, "sac_batch_size": 32, "sac_learning_starts": 100,
+                    "sac_train_freq": 10, "sac_gradient_steps": 1},
         "model": {"context_episodes": 2}, "resources": {"num_cpus": 2}}
 
 
@@ -95,18 +98,23 @@ def test_ppo_settings_are_the_papers_meta_world_ones():
     assert mean.abs().max() < 0.1 and torch.all(log_std == 0)        # SB3: ~zero mean, std 1 at the start
 
 
-def test_sac_settings_are_the_papers_table_4():
+def test_sac_settings_are_the_releases():
     from ray.rllib.algorithms.dqn.dqn import calculate_rr_weights
 
-    sac = build_learner_config(tiny_config(algorithm="sac", sac_batch_size=128, sac_learning_starts=100), 0)
+    # the defaults: release:metaworld/cfg/alg/sac_ml1.yaml (100 streams, train_freq 1, gradient_steps 10)
+    release = config_from_dict({"env": {"name": "ML1", "task": "reach-v3"}, "collect": {"algorithm": "sac"}})
+    c = release.collect
+    assert (c.num_streams, c.sac_train_freq, c.sac_gradient_steps, c.sac_batch_size, c.sac_learning_starts,
+            c.sac_buffer_size, c.lr) == (100, 1, 10, 128, 100, 1_000_000, 3e-4)
+    sac = build_learner_config(release, 0)
     assert (sac.actor_lr, sac.critic_lr, sac.alpha_lr, sac.gamma, sac.tau) == (3e-4, 3e-4, 3e-4, 0.99, 0.005)
     assert (sac.train_batch_size_per_learner, sac.num_steps_sampled_before_learning_starts) == (128, 100)
     assert sac.replay_buffer_config["type"] == "EpisodeReplayBuffer"
-    assert sac.replay_buffer_config["capacity"] == 1_000_000 and sac.rollout_fragment_length == 10
+    assert sac.replay_buffer_config["capacity"] == 1_000_000 and sac.rollout_fragment_length == 1
     assert (sac.clip_actions, sac.normalize_actions, sac.min_time_s_per_iteration) == (True, False, 0)
-    assert calculate_rr_weights(sac) == [1, 1]                                       # 1 gradient step
-    assert calculate_rr_weights(build_learner_config(tiny_config(algorithm="sac", sac_gradient_steps=4), 0)) \
-        == [1, 4]
+    assert calculate_rr_weights(sac) == [1, 10]                                     # 10 gradient steps a sample
+    tiny = build_learner_config(tiny_config(algorithm="sac"), 0)                    # Table 4: 10 steps, 1 update
+    assert tiny.rollout_fragment_length == 10 and calculate_rr_weights(tiny) == [1, 1]
 
 
 def test_fingerprints_of_grid_datasets_ignore_source_obs_and_meta_world_ones_are_distinct():
