@@ -14,8 +14,8 @@ a resumed dataset equals an uninterrupted one.
 Meta-World (``env.name`` ML1 / ML10, `dicp_ray.envs.meta_world`): the same loop with continuous actions. PPO uses a
 state-independent log-std Gaussian (SB3's ``MlpPolicy``, ``free_log_std``); ``collect.algorithm: sac`` runs RLlib
 SAC with SB3's defaults and the release's ``collect.sac_*`` settings (one ``sample()`` of ``sac_train_freq`` steps
-per stream, then ``sac_gradient_steps`` updates of ``sac_batch_size``; docs/fidelity.md row 15). Shards store the executed (float32,
-clipped) action from the env's ``info["action"]`` and ``info["success"]``. The learner observes what
+per stream, then ``sac_gradient_steps`` updates of ``sac_batch_size``; docs/fidelity.md row 15). Shards store the
+executed (float32, clipped) action from the env's ``info["action"]`` and ``info["success"]``. The learner observes what
 ``collect.source_obs`` says: ``full`` (default, the authors' release) Meta-World's 39 numbers, whose previous frame
 gives it velocities, ``model`` the 11 / 18-dim model observation; the shards' ``obs`` / ``next_obs`` are the model
 observation in both cases.
