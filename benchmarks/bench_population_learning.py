@@ -46,13 +46,9 @@ def run_population(tasks: list[int], steps: int, bootstrap: bool) -> tuple[dict,
 def _returns_from_shard(path: str, task: int) -> np.ndarray:
     """``(streams, episodes)`` episode returns of a task's shard."""
     from dicp_ray.data import shards
-    from dicp_ray.data.history import read_shard_columns
+    from dicp_ray.data.history import read_shard_episodes
 
-    columns = read_shard_columns(os.path.join(path, shards.SHARD_DIR, shards.shard_name(task) + ".arrow"))
-    stream, episode = columns["stream"], columns["episode"]
-    returns = np.zeros((stream.max() + 1, episode.max() + 1))
-    np.add.at(returns, (stream, episode), columns["reward"])
-    return returns
+    return read_shard_episodes(os.path.join(path, shards.SHARD_DIR, shards.shard_name(task) + ".arrow"))["return"]
 
 
 def run_sb3(tasks: list[int], steps: int, bootstrap: bool) -> tuple[dict, float]:

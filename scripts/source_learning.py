@@ -2,10 +2,10 @@
 
 Two questions of the fidelity record were answered with it: which observation the source learner gets
 (docs/fidelity.md row 4: ``collect.source_obs`` full vs model) and which SAC setting produced the release's
-data (docs/fidelity.md, SAC row: the paper's Table 4 vs the release's ``cfg/alg/sac_ml1.yaml``).
+data (docs/fidelity.md row 15: the paper's Table 4 vs the release's ``cfg/alg/sac_ml1.yaml``).
 
 ``learn``  runs `dicp_ray.collect.rllib_learner.learn_task` (the RLlib PPO / SAC learner) in this process
-           (one torch thread; RLlib's local mode, no env runners) for each task id, with the config's
+           (one torch thread, no remote env runners; RLlib starts a local Ray itself) for each task id, with the config's
            settings and ``--set`` overrides, writing each task's shard + sidecar under OUT/shards.
 ``sb3-sac`` runs Stable-Baselines3's SAC, the release's own source learner (``release:metaworld/collect_data.py``:
            ``SAC("MlpPolicy")`` over a ``DummyVecEnv`` of ``collect.num_streams`` envs), with the config's
@@ -81,23 +81,14 @@ def sb3_sac(config_path: str, output: str, task_ids: list[int], overrides: list[
                           "episode_success_rate": float(per_stream[..., 1].mean())}), flush=True)
 
 
-def _shard_episodes(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A shard's (streams, episodes) returns and success at any step (streams of equal length)."""
-    from dicp_ray.data.history import read_shard_columns
-
-    columns = read_shard_columns(path)
-    stream, episode = columns["stream"], columns["episode"]
-    shape = (int(stream.max()) + 1, int(episode.max()) + 1)
-    returns, success = np.zeros(shape), np.zeros(shape)
-    np.add.at(returns, (stream, episode), columns["reward"])
-    np.maximum.at(success, (stream, episode), columns["success"])
-    return returns, success
-
-
 def _runs(root: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Task id -> (returns, success), each (streams, episodes), of one `learn` or `sb3-sac` directory."""
-    out = {int(os.path.basename(p)[5:10]): _shard_episodes(p)
-           for p in glob.glob(os.path.join(root, "shards", "task_*.arrow"))}
+    from dicp_ray.data.history import read_shard_episodes
+
+    out = {}
+    for path in glob.glob(os.path.join(root, "shards", "task_*.arrow")):
+        episodes = read_shard_episodes(path)
+        out[int(os.path.basename(path)[5:10])] = (episodes["return"], episodes["success"])
     for path in glob.glob(os.path.join(root, "sb3_task_*.npz")):
         data = np.load(path)
         out[int(os.path.basename(path)[9:14])] = (data["returns"], data["success"])

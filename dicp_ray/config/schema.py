@@ -154,7 +154,7 @@ class CollectConfig:
     """SAC: transitions per gradient step (paper: 128)."""
     sac_train_freq: int = 1
     """SAC: env steps per stream between updates, i.e. SB3's train_freq over the vector env (the release's
-    cfg/alg/sac_ml1.yaml: 1; the paper's Table 4 says 10, which barely learns: docs/fidelity.md row 15)."""
+    cfg/alg/sac_ml1.yaml: 1; the paper's Table 4 says 10, which did not learn in 100K steps where 1 did: docs/fidelity.md row 15)."""
     sac_gradient_steps: int = 10
     """SAC: gradient steps per update (the release: 10, i.e. 0.1 per env step with its 100 streams; Table 4: 1)."""
     sac_buffer_size: int = 1_000_000

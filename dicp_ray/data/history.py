@@ -53,6 +53,20 @@ def read_shard_columns(path: str) -> dict[str, np.ndarray]:
     return columns
 
 
+def read_shard_episodes(path: str) -> dict[str, np.ndarray]:
+    """One shard's per-episode ``return`` and, where the shard has a ``success`` column (Meta-World), ``success``
+    at any step of the episode, each (streams, episodes); streams of equal length, as a collection writes them."""
+    columns = read_shard_columns(path)
+    at = (columns["stream"], columns["episode"])
+    shape = (int(at[0].max()) + 1, int(at[1].max()) + 1)
+    out = {"return": np.zeros(shape)}
+    np.add.at(out["return"], at, columns["reward"])
+    if "success" in columns:
+        out["success"] = np.zeros(shape)
+        np.maximum.at(out["success"], at, columns["success"])
+    return out
+
+
 def _pick_task_ids(manifest: dict, path: str, task_ids: Sequence[int] | None) -> list[int]:
     available = [int(t) for t in manifest["task_ids"]]
     if task_ids is None:

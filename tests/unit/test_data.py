@@ -194,6 +194,17 @@ def test_read_shard_columns_returns_every_column_as_written(tmp_path):
     assert columns["truncated"].dtype == bool and columns["obs"].shape == expected["obs"].shape
 
 
+def test_read_shard_episodes_sums_each_streams_episode_rewards(tmp_path):
+    make_dataset(tmp_path)
+    episodes = history.read_shard_episodes(str(tmp_path / "dataset/shards/task_00003.arrow"))
+    columns = make_columns(3)
+    expected = np.zeros((STREAMS, EPISODES))
+    for stream, episode, reward in zip(columns["stream"], columns["episode"], columns["reward"]):
+        expected[stream, episode] += reward
+    assert set(episodes) == {"return"}                                   # no success column on the grid
+    np.testing.assert_array_equal(episodes["return"], expected)
+
+
 def test_memory_maps_hold_no_file_descriptors(tmp_path):
     """Thousands of shards (Key-to-Door: 6,561) must not exhaust the descriptor limit."""
     path = make_dataset(tmp_path, task_ids=tuple(range(20)))
