@@ -8,18 +8,9 @@
 # "Running on a GPU box without Ray"). Everything else: scripts/device_run.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$PYTHON" -c "import gymnasium" 2>/dev/null; then
-  if ! ls .gpu_wheels/*.whl >/dev/null 2>&1; then
-    echo "device_run: gymnasium is not importable and .gpu_wheels/ holds no wheels: run 'make gpu-wheels' on a" \
-         "machine with network access and carry .gpu_wheels/ here" >&2
-    exit 2
-  fi
-  for wheel in .gpu_wheels/*.whl; do "$PYTHON" -m zipfile -e "$wheel" .gpu_wheels/site; done  # pure-Python wheels
-  export PYTHONPATH="$PWD/.gpu_wheels/site:$PYTHONPATH"
-fi
+# shellcheck source=scripts/device_env.sh
+source scripts/device_env.sh
 "$PYTHON" scripts/device_run.py --out "$OUT" "$@" 2>&1 | tee "$OUT/device_run.log"
 exit "${PIPESTATUS[0]}"
