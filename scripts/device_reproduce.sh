@@ -4,6 +4,9 @@
 #   OUT=<dir> REPRODUCE_VARIANTS=idt REPRODUCE_JOBS=2 REPRODUCE_DATASET=.gpu_carry/darkroom_cpu_dataset.tar.xz \
 #     scripts/device_reproduce.sh darkroom_cpu --set "env.split_seeds=[1,2]" train.models_per_process=2
 #   scripts/device_reproduce.sh --smoke    # the same steps at tiny sizes on a CPU (make test runs it)
+#   REPRODUCE_STAGE=train REPRODUCE_DATASET=... scripts/device_reproduce.sh ml1_push_cpu --set collect.backend=ray
+#       Meta-World rows: the models only (the box has no MuJoCo to evaluate with); the carried dataset is complete,
+#       so the collect stage returns at once and never starts Ray (collect.backend=ray only passes its check)
 # Environment (besides scripts/reproduce.sh's REPRODUCE_VARIANTS and REPRODUCE_JOBS):
 #   DEVICE             cuda (default when visible) or cpu
 #   TRAIN_BUDGET_S     train.deadline_unix_s this many seconds after the start (default 330): a model stopped there
@@ -41,7 +44,7 @@ device=${DEVICE:-$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_ava
 printf '#!/bin/sh\nexec "%s" -m dicp_ray.cli "$@"\n' "$(command -v "$PYTHON")" > "$WORK/bin/dicp-ray"
 chmod +x "$WORK/bin/dicp-ray"
 export DICP_RAY=$WORK/bin/dicp-ray PYTHON REPRODUCE_OUT=$WORK/runs REPORT_OUT=$WORK/report
-args=(--backend local "$@" --set "train.device=$device" "eval.device=$device"
+args=(--set collect.backend=local train.backend=local eval.backend=local "$@" --set "train.device=$device" "eval.device=$device"
       "train.deadline_unix_s=$(( start + ${TRAIN_BUDGET_S:-330} ))")
 data=$REPRODUCE_OUT/$env_name/data
 say "device $device; $env_name: ${REPRODUCE_VARIANTS:-ad dpt idt}; ${args[*]}"

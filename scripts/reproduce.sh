@@ -5,6 +5,8 @@
 #   scripts/reproduce.sh darkroom [--address auto] [--set key=value ...]
 #   env: darkroom | darkroom_permuted | dark_key_to_door | darkroom_cpu | ... | ml1_<task>_cpu (tune_configs/<env>.yaml)
 #   REPRODUCE_JOBS=2: two method pairs at a time; REPRODUCE_VARIANTS="ad": only those variants (default ad dpt idt)
+#   REPRODUCE_STAGE=train: train every method's models and stop (e.g. Meta-World rows on a GPU box without MuJoCo,
+#   scripts/device_reproduce.sh); the same command without it later evaluates them and writes the report
 #
 # Layout: runs/reproduce/<env>/data/dataset (collected once), runs/reproduce/<env>/<variant>_{dicp,base}/ (one
 # `dicp-ray pipeline` per method pair, its dataset a link to the shared one), docs/results/<env>/ (report);
@@ -23,6 +25,10 @@ base=$root/tune_configs/$env_name.yaml
 out=${REPRODUCE_OUT:-$root/runs/reproduce}/$env_name
 report=${REPORT_OUT:-$root/docs/results/$env_name}
 [ -f "$base" ] || { echo "unknown env config $base" >&2; exit 2; }
+case ${REPRODUCE_STAGE:=pipeline} in
+  pipeline|train) export REPRODUCE_STAGE;;
+  *) echo "REPRODUCE_STAGE must be pipeline (the default) or train, got '$REPRODUCE_STAGE'" >&2; exit 2;;
+esac
 
 "$bin" collect --config "$base" --output "$out/data" "$@"
 
@@ -37,7 +43,7 @@ run_method() {  # variant kind [dicp-ray args]
   run=$out/${variant}_$kind
   mkdir -p "$run" && ln -sfn ../data/dataset "$run/dataset"
   if [ "$kind" = dicp ]; then modes='[policy,plan]'; wm=true; else modes='[policy]'; wm=false; fi
-  "$bin" pipeline --config "$config" --output "$run" "$@" \
+  "$bin" "$REPRODUCE_STAGE" --config "$config" --output "$run" "$@" \
     --set model.variant=$variant model.world_model=$wm "eval.modes=$modes"
 }
 jobs=${REPRODUCE_JOBS:-1}
@@ -53,6 +59,7 @@ else
     _ "$@" <<< "$methods"
 fi
 
+[ "$REPRODUCE_STAGE" = train ] && { echo "REPRODUCE_STAGE=train: models trained; the same command without it evaluates them and reports"; exit 0; }
 label() { case $1 in ad) echo AD;; dpt) echo DPT;; idt) echo IDT;; esac; }
 # Rows: X (no world model), DICP-X (planning), and the DICP checkpoint acting by its policy ("X + world model, no
 # planning"), which separates what the world-model loss does from what planning does.
