@@ -30,7 +30,6 @@ exec > >(tee "$OUT/device_reproduce.log") 2>&1
 start=$(date +%s)
 say() { echo "[device_reproduce $(date +%T) +$(( $(date +%s) - start ))s] $*"; }
 
-args=()
 if [ "${1:-}" = --smoke ]; then  # the Darkroom IDT pair at tiny sizes
   shift
   export REPRODUCE_VARIANTS=${REPRODUCE_VARIANTS:-idt} REPRODUCE_JOBS=${REPRODUCE_JOBS:-2}
@@ -51,7 +50,13 @@ say "device $device; $env_name: ${REPRODUCE_VARIANTS:-ad dpt idt}; ${args[*]}"
 
 if [ -n "${REPRODUCE_DATASET:-}" ]; then
   mkdir -p "$data" && "$PYTHON" -m tarfile -e "$REPRODUCE_DATASET" "$data"
-  say "dataset unpacked from $REPRODUCE_DATASET (scripts/reproduce.sh checks every shard's sha256)"
+  "$PYTHON" - "$data/dataset" <<'PY'
+import sys
+from dicp_ray.data.shards import read_manifest, shard_is_valid
+bad = [t for t in read_manifest(sys.argv[1])["task_ids"] if not shard_is_valid(sys.argv[1], t)]
+sys.exit(f"device_reproduce: shards of tasks {bad} do not match their sha256: the carried dataset is damaged" if bad else 0)
+PY
+  say "dataset unpacked from $REPRODUCE_DATASET; every shard matches its sha256"
 fi
 
 # The whole reproduction in its own process group, stopped at the budget; its children go with it. The watcher
@@ -60,7 +65,7 @@ budget=${DEVICE_BUDGET_S:-520}
 setsid scripts/reproduce.sh "$env_name" "${args[@]}" &
 pid=$!
 ( trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-  sleep "$(( budget - ($(date +%s) - start) ))" & nap=$!
+  left=$(( budget - ($(date +%s) - start) )); sleep "$(( left > 1 ? left : 1 ))" & nap=$!
   wait "$nap" && kill -TERM -- "-$pid" 2>/dev/null ) &
 watcher=$!
 rc=0; wait "$pid" || rc=$?
