@@ -18,8 +18,10 @@
 #                      a collection, so the models train on the same bytes and that machine's `scripts/reproduce.sh`
 #                      reuses them and their evaluations (the dataset's identity is in every checkpoint)
 #   WORK               runs (default /tmp/dicp_device_reproduce)
-# $OUT/runs.tgz holds every run directory of the env without the dataset's shards and with only each model's newest
-# checkpoint; $OUT/device_reproduce.log is the console. Needs what scripts/device_env.sh says.
+# $OUT/runs.tgz holds every run directory of the env without the dataset's shards, each run's run.json, and all but
+# each model's newest checkpoint; $OUT/device_reproduce.log is the console. Needs what scripts/device_env.sh says.
+# Back on that machine: `tar xzf runs.tgz --skip-old-files -C runs/reproduce` (adds the box's models and evaluations
+# beside what is there), then its `scripts/reproduce.sh ENV` reuses them and runs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p "${OUT:=runs/device_reproduce}" "${WORK:=/tmp/dicp_device_reproduce}/bin"
@@ -73,9 +75,10 @@ kill "$watcher" 2>/dev/null || true
 [ "$(( $(date +%s) - start ))" -lt "$budget" ] || say "DEVICE_BUDGET_S ($budget s) reached: the reproduction was stopped"
 say "reproduction exit $rc"
 
-# Back: the run directories without the shards and with only each model's newest checkpoint.
+# Back: the run directories without the shards and with only each model's newest checkpoint; without each run's
+# run.json (this box's config: cuda, local backends), so the machine they go to records its own on its next run.
 cd "$REPRODUCE_OUT"
-excludes=(--exclude "$env_name/data/dataset/shards")
+excludes=(--exclude "$env_name/data/dataset/shards" --exclude run.json --exclude timings.json --exclude .pipeline.lock)
 while IFS= read -r ckpts; do
   for older in $(ls -d "$ckpts"/checkpoint_* 2>/dev/null | sort | head -n -1); do excludes+=(--exclude "$older"); done
 done < <(find "$env_name" -type d -name checkpoints)

@@ -61,6 +61,7 @@ def test_smoke_rows_from_a_carried_dataset_come_back_as_one_archive(collected, t
         manifest = tar.extractfile("smoke/data/dataset/manifest.json").read()
     assert manifest == (dataset / "manifest.json").read_bytes()
     assert not any("/shards" in name for name in names)
+    assert not any(name.endswith(("run.json", ".pipeline.lock")) for name in names)   # the box's config stays there
     for run in ("idt_base", "idt_dicp"):
         split = f"smoke/{run}/train/split_0"
         assert {f"{split}/model.pt", f"{split}/checkpoints/checkpoint_00000006/state.pt"} <= names
@@ -75,3 +76,24 @@ def test_a_damaged_carried_dataset_is_refused_before_training(collected, tmp_pat
     assert done.returncode != 0
     assert "do not match their sha256: the carried dataset is damaged" in done.stdout + done.stderr
     assert not (tmp_path / "work" / "runs" / "smoke" / "idt_base").exists()  # nothing trained on it
+
+
+def test_models_trained_on_the_box_are_reused_by_the_next_run(collected, tmp_path):
+    """REPRODUCE_STAGE=train (Meta-World's way: no MuJoCo there), the archive unpacked where the runs live, then the
+    full reproduction: it trains nothing and evaluates the box's models."""
+    dataset, env = collected
+    carried = _carry(dataset, tmp_path / "dataset.tar.xz")
+    done = _device_reproduce({**env, "REPRODUCE_STAGE": "train"}, tmp_path / "box", carried)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert "REPRODUCE_STAGE=train: models trained" in done.stdout
+    with tarfile.open(tmp_path / "box" / "out" / "runs.tgz") as tar:
+        assert not any("/eval/" in name for name in tar.getnames())
+        tar.extractall(tmp_path / "here" / "work" / "runs", filter="data")
+    trained = {run: (tmp_path / "here" / "work" / "runs" / "smoke" / run / "train" / "split_0" / "model.pt").read_bytes()
+               for run in ("idt_base", "idt_dicp")}
+    done = _device_reproduce(env, tmp_path / "here", carried)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    runs = tmp_path / "here" / "work" / "runs" / "smoke"
+    for run, model in trained.items():
+        assert (runs / run / "train" / "split_0" / "model.pt").read_bytes() == model      # reused, not retrained
+        assert (runs / run / "eval" / "summary.json").is_file() and (runs / run / "run.json").is_file()
