@@ -102,8 +102,20 @@ def _tenths(returns: np.ndarray, success: np.ndarray) -> tuple[float, float, flo
             float(returns[:, :k].mean()), float(returns[:, -k:].mean()))
 
 
+def run_labels(roots: list[str]) -> list[str]:
+    """A short, distinct name per directory: its last path component, or as many trailing components as it takes
+    to tell it from the others (two runs' ``.../dataset`` directories must not be merged into one)."""
+    parts = [os.path.abspath(r).strip(os.sep).split(os.sep) for r in roots]
+    if len(set(map(tuple, parts))) < len(parts):
+        raise SystemExit(f"a directory is given twice: {roots}")
+    depth = 1
+    while len({tuple(p[-depth:]) for p in parts}) < len(parts):
+        depth += 1
+    return ["/".join(p[-depth:]) for p in parts]
+
+
 def summary(roots: list[str]) -> None:
-    runs = {os.path.basename(os.path.normpath(r)): _runs(r) for r in roots}
+    runs = {label: _runs(r) for label, r in zip(run_labels(roots), roots)}
     names = list(runs)
     tasks = sorted(set.intersection(*(set(r) for r in runs.values())))
     if not tasks:
